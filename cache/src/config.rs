@@ -1,0 +1,513 @@
+//! berth's configuration: the server settings and the upstream registries.
+//!
+//! Parsing is strict and complete: every unknown key, wrong type and invalid value is
+//! reported at once, each with its path (`upstream[2].prefixes[0]: …`), so an operator
+//! fixes a file in one pass.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use toml::{Table, Value};
+
+use crate::glob::Glob;
+
+/// The configuration shipped with berth and embedded in the binary.
+pub const DEFAULT_CONFIG: &str = include_str!("../../upstreams.toml");
+
+/// A whole configuration file.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+/// `[server]`: where berth listens and keeps its store.
+#[derive(Clone, Debug, Default)]
+pub struct ServerConfig {
+    /// `listen`: the address to serve on. Default `127.0.0.1:5000`.
+    pub listen: Option<String>,
+    /// `store`: the store directory. Default `$XDG_CACHE_HOME/berth` or `~/.cache/berth`
+    /// (`/var/lib/berth` for root).
+    pub store: Option<PathBuf>,
+    /// `drain`: how long a stopping berth lets requests in flight finish. Default `5s`.
+    pub drain: Option<Duration>,
+}
+
+/// `[[upstream]]`: one upstream registry.
+#[derive(Clone, Debug)]
+pub struct UpstreamConfig {
+    /// `namespace` (required): the registry name clients use, such as `docker.io`; the
+    /// first path segment in `/v2/<namespace>/<repo>/…` and the value of containerd's `?ns=`.
+    pub namespace: String,
+    /// `url` (required): the registry's base URL, `http://` or `https://`, no path.
+    pub url: String,
+    /// `prefixes` (required): glob patterns of the repositories berth may fetch; `*` spans
+    /// one path segment, `**` any number. An empty list allows nothing.
+    pub prefixes: Vec<Glob>,
+    /// `credentials`: `{ username = "…", password_env = "VAR" }` or
+    /// `{ username = "…", password_file = "/path" }`. Default: anonymous.
+    pub credentials: Option<Credentials>,
+    /// `tag_ttl`: how long a tag is served without asking the upstream. Default `5m`.
+    pub tag_ttl: Duration,
+    /// `connect_timeout`: Default `5s`.
+    pub connect_timeout: Duration,
+    /// `read_timeout`: how long berth waits for upstream response headers and between
+    /// body chunks. Default `30s`.
+    pub read_timeout: Duration,
+}
+
+/// Where an upstream's credentials come from. The password is never in the file itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Credentials {
+    pub username: String,
+    pub password: SecretSource,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SecretSource {
+    Env(String),
+    File(PathBuf),
+}
+
+impl Credentials {
+    /// Reads the password. The error names the source, never the secret.
+    pub fn resolve(&self) -> Result<(String, String), String> {
+        let password = match &self.password {
+            SecretSource::Env(var) => {
+                std::env::var(var).map_err(|_| format!("environment variable {var} is not set"))?
+            }
+            SecretSource::File(path) => std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+                .trim_end_matches(['\r', '\n'])
+                .to_owned(),
+        };
+        Ok((self.username.clone(), password))
+    }
+}
+
+pub const DEFAULT_TAG_TTL: Duration = Duration::from_secs(300);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Every problem found in a configuration, one per line, each with its path.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl std::fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join("\n"))
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Config {
+    /// Parses and validates a configuration, collecting every problem.
+    pub fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        let table: Table = text.parse().map_err(|e: toml::de::Error| {
+            ConfigErrors(vec![format!("not valid TOML: {}", e.message().trim())])
+        })?;
+        let mut p = Problems(Vec::new());
+        let mut server = ServerConfig::default();
+        let mut upstreams = Vec::new();
+        for (key, value) in &table {
+            match key.as_str() {
+                "server" => server = parse_server(value, &mut p),
+                "upstream" => match value.as_array() {
+                    Some(items) => {
+                        for (i, item) in items.iter().enumerate() {
+                            if let Some(u) = parse_upstream(&format!("upstream[{i}]"), item, &mut p)
+                            {
+                                upstreams.push(u);
+                            }
+                        }
+                    }
+                    None => p.add("upstream", "must be an array of tables ([[upstream]])"),
+                },
+                other => p.add(other, "unknown key"),
+            }
+        }
+        let mut seen = HashSet::new();
+        for (i, u) in upstreams.iter().enumerate() {
+            if !seen.insert(u.namespace.clone()) {
+                p.add(
+                    &format!("upstream[{i}].namespace"),
+                    &format!("{:?} is configured twice", u.namespace),
+                );
+            }
+        }
+        if p.0.is_empty() {
+            Ok(Config { server, upstreams })
+        } else {
+            Err(ConfigErrors(p.0))
+        }
+    }
+
+    /// The upstream clients name as `namespace`.
+    pub fn upstream(&self, namespace: &str) -> Option<&UpstreamConfig> {
+        self.upstreams.iter().find(|u| u.namespace == namespace)
+    }
+}
+
+struct Problems(Vec<String>);
+
+impl Problems {
+    fn add(&mut self, path: &str, msg: &str) {
+        self.0.push(format!("{path}: {msg}"));
+    }
+}
+
+fn table<'a>(path: &str, v: &'a Value, p: &mut Problems) -> Option<&'a Table> {
+    let t = v.as_table();
+    if t.is_none() {
+        p.add(path, "must be a table");
+    }
+    t
+}
+
+fn string(path: &str, v: &Value, p: &mut Problems) -> Option<String> {
+    match v.as_str() {
+        Some(s) if !s.is_empty() => Some(s.to_owned()),
+        Some(_) => {
+            p.add(path, "must not be empty");
+            None
+        }
+        None => {
+            p.add(path, "must be a string");
+            None
+        }
+    }
+}
+
+fn duration(path: &str, v: &Value, p: &mut Problems) -> Option<Duration> {
+    let s = string(path, v, p)?;
+    match parse_duration(&s) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            p.add(path, &e);
+            None
+        }
+    }
+}
+
+/// Parses `250ms`, `30s`, `5m` or `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| {
+        format!("{s:?} is not a duration such as \"500ms\", \"30s\", \"5m\" or \"1h\"")
+    })?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => None,
+    };
+    ms.map(Duration::from_millis).ok_or_else(|| {
+        format!("{s:?} is not a duration such as \"500ms\", \"30s\", \"5m\" or \"1h\"")
+    })
+}
+
+fn parse_server(v: &Value, p: &mut Problems) -> ServerConfig {
+    let mut s = ServerConfig::default();
+    let Some(t) = table("server", v, p) else {
+        return s;
+    };
+    for (key, value) in t {
+        let path = format!("server.{key}");
+        match key.as_str() {
+            "listen" => {
+                s.listen = string(&path, value, p);
+                if let Some(l) = &s.listen {
+                    if l.parse::<std::net::SocketAddr>().is_err() {
+                        p.add(
+                            &path,
+                            &format!("{l:?} is not an address such as 0.0.0.0:5000"),
+                        );
+                    }
+                }
+            }
+            "store" => s.store = string(&path, value, p).map(PathBuf::from),
+            "drain" => s.drain = duration(&path, value, p),
+            _ => p.add(&path, "unknown key"),
+        }
+    }
+    s
+}
+
+fn parse_upstream(path: &str, v: &Value, p: &mut Problems) -> Option<UpstreamConfig> {
+    let t = table(path, v, p)?;
+    let mut namespace = None;
+    let mut url = None;
+    let mut prefixes = None;
+    let mut credentials = None;
+    let mut tag_ttl = DEFAULT_TAG_TTL;
+    let mut connect_timeout = DEFAULT_CONNECT_TIMEOUT;
+    let mut read_timeout = DEFAULT_READ_TIMEOUT;
+    let before = p.0.len();
+    for (key, value) in t {
+        let kpath = format!("{path}.{key}");
+        match key.as_str() {
+            "namespace" => {
+                namespace = string(&kpath, value, p);
+                if let Some(n) = &namespace {
+                    if !is_registry_host(n) {
+                        p.add(&kpath, &format!("{n:?} is not a registry host name such as docker.io or registry.local:5000"));
+                    }
+                }
+            }
+            "url" => {
+                url = string(&kpath, value, p);
+                if let Some(u) = &url {
+                    if let Err(e) = check_url(u) {
+                        p.add(&kpath, &e);
+                    }
+                }
+            }
+            "prefixes" => match value.as_array() {
+                Some(items) => {
+                    let mut globs = Vec::new();
+                    for (i, item) in items.iter().enumerate() {
+                        let ipath = format!("{kpath}[{i}]");
+                        if let Some(s) = string(&ipath, item, p) {
+                            match Glob::new(&s) {
+                                Ok(g) => globs.push(g),
+                                Err(e) => p.add(&ipath, &e),
+                            }
+                        }
+                    }
+                    prefixes = Some(globs);
+                }
+                None => p.add(&kpath, "must be an array of glob patterns"),
+            },
+            "credentials" => credentials = parse_credentials(&kpath, value, p),
+            "tag_ttl" => tag_ttl = duration(&kpath, value, p).unwrap_or(tag_ttl),
+            "connect_timeout" => {
+                connect_timeout = duration(&kpath, value, p).unwrap_or(connect_timeout)
+            }
+            "read_timeout" => read_timeout = duration(&kpath, value, p).unwrap_or(read_timeout),
+            _ => p.add(&kpath, "unknown key"),
+        }
+    }
+    for (name, missing) in [
+        ("namespace", namespace.is_none()),
+        ("url", url.is_none()),
+        ("prefixes", prefixes.is_none()),
+    ] {
+        if missing && !t.contains_key(name) {
+            p.add(&format!("{path}.{name}"), "is required");
+        }
+    }
+    if p.0.len() > before {
+        return None;
+    }
+    Some(UpstreamConfig {
+        namespace: namespace?,
+        url: url?.trim_end_matches('/').to_owned(),
+        prefixes: prefixes?,
+        credentials,
+        tag_ttl,
+        connect_timeout,
+        read_timeout,
+    })
+}
+
+fn parse_credentials(path: &str, v: &Value, p: &mut Problems) -> Option<Credentials> {
+    let t = table(path, v, p)?;
+    let mut username = None;
+    let mut password = None;
+    let mut inline_refused = false;
+    for (key, value) in t {
+        let kpath = format!("{path}.{key}");
+        let source = match key.as_str() {
+            "username" => {
+                username = string(&kpath, value, p);
+                continue;
+            }
+            "password_env" => string(&kpath, value, p).map(SecretSource::Env),
+            "password_file" => string(&kpath, value, p).map(|s| SecretSource::File(s.into())),
+            "password" => {
+                p.add(&kpath, "secrets are never written in the configuration; use password_env or password_file");
+                inline_refused = true;
+                continue;
+            }
+            _ => {
+                p.add(&kpath, "unknown key");
+                continue;
+            }
+        };
+        if password.is_some() {
+            p.add(&kpath, "give only one of password_env and password_file");
+        }
+        password = source.or(password);
+    }
+    match (username, password) {
+        (Some(username), Some(password)) => Some(Credentials { username, password }),
+        (None, _) => {
+            p.add(&format!("{path}.username"), "is required");
+            None
+        }
+        (_, None) => {
+            if !inline_refused {
+                p.add(path, "needs password_env or password_file");
+            }
+            None
+        }
+    }
+}
+
+fn is_registry_host(s: &str) -> bool {
+    let (host, port) = match s.rsplit_once(':') {
+        Some((h, port)) => (h, Some(port)),
+        None => (s, None),
+    };
+    let port_ok = port.is_none_or(|p| !p.is_empty() && p.parse::<u16>().is_ok());
+    port_ok
+        && !host.is_empty()
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        })
+}
+
+fn check_url(u: &str) -> Result<(), String> {
+    let rest = u
+        .strip_prefix("https://")
+        .or_else(|| u.strip_prefix("http://"))
+        .ok_or_else(|| format!("{u:?} must start with http:// or https://"))?;
+    let host = rest.trim_end_matches('/');
+    if host.is_empty() || host.contains(['/', '?', '#', '@', ' ']) {
+        return Err(format!(
+            "{u:?} must be a registry base URL such as https://registry-1.docker.io, without path, query or user"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_default_is_valid() {
+        let c = Config::parse(DEFAULT_CONFIG).unwrap();
+        let names: Vec<_> = c.upstreams.iter().map(|u| u.namespace.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "docker.io",
+                "ghcr.io",
+                "quay.io",
+                "public.ecr.aws",
+                "registry.k8s.io",
+                "gcr.io"
+            ]
+        );
+        let docker = c.upstream("docker.io").unwrap();
+        assert_eq!(docker.url, "https://registry-1.docker.io");
+        assert!(docker.prefixes.iter().any(|g| g.matches("library/nginx")));
+        assert!(!docker.prefixes.iter().any(|g| g.matches("evil/nginx")));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_path() {
+        let text = r#"
+colour = "blue"
+[server]
+listen = "nowhere"
+[[upstream]]
+namespace = "docker.io"
+url = "ftp://x"
+prefixes = ["library/**", "Bad/**", "a//b"]
+tag_ttl = "5 minutes"
+wat = 1
+[[upstream]]
+namespace = "docker.io"
+url = "https://r"
+prefixes = []
+credentials = { username = "u", password = "hunter2" }
+[[upstream]]
+url = "https://r"
+"#;
+        let errs = Config::parse(text).unwrap_err().0;
+        let expect = [
+            "colour: unknown key",
+            "server.listen: \"nowhere\" is not an address",
+            "upstream[0].url: \"ftp://x\" must start with http:// or https://",
+            "upstream[0].prefixes[1]:",
+            "upstream[0].prefixes[2]:",
+            "upstream[0].tag_ttl:",
+            "upstream[0].wat: unknown key",
+            "upstream[1].credentials.password: secrets are never written",
+            "upstream[2].namespace: is required",
+            "upstream[2].prefixes: is required",
+        ];
+        for e in expect {
+            assert!(
+                errs.iter().any(|x| x.starts_with(e)),
+                "missing {e:?} in {errs:#?}"
+            );
+        }
+        assert!(!errs.iter().any(|x| x.contains("hunter2")), "secret echoed");
+        assert_eq!(errs.len(), expect.len(), "{errs:#?}");
+    }
+
+    #[test]
+    fn duplicate_namespaces_are_refused() {
+        let text = r#"
+[[upstream]]
+namespace = "ghcr.io"
+url = "https://ghcr.io"
+prefixes = []
+[[upstream]]
+namespace = "ghcr.io"
+url = "https://ghcr.io"
+prefixes = []
+"#;
+        assert_eq!(
+            Config::parse(text).unwrap_err().0,
+            ["upstream[1].namespace: \"ghcr.io\" is configured twice"]
+        );
+    }
+
+    #[test]
+    fn defaults_and_credentials() {
+        let text = r#"
+[[upstream]]
+namespace = "registry.local:5000"
+url = "http://127.0.0.1:5001/"
+prefixes = ["**"]
+credentials = { username = "bot", password_env = "BERTH_TEST_CONFIG_PW" }
+read_timeout = "250ms"
+"#;
+        let c = Config::parse(text).unwrap();
+        let u = &c.upstreams[0];
+        assert_eq!(u.url, "http://127.0.0.1:5001");
+        assert_eq!(u.tag_ttl, DEFAULT_TAG_TTL);
+        assert_eq!(u.read_timeout, Duration::from_millis(250));
+        let creds = u.credentials.as_ref().unwrap();
+        assert_eq!(
+            creds.password,
+            SecretSource::Env("BERTH_TEST_CONFIG_PW".into())
+        );
+        assert!(creds
+            .resolve()
+            .unwrap_err()
+            .contains("BERTH_TEST_CONFIG_PW"));
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+        assert!(parse_duration("5").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+}

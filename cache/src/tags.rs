@@ -1,0 +1,56 @@
+//! Tag freshness: the one mutable lookup, and the policy that governs it.
+//!
+//! Digests never change, so anything fetched by digest is served locally forever. A tag is
+//! served from the cache while it was confirmed with the upstream within its upstream's
+//! TTL. After that, one upstream `HEAD` revalidates it:
+//! - the upstream names the same digest: the tag is confirmed again;
+//! - it names another digest (or none): the manifest is fetched anew;
+//! - it says the tag does not exist: the tag is forgotten and the client told so;
+//! - it cannot be reached, times out or fails: the cached manifest is served, marked stale.
+
+use std::time::Duration;
+
+use berth_store::TagRecord;
+
+/// What to do with a cached tag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Freshness {
+    /// Confirmed within the TTL: serve it.
+    Fresh,
+    /// Older than the TTL: ask the upstream first.
+    Revalidate,
+}
+
+/// Decides whether `record` may be served without asking the upstream at `now_ms`.
+pub fn freshness(record: &TagRecord, now_ms: u64, ttl: Duration) -> Freshness {
+    let age = now_ms.saturating_sub(record.confirmed_at_ms);
+    if u128::from(age) < ttl.as_millis() {
+        Freshness::Fresh
+    } else {
+        Freshness::Revalidate
+    }
+}
+
+/// The `Warning` header value sent with a tag served after a failed revalidation.
+pub const STALE_WARNING: &str = "110 berth \"Response is Stale\"";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_store::oci::Digest;
+
+    #[test]
+    fn within_the_ttl_is_fresh() {
+        let r = TagRecord {
+            digest: Digest::sha256_of(b"x"),
+            confirmed_at_ms: 1_000,
+        };
+        let ttl = Duration::from_secs(5);
+        assert_eq!(freshness(&r, 1_000, ttl), Freshness::Fresh);
+        assert_eq!(freshness(&r, 5_999, ttl), Freshness::Fresh);
+        assert_eq!(freshness(&r, 6_000, ttl), Freshness::Revalidate);
+        // A clock that went backwards does not make a tag stale.
+        assert_eq!(freshness(&r, 10, ttl), Freshness::Fresh);
+        assert_eq!(freshness(&r, 1_000, Duration::ZERO), Freshness::Revalidate);
+    }
+}

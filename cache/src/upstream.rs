@@ -1,0 +1,437 @@
+//! The client for one upstream registry.
+//!
+//! It speaks the Docker token flow: a request that gets `401` with
+//! `WWW-Authenticate: Bearer realm=…,service=…,scope=…` is retried with a token from the
+//! realm (anonymous, or with the configured credentials as HTTP Basic), and tokens are
+//! cached per scope until shortly before they expire. A `Basic` challenge is answered with
+//! the configured credentials. Blob redirects to storage hosts are followed; the upstream
+//! `Authorization` header is not carried to another host. Transient failures (connection
+//! errors, timeouts, 429, 502, 503, 504) are retried with backoff when the caller allows.
+//! Nothing a client sent berth (its `Authorization` header above all) is ever forwarded.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, WWW_AUTHENTICATE};
+use reqwest::{Method, Response, StatusCode};
+
+use crate::config::UpstreamConfig;
+use crate::CacheError;
+
+/// How many times a transient failure is tried in all.
+const ATTEMPTS: u32 = 3;
+const BACKOFF: Duration = Duration::from_millis(200);
+/// A token is renewed this long before the upstream said it expires.
+const TOKEN_MARGIN: Duration = Duration::from_secs(10);
+
+/// One upstream registry and its cached tokens.
+pub struct UpstreamClient {
+    pub config: UpstreamConfig,
+    http: reqwest::Client,
+    credentials: Option<(String, String)>,
+    tokens: Mutex<HashMap<String, (String, Instant)>>,
+}
+
+impl std::fmt::Debug for UpstreamClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamClient")
+            .field("namespace", &self.config.namespace)
+            .field("url", &self.config.url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether a request may be tried again after a transient failure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Retry {
+    Yes,
+    /// One attempt, bounded by the timeouts: used when a stale copy can be served instead.
+    No,
+}
+
+impl UpstreamClient {
+    /// Builds the client; fails if configured credentials cannot be read.
+    pub fn new(config: UpstreamConfig) -> Result<Self, String> {
+        let credentials = match &config.credentials {
+            Some(c) => Some(
+                c.resolve()
+                    .map_err(|e| format!("upstream {}: credentials: {e}", config.namespace))?,
+            ),
+            None => None,
+        };
+        let http = reqwest::Client::builder()
+            .connect_timeout(config.connect_timeout)
+            .read_timeout(config.read_timeout)
+            .user_agent(concat!("berth/", env!("CARGO_PKG_VERSION")))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| format!("upstream {}: {e}", config.namespace))?;
+        Ok(UpstreamClient {
+            config,
+            http,
+            credentials,
+            tokens: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn registry(&self) -> String {
+        self.config.namespace.clone()
+    }
+
+    /// Sends `method` to `/v2/<repo>/<suffix>` and returns a successful response (2xx).
+    /// 404 becomes [`CacheError::NotFound`]; other failures say what the upstream did.
+    pub async fn request(
+        &self,
+        method: Method,
+        repo: &str,
+        suffix: &str,
+        accept: Option<&str>,
+        retry: Retry,
+    ) -> Result<Response, CacheError> {
+        let url = format!("{}/v2/{repo}/{suffix}", self.config.url);
+        let scope = format!("repository:{repo}:pull");
+        let attempts = if retry == Retry::Yes { ATTEMPTS } else { 1 };
+        let mut last = None;
+        for attempt in 0..attempts {
+            if attempt > 0 {
+                tokio::time::sleep(BACKOFF * 2u32.pow(attempt - 1)).await;
+            }
+            match self.send_authorized(&method, &url, &scope, accept).await {
+                Ok(resp) if resp.status().is_success() => return Ok(resp),
+                Ok(resp) => {
+                    let status = resp.status();
+                    let err = self.status_error(status, repo);
+                    if !is_transient(status) {
+                        return Err(err);
+                    }
+                    if let Some(wait) = retry_after(resp.headers()) {
+                        if attempt + 1 < attempts {
+                            tokio::time::sleep(wait.min(Duration::from_secs(5))).await;
+                        }
+                    }
+                    last = Some(err);
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.expect("at least one attempt"))
+    }
+
+    fn status_error(&self, status: StatusCode, repo: &str) -> CacheError {
+        match status {
+            StatusCode::NOT_FOUND => CacheError::NotFound,
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => CacheError::UpstreamDenied {
+                registry: self.registry(),
+                repo: repo.to_owned(),
+            },
+            StatusCode::TOO_MANY_REQUESTS => CacheError::UpstreamRateLimited {
+                registry: self.registry(),
+            },
+            s => CacheError::Upstream {
+                registry: self.registry(),
+                status: s.as_u16(),
+            },
+        }
+    }
+
+    async fn send_authorized(
+        &self,
+        method: &Method,
+        url: &str,
+        scope: &str,
+        accept: Option<&str>,
+    ) -> Result<Response, CacheError> {
+        let token = self.cached_token(scope);
+        let resp = self.send(method, url, accept, token.as_deref()).await?;
+        if resp.status() != StatusCode::UNAUTHORIZED {
+            return Ok(resp);
+        }
+        let Some(challenge) = resp
+            .headers()
+            .get(WWW_AUTHENTICATE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(Challenge::parse)
+        else {
+            return Ok(resp);
+        };
+        let auth = match challenge {
+            Challenge::Bearer {
+                realm,
+                service,
+                scope: challenge_scope,
+            } => {
+                let scope_used = challenge_scope.unwrap_or_else(|| scope.to_owned());
+                let token = self
+                    .fetch_token(&realm, service.as_deref(), &scope_used)
+                    .await?;
+                self.tokens
+                    .lock()
+                    .expect("token lock")
+                    .insert(scope.to_owned(), (format!("Bearer {}", token.0), token.1));
+                format!("Bearer {}", token.0)
+            }
+            Challenge::Basic => match &self.credentials {
+                Some((user, pass)) => basic(user, pass),
+                None => return Ok(resp),
+            },
+        };
+        self.send(method, url, accept, Some(&auth)).await
+    }
+
+    fn cached_token(&self, scope: &str) -> Option<String> {
+        let mut tokens = self.tokens.lock().expect("token lock");
+        match tokens.get(scope) {
+            Some((t, until)) if *until > Instant::now() => Some(t.clone()),
+            Some(_) => {
+                tokens.remove(scope);
+                None
+            }
+            None => None,
+        }
+    }
+
+    async fn send(
+        &self,
+        method: &Method,
+        url: &str,
+        accept: Option<&str>,
+        authorization: Option<&str>,
+    ) -> Result<Response, CacheError> {
+        let mut headers = HeaderMap::new();
+        if let Some(a) = accept.and_then(|a| HeaderValue::from_str(a).ok()) {
+            headers.insert(ACCEPT, a);
+        }
+        if let Some(a) = authorization.and_then(|a| HeaderValue::from_str(a).ok()) {
+            let mut a = a;
+            a.set_sensitive(true);
+            headers.insert(AUTHORIZATION, a);
+        }
+        let fut = self
+            .http
+            .request(method.clone(), url)
+            .headers(headers)
+            .send();
+        // Bounded by the read timeout even if the upstream accepts and never answers.
+        match tokio::time::timeout(self.config.read_timeout + self.config.connect_timeout, fut)
+            .await
+        {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) => Err(self.unreachable(&describe(&e))),
+            Err(_) => Err(self.unreachable("timed out waiting for a response")),
+        }
+    }
+
+    fn unreachable(&self, why: &str) -> CacheError {
+        CacheError::UpstreamUnreachable {
+            registry: self.registry(),
+            reason: why.to_owned(),
+        }
+    }
+
+    async fn fetch_token(
+        &self,
+        realm: &str,
+        service: Option<&str>,
+        scope: &str,
+    ) -> Result<(String, Instant), CacheError> {
+        let mut query = vec![("scope", scope)];
+        if let Some(s) = service {
+            query.push(("service", s));
+        }
+        let mut req = self.http.get(realm).query(&query);
+        if let Some((user, pass)) = &self.credentials {
+            req = req.basic_auth(user, Some(pass));
+        }
+        let fut = req.send();
+        let resp = match tokio::time::timeout(self.config.read_timeout, fut).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => return Err(self.unreachable(&format!("token service: {}", describe(&e)))),
+            Err(_) => return Err(self.unreachable("token service timed out")),
+        };
+        if !resp.status().is_success() {
+            return Err(CacheError::UpstreamDenied {
+                registry: self.registry(),
+                repo: format!(
+                    "token service answered {} for scope {scope}",
+                    resp.status().as_u16()
+                ),
+            });
+        }
+        #[derive(serde::Deserialize)]
+        struct TokenResponse {
+            token: Option<String>,
+            access_token: Option<String>,
+            expires_in: Option<u64>,
+        }
+        let body: TokenResponse = resp
+            .json()
+            .await
+            .map_err(|_| self.unreachable("token service sent an unreadable answer"))?;
+        let token = body
+            .token
+            .or(body.access_token)
+            .filter(|t| !t.is_empty())
+            .ok_or_else(|| self.unreachable("token service sent no token"))?;
+        // The token spec's default lifetime is 60 seconds.
+        let life = Duration::from_secs(body.expires_in.unwrap_or(60).max(1));
+        let until = Instant::now()
+            + life
+                .saturating_sub(TOKEN_MARGIN)
+                .max(Duration::from_secs(1));
+        Ok((token, until))
+    }
+}
+
+/// A transport error with its causes ("error sending request: … Connection refused"),
+/// without the URL (which could carry a query with credentials in a misconfiguration).
+pub fn describe(e: &reqwest::Error) -> String {
+    let mut out = if e.is_timeout() {
+        "timed out".to_owned()
+    } else {
+        String::new()
+    };
+    let mut source: Option<&dyn std::error::Error> = std::error::Error::source(e);
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !text.is_empty() && !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    if out.is_empty() {
+        out = "request failed".to_owned();
+    }
+    out
+}
+
+fn basic(user: &str, pass: &str) -> String {
+    format!("Basic {}", base64(format!("{user}:{pass}").as_bytes()))
+}
+
+fn base64(input: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
+    for chunk in input.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn is_transient(s: StatusCode) -> bool {
+    matches!(s.as_u16(), 429 | 502 | 503 | 504)
+}
+
+fn retry_after(h: &HeaderMap) -> Option<Duration> {
+    h.get(reqwest::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .map(Duration::from_secs)
+}
+
+/// A parsed `WWW-Authenticate` challenge.
+#[derive(Debug, PartialEq, Eq)]
+enum Challenge {
+    Bearer {
+        realm: String,
+        service: Option<String>,
+        scope: Option<String>,
+    },
+    Basic,
+}
+
+impl Challenge {
+    fn parse(header: &str) -> Option<Challenge> {
+        let (scheme, params) = header.trim().split_once(' ').unwrap_or((header.trim(), ""));
+        if scheme.eq_ignore_ascii_case("basic") {
+            return Some(Challenge::Basic);
+        }
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return None;
+        }
+        let mut realm = None;
+        let mut service = None;
+        let mut scope = None;
+        let mut rest = params;
+        while !rest.is_empty() {
+            let (key, after) = rest.split_once('=')?;
+            let key = key.trim().trim_start_matches(',').trim();
+            let after = after.trim_start();
+            let (value, tail) = if let Some(quoted) = after.strip_prefix('"') {
+                let end = quoted.find('"')?;
+                (&quoted[..end], &quoted[end + 1..])
+            } else {
+                let end = after.find(',').unwrap_or(after.len());
+                (&after[..end], &after[end..])
+            };
+            match key.to_ascii_lowercase().as_str() {
+                "realm" => realm = Some(value.to_owned()),
+                "service" => service = Some(value.to_owned()),
+                "scope" => scope = Some(value.to_owned()),
+                _ => {}
+            }
+            rest = tail.trim_start().trim_start_matches(',').trim_start();
+        }
+        Some(Challenge::Bearer {
+            realm: realm?,
+            service,
+            scope,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_challenges_parse() {
+        let c = Challenge::parse(
+            r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:library/nginx:pull""#,
+        )
+        .unwrap();
+        assert_eq!(
+            c,
+            Challenge::Bearer {
+                realm: "https://auth.docker.io/token".into(),
+                service: Some("registry.docker.io".into()),
+                scope: Some("repository:library/nginx:pull".into()),
+            }
+        );
+        let c = Challenge::parse(r#"Bearer realm="http://127.0.0.1:9/t", service="x""#).unwrap();
+        assert!(matches!(c, Challenge::Bearer { scope: None, .. }));
+        assert_eq!(
+            Challenge::parse(r#"Basic realm="r""#),
+            Some(Challenge::Basic)
+        );
+        assert_eq!(Challenge::parse("Bearer service=\"x\""), None);
+        assert_eq!(Challenge::parse("Negotiate"), None);
+    }
+
+    #[test]
+    fn base64_matches_rfc4648() {
+        assert_eq!(base64(b""), "");
+        assert_eq!(base64(b"f"), "Zg==");
+        assert_eq!(base64(b"fo"), "Zm8=");
+        assert_eq!(base64(b"foo"), "Zm9v");
+        assert_eq!(base64(b"user:pass"), "dXNlcjpwYXNz");
+    }
+}

@@ -1,0 +1,205 @@
+//! The `berth` command line.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use pingora::server::configuration::ServerConf;
+use pingora::server::Server;
+use pingora::services::listening::Service;
+
+use berth_cache::config::{Config, DEFAULT_CONFIG};
+use berth_cache::Cache;
+use berth_store::Store;
+
+use crate::metrics::Metrics;
+use crate::server::App;
+
+const DEFAULT_LISTEN: &str = "127.0.0.1:5000";
+const DEFAULT_DRAIN: Duration = Duration::from_secs(5);
+
+/// berth: a pull-through caching proxy for OCI container images.
+///
+/// Point containerd, k3s or minikube's registry mirror configuration at it; it serves
+/// `/v2/<registry>/<repository>/…` and containerd's `/v2/<repository>/…?ns=<registry>`
+/// from its local store, fetching what it lacks from the upstreams in its configuration.
+/// `berth` alone is `berth serve` with the embedded default configuration.
+#[derive(Parser, Debug)]
+#[command(name = "berth", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Serve the registry API (the default).
+    Serve(ServeArgs),
+    /// Validate a configuration file and print every problem with its path.
+    Check {
+        /// The configuration file (TOML) to validate.
+        file: PathBuf,
+    },
+}
+
+#[derive(Args, Debug, Default)]
+struct ServeArgs {
+    /// Configuration file (TOML). Default: the configuration embedded in the binary
+    /// (the shipped upstreams.toml).
+    #[arg(long, env = "BERTH_CONFIG")]
+    config: Option<PathBuf>,
+    /// Address to listen on. Overrides `[server] listen`. Default 127.0.0.1:5000.
+    #[arg(long, env = "BERTH_LISTEN")]
+    listen: Option<String>,
+    /// Store directory (blobs and metadata). Overrides `[server] store`. Default
+    /// /var/lib/berth for root, otherwise $XDG_CACHE_HOME/berth or ~/.cache/berth.
+    #[arg(long, env = "BERTH_STORE")]
+    store: Option<PathBuf>,
+}
+
+/// Runs the command line; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Check { file }) => check(&file),
+        Some(Command::Serve(args)) => serve(args),
+        None => serve(cli.serve),
+    }
+}
+
+fn check(file: &PathBuf) -> i32 {
+    let text = match std::fs::read_to_string(file) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("{}: cannot read: {e}", file.display());
+            return 2;
+        }
+    };
+    match Config::parse(&text) {
+        Ok(c) => {
+            println!("{}: ok ({} upstreams)", file.display(), c.upstreams.len());
+            0
+        }
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("{}: {e}", file.display());
+            }
+            1
+        }
+    }
+}
+
+fn default_store() -> PathBuf {
+    let is_root = std::env::var("USER").map(|u| u == "root").unwrap_or(false)
+        || std::env::var("HOME").map(|h| h == "/root").unwrap_or(false);
+    if is_root {
+        return PathBuf::from("/var/lib/berth");
+    }
+    if let Ok(x) = std::env::var("XDG_CACHE_HOME") {
+        if !x.is_empty() {
+            return PathBuf::from(x).join("berth");
+        }
+    }
+    match std::env::var("HOME") {
+        Ok(h) => PathBuf::from(h).join(".cache/berth"),
+        Err(_) => PathBuf::from("/var/lib/berth"),
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+}
+
+fn serve(args: ServeArgs) -> i32 {
+    init_logging();
+    let (source, text) = match &args.config {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(t) => (path.display().to_string(), t),
+            Err(e) => {
+                eprintln!("berth: cannot read {}: {e}", path.display());
+                return 2;
+            }
+        },
+        None => ("embedded default".to_owned(), DEFAULT_CONFIG.to_owned()),
+    };
+    let config = match Config::parse(&text) {
+        Ok(c) => c,
+        Err(errors) => {
+            for e in &errors.0 {
+                eprintln!("berth: {source}: {e}");
+            }
+            return 2;
+        }
+    };
+    let listen = args
+        .listen
+        .or_else(|| config.server.listen.clone())
+        .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+    if listen.parse::<std::net::SocketAddr>().is_err() {
+        eprintln!("berth: --listen {listen:?} is not an address such as 127.0.0.1:5000");
+        return 2;
+    }
+    let store_dir = args
+        .store
+        .or_else(|| config.server.store.clone())
+        .unwrap_or_else(default_store);
+    let drain = config.server.drain.unwrap_or(DEFAULT_DRAIN);
+    let store = match Store::open(&store_dir) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            eprintln!(
+                "berth: cannot open the store at {}: {e}",
+                store_dir.display()
+            );
+            return 2;
+        }
+    };
+    let cache = match Cache::new(&config, store) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("berth: {e}");
+            return 2;
+        }
+    };
+    let upstreams: Vec<_> = config
+        .upstreams
+        .iter()
+        .map(|u| u.namespace.as_str())
+        .collect();
+    tracing::info!(%listen, store = %store_dir.display(), config = %source,
+        upstreams = %upstreams.join(","), "berth starting");
+
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
+    let mut conf = ServerConf {
+        threads,
+        grace_period_seconds: Some(0),
+        graceful_shutdown_timeout_seconds: Some(drain.as_secs().max(1)),
+        ..ServerConf::default()
+    };
+    conf.pid_file = std::env::temp_dir()
+        .join(format!("berth-{}.pid", std::process::id()))
+        .display()
+        .to_string();
+    let mut server = Server::new_with_opt_and_conf(None, conf);
+    server.bootstrap();
+    let app = App {
+        config: Arc::new(config),
+        cache,
+        metrics: Arc::new(Metrics::new()),
+    };
+    let mut service = Service::new("berth".to_owned(), app);
+    service.add_tcp(&listen);
+    server.add_service(service);
+    server.run_forever()
+}

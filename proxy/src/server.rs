@@ -1,0 +1,571 @@
+//! The Pingora application: reads a request, routes it, serves it, logs it.
+//!
+//! Each step is a plain function of typed values; this module only moves bytes between
+//! them and the Pingora session.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
+use pingora::http::ResponseHeader;
+use pingora::protocols::http::ServerSession;
+use pingora::server::ShutdownWatch;
+
+use berth_cache::config::Config;
+use berth_cache::fill::{read_chunk, CHUNK};
+use berth_cache::{tags::STALE_WARNING, BlobSource, Cache, Outcome};
+use berth_store::oci::Reference;
+
+use crate::errors::{ApiError, Code, Subject};
+use crate::metrics::{Metrics, RequestLabels};
+use crate::range::{parse_range, ByteRange};
+use crate::route::{self, Route, Target};
+
+/// berth's HTTP application.
+pub struct App {
+    pub config: Arc<Config>,
+    pub cache: Arc<Cache>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The parts of a request berth looks at, copied out of the session once.
+#[derive(Debug)]
+struct Request {
+    method: String,
+    path: String,
+    query: Option<String>,
+    accept: Option<String>,
+    range: Option<String>,
+}
+
+impl Request {
+    fn from_session(session: &ServerSession) -> Self {
+        let h = session.req_header();
+        let accept: Vec<&str> = h
+            .headers
+            .get_all("accept")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        Request {
+            method: h.method.as_str().to_owned(),
+            path: h.uri.path().to_owned(),
+            query: h.uri.query().map(str::to_owned),
+            accept: (!accept.is_empty()).then(|| accept.join(", ")),
+            range: h
+                .headers
+                .get("range")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        }
+    }
+
+    fn is_head(&self) -> bool {
+        self.method == "HEAD"
+    }
+}
+
+/// What happened, for the access log and metrics.
+struct Served {
+    status: u16,
+    bytes: u64,
+    outcome: Option<Outcome>,
+    /// The response was written completely; otherwise the connection must be dropped.
+    complete: bool,
+}
+
+impl Served {
+    fn failed(status: u16) -> Self {
+        Served {
+            status,
+            bytes: 0,
+            outcome: None,
+            complete: false,
+        }
+    }
+}
+
+#[async_trait]
+impl HttpServerApp for App {
+    async fn process_new_http(
+        self: &Arc<Self>,
+        mut session: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<ReusedHttpStream> {
+        match session.read_request().await {
+            Ok(true) => {}
+            _ => return None,
+        }
+        session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
+        let started = Instant::now();
+        let req = Request::from_session(&session);
+        let route = route::parse(&req.path, req.query.as_deref(), &self.config);
+        let served = self.serve(&mut session, &req, &route).await;
+        let (kind, upstream) = match &route {
+            Ok(r) => (route_kind(r), route_upstream(r)),
+            Err(_) => ("invalid", None),
+        };
+        self.metrics.observe(
+            &RequestLabels::new(kind, upstream, served.outcome, served.status),
+            served.bytes,
+            started.elapsed(),
+        );
+        tracing::info!(
+            target: "berth::access",
+            method = %req.method,
+            path = %req.path,
+            ns = req.query.as_deref().and_then(|q| route::query_param(q, "ns")).as_deref().unwrap_or(""),
+            status = served.status,
+            bytes = served.bytes,
+            outcome = served.outcome.map(Outcome::as_str).unwrap_or("-"),
+            complete = served.complete,
+            ms = started.elapsed().as_millis() as u64,
+            "request"
+        );
+        if !served.complete {
+            return None;
+        }
+        let settings = HttpPersistentSettings::for_session(&session);
+        match session.finish().await {
+            Ok(Some(stream)) => Some(ReusedHttpStream::from_reusable_stream(stream, settings)),
+            _ => None,
+        }
+    }
+}
+
+fn route_kind(r: &Route) -> &'static str {
+    match r {
+        Route::Base => "base",
+        Route::Manifest { .. } => "manifest",
+        Route::Blob { .. } => "blob",
+        Route::TagsList { .. } => "tags",
+        Route::Metrics => "metrics",
+        Route::Health => "health",
+    }
+}
+
+fn route_upstream(r: &Route) -> Option<&str> {
+    match r {
+        Route::Manifest { target, .. }
+        | Route::Blob { target, .. }
+        | Route::TagsList { target, .. } => Some(&target.upstream),
+        _ => None,
+    }
+}
+
+type Headers = Vec<(&'static str, String)>;
+
+fn header(status: u16, headers: &Headers, length: u64) -> Box<ResponseHeader> {
+    let mut h = ResponseHeader::build(status, Some(headers.len() + 3)).expect("valid status");
+    h.insert_header("Docker-Distribution-API-Version", "registry/2.0")
+        .expect("valid header");
+    h.insert_header("Content-Length", length.to_string())
+        .expect("valid header");
+    for (k, v) in headers {
+        // Values come from validated routes and upstream metadata; skip any that is not a
+        // valid header value rather than fail the response.
+        let _ = h.insert_header(*k, v.as_str());
+    }
+    Box::new(h)
+}
+
+impl App {
+    async fn serve(
+        &self,
+        session: &mut ServerSession,
+        req: &Request,
+        route: &Result<Route, ApiError>,
+    ) -> Served {
+        if req.method != "GET" && req.method != "HEAD" {
+            session.set_keepalive(None);
+            let e = ApiError::new(
+                Code::Unsupported,
+                format!(
+                    "{} is not supported: berth serves pulls (GET and HEAD)",
+                    req.method
+                ),
+            );
+            return send_error(session, &e, req.is_head()).await;
+        }
+        let route = match route {
+            Ok(r) => r,
+            Err(e) => return send_error(session, e, req.is_head()).await,
+        };
+        let result = match route {
+            Route::Base => Ok(send_bytes(
+                session,
+                200,
+                vec![("Content-Type", "application/json".into())],
+                Bytes::from_static(b"{}"),
+                req.is_head(),
+                None,
+            )
+            .await),
+            Route::Health => Ok(send_bytes(
+                session,
+                200,
+                vec![("Content-Type", "text/plain".into())],
+                Bytes::from_static(b"ok\n"),
+                req.is_head(),
+                None,
+            )
+            .await),
+            Route::Metrics => {
+                let body = self.metrics.render(self.cache.fills_in_progress());
+                Ok(send_bytes(
+                    session,
+                    200,
+                    vec![(
+                        "Content-Type",
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8".into(),
+                    )],
+                    Bytes::from(body),
+                    req.is_head(),
+                    None,
+                )
+                .await)
+            }
+            Route::Manifest { target, reference } => {
+                self.manifest(session, req, target, reference).await
+            }
+            Route::Blob { target, digest } => self.blob(session, req, target, digest).await,
+            Route::TagsList { target, query } => {
+                self.tags(session, req, target, query.as_deref()).await
+            }
+        };
+        match result {
+            Ok(s) => s,
+            Err(e) => send_error(session, &e, req.is_head()).await,
+        }
+    }
+
+    async fn manifest(
+        &self,
+        session: &mut ServerSession,
+        req: &Request,
+        target: &Target,
+        reference: &Reference,
+    ) -> Result<Served, ApiError> {
+        let (m, outcome) = self
+            .cache
+            .manifest(
+                &target.upstream,
+                &target.repo,
+                reference,
+                req.accept.as_deref(),
+            )
+            .await
+            .map_err(|e| {
+                ApiError::from_cache(
+                    &e,
+                    Subject::Manifest,
+                    &format!("manifest {}/{}:{reference}", target.upstream, target.repo),
+                )
+            })?;
+        let mut headers = vec![
+            ("Content-Type", m.media_type.clone()),
+            ("Docker-Content-Digest", m.digest.to_string()),
+            ("ETag", format!("\"{}\"", m.digest)),
+        ];
+        ns_header(&mut headers, target);
+        if outcome == Outcome::Stale {
+            headers.push(("Warning", STALE_WARNING.into()));
+        }
+        Ok(send_bytes(session, 200, headers, m.body, req.is_head(), Some(outcome)).await)
+    }
+
+    async fn blob(
+        &self,
+        session: &mut ServerSession,
+        req: &Request,
+        target: &Target,
+        digest: &berth_store::oci::Digest,
+    ) -> Result<Served, ApiError> {
+        let what = format!("blob {digest} of {}/{}", target.upstream, target.repo);
+        let err = |e: &berth_cache::CacheError| ApiError::from_cache(e, Subject::Blob, &what);
+        let mut headers = vec![
+            ("Content-Type", "application/octet-stream".to_owned()),
+            ("Docker-Content-Digest", digest.to_string()),
+            ("Accept-Ranges", "bytes".to_owned()),
+        ];
+        ns_header(&mut headers, target);
+        if req.is_head() {
+            let (size, outcome) = self
+                .cache
+                .blob_size(&target.upstream, &target.repo, digest)
+                .await
+                .map_err(|e| err(&e))?;
+            return Ok(send_head(session, 200, headers, size, Some(outcome)).await);
+        }
+        let (mut source, outcome) = self
+            .cache
+            .blob(&target.upstream, &target.repo, digest)
+            .await
+            .map_err(|e| err(&e))?;
+        let size = source.size();
+        let range = match req.range.as_deref().map(|r| parse_range(r, size)) {
+            None => None,
+            Some(Ok(r)) => Some(r),
+            Some(Err(_)) => {
+                headers.push(("Content-Range", format!("bytes */{size}")));
+                let e = ApiError::new(
+                    Code::RangeInvalid,
+                    format!(
+                        "range {:?} is outside the blob's {size} bytes",
+                        req.range.as_deref().unwrap_or("")
+                    ),
+                );
+                return Ok(send_error_with(session, &e, headers).await);
+            }
+        };
+        if let (Some(_), BlobSource::Filling { fill, .. }) = (&range, &source) {
+            // A range is served only from a verified, published blob.
+            fill.done().await.map_err(|e| err(&e))?;
+            source = self
+                .cache
+                .blob(&target.upstream, &target.repo, digest)
+                .await
+                .map_err(|e| err(&e))?
+                .0;
+        }
+        let (status, ByteRange { start, end }) = match range {
+            Some(r) => {
+                headers.push((
+                    "Content-Range",
+                    format!("bytes {}-{}/{size}", r.start, r.end - 1),
+                ));
+                (206, r)
+            }
+            None => (
+                200,
+                ByteRange {
+                    start: 0,
+                    end: size,
+                },
+            ),
+        };
+        if session
+            .write_response_header(header(status, &headers, end - start))
+            .await
+            .is_err()
+        {
+            return Ok(Served::failed(status));
+        }
+        let mut served = Served {
+            status,
+            bytes: 0,
+            outcome: Some(outcome),
+            complete: false,
+        };
+        let result = match source {
+            BlobSource::Stored { file, .. } => {
+                let mut offset = start;
+                loop {
+                    if offset == end {
+                        break Ok(());
+                    }
+                    let len = (end - offset).min(CHUNK as u64) as usize;
+                    let chunk = match read_chunk(file.clone(), offset, len).await {
+                        Ok(c) => c,
+                        Err(e) => break Err(e.to_string()),
+                    };
+                    offset += len as u64;
+                    if session
+                        .write_response_body(chunk, offset == end)
+                        .await
+                        .is_err()
+                    {
+                        break Err("client went away".into());
+                    }
+                    served.bytes += len as u64;
+                }
+            }
+            BlobSource::Filling { fill, .. } => {
+                let mut reader = fill.reader();
+                loop {
+                    match reader.next().await {
+                        Ok(Some(chunk)) => {
+                            let len = chunk.len() as u64;
+                            let last = served.bytes + len == size;
+                            if session.write_response_body(chunk, last).await.is_err() {
+                                break Err("client went away".into());
+                            }
+                            served.bytes += len;
+                        }
+                        Ok(None) => break Ok(()),
+                        Err(e) => break Err(e.to_string()),
+                    }
+                }
+            }
+        };
+        match result {
+            Ok(()) => served.complete = true,
+            Err(e) => {
+                tracing::warn!(digest = %digest, repo = %target.repo, error = %e, sent = served.bytes,
+                    "blob response aborted; closing the client connection");
+            }
+        }
+        Ok(served)
+    }
+
+    async fn tags(
+        &self,
+        session: &mut ServerSession,
+        req: &Request,
+        target: &Target,
+        query: Option<&str>,
+    ) -> Result<Served, ApiError> {
+        let (body, content_type, link) = self
+            .cache
+            .tags_list(&target.upstream, &target.repo, query)
+            .await
+            .map_err(|e| {
+                ApiError::from_cache(
+                    &e,
+                    Subject::Tags,
+                    &format!("tags of {}/{}", target.upstream, target.repo),
+                )
+            })?;
+        let mut headers = vec![(
+            "Content-Type",
+            content_type.unwrap_or_else(|| "application/json".into()),
+        )];
+        if let Some(link) = link {
+            headers.push(("Link", rewrite_link(&link, target)));
+        }
+        ns_header(&mut headers, target);
+        Ok(send_bytes(session, 200, headers, body, req.is_head(), None).await)
+    }
+}
+
+/// Points an upstream pagination `Link` back at berth's path for the same repository.
+fn rewrite_link(link: &str, target: &Target) -> String {
+    if !target.via_ns {
+        let upstream_path = format!("/v2/{}/tags/list", target.repo);
+        let berth_path = format!("/v2/{}/{}/tags/list", target.upstream, target.repo);
+        return link.replacen(&upstream_path, &berth_path, 1);
+    }
+    // Keep containerd's form: the same path, with `ns` added to the query.
+    match link.find('>') {
+        Some(end) => {
+            let sep = if link[..end].contains('?') { '&' } else { '?' };
+            format!(
+                "{}{sep}ns={}{}",
+                &link[..end],
+                target.upstream,
+                &link[end..]
+            )
+        }
+        None => link.to_owned(),
+    }
+}
+
+fn ns_header(headers: &mut Headers, target: &Target) {
+    if target.via_ns {
+        headers.push(("OCI-Namespace", target.upstream.clone()));
+    }
+}
+
+async fn send_head(
+    session: &mut ServerSession,
+    status: u16,
+    headers: Headers,
+    length: u64,
+    outcome: Option<Outcome>,
+) -> Served {
+    let ok = session
+        .write_response_header(header(status, &headers, length))
+        .await
+        .is_ok()
+        && session.finish_body().await.is_ok();
+    Served {
+        status,
+        bytes: 0,
+        outcome,
+        complete: ok,
+    }
+}
+
+async fn send_bytes(
+    session: &mut ServerSession,
+    status: u16,
+    headers: Headers,
+    body: Bytes,
+    head: bool,
+    outcome: Option<Outcome>,
+) -> Served {
+    if head {
+        return send_head(session, status, headers, body.len() as u64, outcome).await;
+    }
+    let len = body.len() as u64;
+    let ok = session
+        .write_response_header(header(status, &headers, len))
+        .await
+        .is_ok()
+        && session.write_response_body(body, true).await.is_ok();
+    Served {
+        status,
+        bytes: if ok { len } else { 0 },
+        outcome,
+        complete: ok,
+    }
+}
+
+async fn send_error(session: &mut ServerSession, e: &ApiError, head: bool) -> Served {
+    let headers = vec![("Content-Type", "application/json".to_owned())];
+    if head {
+        return send_head(session, e.status(), headers, e.body().len() as u64, None).await;
+    }
+    send_error_with(session, e, headers).await
+}
+
+async fn send_error_with(
+    session: &mut ServerSession,
+    e: &ApiError,
+    mut headers: Headers,
+) -> Served {
+    headers.retain(|(k, _)| *k != "Content-Type" && *k != "Docker-Content-Digest");
+    headers.push(("Content-Type", "application/json".to_owned()));
+    send_bytes(
+        session,
+        e.status(),
+        headers,
+        Bytes::from(e.body()),
+        false,
+        None,
+    )
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn links_point_back_at_berth() {
+        let t = Target {
+            upstream: "docker.io".into(),
+            repo: "library/nginx".into(),
+            via_ns: false,
+        };
+        assert_eq!(
+            rewrite_link("</v2/library/nginx/tags/list?last=b&n=2>; rel=\"next\"", &t),
+            "</v2/docker.io/library/nginx/tags/list?last=b&n=2>; rel=\"next\""
+        );
+    }
+
+    #[test]
+    fn links_keep_the_ns_form() {
+        let t = Target {
+            upstream: "docker.io".into(),
+            repo: "library/nginx".into(),
+            via_ns: true,
+        };
+        assert_eq!(
+            rewrite_link("</v2/library/nginx/tags/list?last=b&n=2>; rel=\"next\"", &t),
+            "</v2/library/nginx/tags/list?last=b&n=2&ns=docker.io>; rel=\"next\""
+        );
+    }
+}

@@ -1,0 +1,293 @@
+//! Digest-addressed blob files on local disk.
+//!
+//! Layout under the store root:
+//! - `blobs/<algorithm>/<first two hex>/<hex>`: published blobs, each exactly the bytes of
+//!   its digest;
+//! - `tmp/`: blobs being written. Nothing under `tmp/` is ever served from its path, and
+//!   whatever a crash left there is removed when the store is opened.
+//!
+//! The invariant: a file exists under `blobs/` only if its bytes were hashed while they
+//! were written and matched the digest that names it (see [`BlobWriter::commit`]).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::oci::{Digest, Hasher};
+use crate::StoreError;
+
+/// The blob files of one store root.
+#[derive(Debug)]
+pub struct BlobStore {
+    root: PathBuf,
+}
+
+static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+impl BlobStore {
+    /// Opens (creating if needed) the blob directories under `root` and removes any
+    /// partially written blob a previous process left behind.
+    pub fn open(root: &Path) -> Result<Self, StoreError> {
+        fs::create_dir_all(root.join("blobs"))?;
+        let tmp = root.join("tmp");
+        if tmp.exists() {
+            for entry in fs::read_dir(&tmp)? {
+                let _ = fs::remove_file(entry?.path());
+            }
+        }
+        fs::create_dir_all(&tmp)?;
+        Ok(BlobStore {
+            root: root.to_owned(),
+        })
+    }
+
+    fn path(&self, digest: &Digest) -> PathBuf {
+        let hex = digest.hex();
+        self.root
+            .join("blobs")
+            .join(digest.algorithm().as_str())
+            .join(&hex[..2])
+            .join(hex)
+    }
+
+    /// The size of a published blob, or `None` if it is not stored.
+    pub fn stat(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        match fs::metadata(self.path(digest)) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Opens a published blob for reading, with its size.
+    pub fn open_blob(&self, digest: &Digest) -> Result<Option<(File, u64)>, StoreError> {
+        match File::open(self.path(digest)) {
+            Ok(f) => {
+                let len = f.metadata()?.len();
+                Ok(Some((f, len)))
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Starts writing the blob `expected`. The bytes become visible under the digest only
+    /// when [`BlobWriter::commit`] has verified them.
+    pub fn writer(&self, expected: &Digest) -> Result<BlobWriter, StoreError> {
+        let seq = TMP_SEQ.fetch_add(1, Ordering::Relaxed);
+        let tmp =
+            self.root
+                .join("tmp")
+                .join(format!("{}-{}-{seq}", expected.hex(), std::process::id()));
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        Ok(BlobWriter {
+            file,
+            tmp,
+            dest: self.path(expected),
+            hasher: Some(Hasher::new(expected.algorithm())),
+            expected: expected.clone(),
+            written: 0,
+            committed: false,
+        })
+    }
+
+    /// Removes a published blob. Removing one that is not there is not an error.
+    pub fn delete(&self, digest: &Digest) -> Result<(), StoreError> {
+        match fs::remove_file(self.path(digest)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e.into()),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A blob being written.
+///
+/// Contract: every byte passed to [`write`](Self::write) is hashed as it is written;
+/// [`commit`](Self::commit) syncs the file, checks size and digest, and publishes it with
+/// an atomic rename, so a reader of the published path never sees a partial or wrong
+/// blob. Dropping a writer that was not committed (including after a failed commit)
+/// deletes its temporary file.
+#[derive(Debug)]
+pub struct BlobWriter {
+    file: File,
+    tmp: PathBuf,
+    dest: PathBuf,
+    hasher: Option<Hasher>,
+    expected: Digest,
+    written: u64,
+    committed: bool,
+}
+
+impl BlobWriter {
+    /// Appends `bytes`.
+    pub fn write(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        self.file.write_all(bytes)?;
+        if let Some(h) = self.hasher.as_mut() {
+            h.update(bytes);
+        }
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// How many bytes have been written so far.
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// A second handle on the file being written, for readers that serve the bytes
+    /// written so far (with positional reads) while the blob is still arriving. It stays
+    /// valid after the blob is published or discarded.
+    pub fn reader(&self) -> Result<File, StoreError> {
+        Ok(File::open(&self.tmp)?)
+    }
+
+    /// Verifies and publishes the blob. `expected_size`, when known, must match too.
+    /// On any error nothing is published and the temporary file is removed.
+    pub fn commit(mut self, expected_size: Option<u64>) -> Result<u64, StoreError> {
+        if let Some(size) = expected_size {
+            if size != self.written {
+                return Err(StoreError::SizeMismatch {
+                    expected: size,
+                    actual: self.written,
+                });
+            }
+        }
+        let actual = self
+            .hasher
+            .take()
+            .expect("hasher present until commit")
+            .finish();
+        if actual != self.expected {
+            return Err(StoreError::DigestMismatch {
+                expected: self.expected.clone(),
+                actual,
+            });
+        }
+        self.file.sync_data()?;
+        if let Some(parent) = self.dest.parent() {
+            fs::create_dir_all(parent)?;
+        }
+        fs::rename(&self.tmp, &self.dest)?;
+        self.committed = true;
+        Ok(self.written)
+    }
+}
+
+impl Drop for BlobWriter {
+    fn drop(&mut self) {
+        if !self.committed {
+            let _ = fs::remove_file(&self.tmp);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    fn store() -> (tempfile::TempDir, BlobStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(dir.path()).unwrap();
+        (dir, s)
+    }
+
+    fn tmp_is_empty(dir: &Path) -> bool {
+        fs::read_dir(dir.join("tmp")).unwrap().next().is_none()
+    }
+
+    #[test]
+    fn a_verified_blob_is_published() {
+        let (dir, s) = store();
+        let d = Digest::sha256_of(b"hello world");
+        let mut w = s.writer(&d).unwrap();
+        w.write(b"hello ").unwrap();
+        assert_eq!(s.stat(&d).unwrap(), None, "visible before commit");
+        w.write(b"world").unwrap();
+        assert_eq!(w.commit(Some(11)).unwrap(), 11);
+        assert_eq!(s.stat(&d).unwrap(), Some(11));
+        let (f, len) = s.open_blob(&d).unwrap().unwrap();
+        let mut buf = vec![0; len as usize];
+        f.read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, b"hello world");
+        assert!(tmp_is_empty(dir.path()));
+    }
+
+    #[test]
+    fn wrong_bytes_are_never_published() {
+        let (dir, s) = store();
+        let d = Digest::sha256_of(b"right");
+        let mut w = s.writer(&d).unwrap();
+        w.write(b"wrong").unwrap();
+        match w.commit(None) {
+            Err(StoreError::DigestMismatch { expected, actual }) => {
+                assert_eq!(expected, d);
+                assert_eq!(actual, Digest::sha256_of(b"wrong"));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(s.stat(&d).unwrap(), None);
+        assert!(tmp_is_empty(dir.path()));
+    }
+
+    #[test]
+    fn a_short_blob_is_never_published() {
+        let (dir, s) = store();
+        let d = Digest::sha256_of(b"right");
+        let mut w = s.writer(&d).unwrap();
+        w.write(b"right").unwrap();
+        assert!(matches!(
+            w.commit(Some(6)),
+            Err(StoreError::SizeMismatch {
+                expected: 6,
+                actual: 5
+            })
+        ));
+        assert_eq!(s.stat(&d).unwrap(), None);
+        assert!(tmp_is_empty(dir.path()));
+    }
+
+    #[test]
+    fn a_dropped_writer_leaves_nothing() {
+        let (dir, s) = store();
+        let d = Digest::sha256_of(b"x");
+        let mut w = s.writer(&d).unwrap();
+        w.write(b"x").unwrap();
+        let reader = w.reader().unwrap();
+        drop(w);
+        assert!(tmp_is_empty(dir.path()));
+        assert_eq!(s.stat(&d).unwrap(), None);
+        // A reader opened during the write still reads what was written.
+        let mut b = [0u8; 1];
+        reader.read_exact_at(&mut b, 0).unwrap();
+        assert_eq!(&b, b"x");
+    }
+
+    #[test]
+    fn leftovers_of_a_crash_are_removed_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = BlobStore::open(dir.path()).unwrap();
+        let w = s.writer(&Digest::sha256_of(b"x")).unwrap();
+        std::mem::forget(w);
+        assert!(!tmp_is_empty(dir.path()));
+        BlobStore::open(dir.path()).unwrap();
+        assert!(tmp_is_empty(dir.path()));
+    }
+
+    #[test]
+    fn delete_is_idempotent() {
+        let (_dir, s) = store();
+        let d = Digest::sha256_of(b"z");
+        let mut w = s.writer(&d).unwrap();
+        w.write(b"z").unwrap();
+        w.commit(None).unwrap();
+        s.delete(&d).unwrap();
+        s.delete(&d).unwrap();
+        assert_eq!(s.stat(&d).unwrap(), None);
+    }
+}

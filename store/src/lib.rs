@@ -1,0 +1,95 @@
+//! berth's local store: digest-addressed blobs on disk and typed metadata in RocksDB.
+//!
+//! Invariants this crate keeps:
+//! - a blob is visible under its digest only after its bytes were hashed as they were
+//!   written and matched ([`BlobWriter::commit`]); partial writes live under `tmp/` and
+//!   are removed on drop and on open;
+//! - metadata is reached only through typed records ([`MetaStore`]); no RocksDB type is
+//!   exposed;
+//! - [`oci`] holds the shared OCI vocabulary (digests, names, tags, media types) and does
+//!   no I/O.
+//!
+//! ```no_run
+//! # use berth_store::{Store, oci::Digest};
+//! let store = Store::open(std::path::Path::new("/var/lib/berth")).unwrap();
+//! let digest = Digest::sha256_of(b"hi");
+//! let mut w = store.blobs.writer(&digest).unwrap();
+//! w.write(b"hi").unwrap();
+//! w.commit(Some(2)).unwrap();
+//! assert_eq!(store.blobs.stat(&digest).unwrap(), Some(2));
+//! ```
+
+pub mod blobs;
+pub mod meta;
+pub mod oci;
+
+use std::path::Path;
+
+pub use blobs::{BlobStore, BlobWriter};
+pub use meta::{BlobRecord, ManifestRecord, MetaStore, TagKey, TagRecord};
+
+use oci::Digest;
+
+/// What can go wrong in the store.
+#[derive(Debug)]
+pub enum StoreError {
+    Io(std::io::Error),
+    Database(String),
+    /// A record could not be decoded.
+    Corrupt(String),
+    DigestMismatch {
+        expected: Digest,
+        actual: Digest,
+    },
+    SizeMismatch {
+        expected: u64,
+        actual: u64,
+    },
+}
+
+impl std::fmt::Display for StoreError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StoreError::Io(e) => write!(f, "store I/O error: {e}"),
+            StoreError::Database(e) => write!(f, "metadata database error: {e}"),
+            StoreError::Corrupt(e) => write!(f, "corrupt metadata: {e}"),
+            StoreError::DigestMismatch { expected, actual } => {
+                write!(
+                    f,
+                    "content does not match its digest: expected {expected}, got {actual}"
+                )
+            }
+            StoreError::SizeMismatch { expected, actual } => {
+                write!(
+                    f,
+                    "content size mismatch: expected {expected} bytes, got {actual}"
+                )
+            }
+        }
+    }
+}
+
+impl std::error::Error for StoreError {}
+
+impl From<std::io::Error> for StoreError {
+    fn from(e: std::io::Error) -> Self {
+        StoreError::Io(e)
+    }
+}
+
+/// A store root: blob files under `<root>/` and the metadata database in `<root>/meta`.
+#[derive(Debug)]
+pub struct Store {
+    pub blobs: BlobStore,
+    pub meta: MetaStore,
+}
+
+impl Store {
+    pub fn open(root: &Path) -> Result<Self, StoreError> {
+        std::fs::create_dir_all(root)?;
+        Ok(Store {
+            blobs: BlobStore::open(root)?,
+            meta: MetaStore::open(&root.join("meta"))?,
+        })
+    }
+}
