@@ -1,0 +1,244 @@
+//! A hand-written upstream for the fault paths a real registry cannot produce: wrong
+//! bytes, throttled bodies, resets, 429s and stalls. Every behaviour a user sees is also
+//! proven against the real registry in `e2e_real.rs`; this one exists for the faults.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+use crate::support::sha256_hex;
+
+/// What the fake does for one path.
+#[derive(Clone, Debug)]
+pub enum Behaviour {
+    /// 200 with these bytes and content type, in chunks of `chunk` bytes with `pause`
+    /// between them.
+    Body {
+        bytes: Arc<Vec<u8>>,
+        content_type: &'static str,
+        chunk: usize,
+        pause: Duration,
+    },
+    /// Send the headers and the first `after` bytes of `bytes`, then close the connection.
+    ResetAfter { bytes: Arc<Vec<u8>>, after: usize },
+    /// Answer with this status (and `Retry-After: 0`) for the first `times` requests, then
+    /// behave as `then`.
+    StatusThen {
+        status: u16,
+        times: usize,
+        then: Box<Behaviour>,
+    },
+    /// Read the request and never answer.
+    Hang,
+}
+
+impl Behaviour {
+    pub fn blob(bytes: Vec<u8>) -> Self {
+        Behaviour::Body {
+            bytes: Arc::new(bytes),
+            content_type: "application/octet-stream",
+            chunk: 64 * 1024,
+            pause: Duration::ZERO,
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    routes: HashMap<String, Behaviour>,
+    /// (method, path) of every request, in order.
+    requests: Vec<(String, String)>,
+    /// When a response body to each path was completely written.
+    finished: HashMap<String, Instant>,
+    served_statuses: HashMap<String, usize>,
+}
+
+/// The fake upstream, listening on 127.0.0.1 at a port chosen at run time.
+pub struct FakeUpstream {
+    pub port: u16,
+    state: Arc<Mutex<State>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeUpstream {
+    pub async fn start() -> FakeUpstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(Mutex::new(State::default()));
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((sock, _)) = listener.accept().await else {
+                    return;
+                };
+                tokio::spawn(handle(sock, st.clone()));
+            }
+        });
+        FakeUpstream { port, state, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Serves `behaviour` at `path` (for GET and HEAD).
+    pub fn route(&self, path: &str, behaviour: Behaviour) {
+        self.state
+            .lock()
+            .unwrap()
+            .routes
+            .insert(path.to_owned(), behaviour);
+    }
+
+    /// How many requests with `method` reached `path`.
+    pub fn count(&self, method: &str, path: &str) -> usize {
+        self.state
+            .lock()
+            .unwrap()
+            .requests
+            .iter()
+            .filter(|(m, p)| m == method && p == path)
+            .count()
+    }
+
+    pub fn total_requests(&self) -> usize {
+        self.state.lock().unwrap().requests.len()
+    }
+
+    /// When the fake finished writing a body for `path`, if it did.
+    pub fn finished_at(&self, path: &str) -> Option<Instant> {
+        self.state.lock().unwrap().finished.get(path).copied()
+    }
+}
+
+impl Drop for FakeUpstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn handle(mut sock: TcpStream, state: Arc<Mutex<State>>) {
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 4096];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        match sock.read(&mut tmp).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&tmp[..n]),
+        }
+    }
+    let head = String::from_utf8_lossy(&buf).into_owned();
+    let mut words = head.split_whitespace();
+    let method = words.next().unwrap_or("").to_owned();
+    let target = words.next().unwrap_or("").to_owned();
+    let path = target.split('?').next().unwrap_or("").to_owned();
+    let behaviour = {
+        let mut st = state.lock().unwrap();
+        st.requests.push((method.clone(), path.clone()));
+        let b = st.routes.get(&path).cloned();
+        match b {
+            Some(Behaviour::StatusThen {
+                status,
+                times,
+                then,
+            }) => {
+                let n = st.served_statuses.entry(path.clone()).or_default();
+                *n += 1;
+                if *n <= times {
+                    Some(Behaviour::StatusThen {
+                        status,
+                        times,
+                        then,
+                    })
+                } else {
+                    Some(*then)
+                }
+            }
+            other => other,
+        }
+    };
+    let head_only = method == "HEAD";
+    match behaviour {
+        None => {
+            let body = br#"{"errors":[{"code":"NOT_FOUND","message":"no such path in the fake"}]}"#;
+            let _ = respond(&mut sock, 404, "application/json", body.len(), &[]).await;
+            if !head_only {
+                let _ = sock.write_all(body).await;
+            }
+        }
+        Some(Behaviour::Hang) => {
+            // Keep the connection open, answer nothing.
+            let _ = sock.read(&mut tmp).await;
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+        Some(Behaviour::StatusThen { status, .. }) => {
+            let _ = respond(
+                &mut sock,
+                status,
+                "application/json",
+                0,
+                &[("Retry-After", "0")],
+            )
+            .await;
+        }
+        Some(Behaviour::ResetAfter { bytes, after }) => {
+            let _ = respond(&mut sock, 200, "application/octet-stream", bytes.len(), &[]).await;
+            if !head_only {
+                let _ = sock.write_all(&bytes[..after]).await;
+                let _ = sock.flush().await;
+                // Close before the announced length: the client sees a truncated body.
+                drop(sock);
+            }
+        }
+        Some(Behaviour::Body {
+            bytes,
+            content_type,
+            chunk,
+            pause,
+        }) => {
+            let digest = format!("sha256:{}", sha256_hex(&bytes));
+            let extra = [("Docker-Content-Digest", digest.as_str())];
+            if respond(&mut sock, 200, content_type, bytes.len(), &extra)
+                .await
+                .is_err()
+            {
+                return;
+            }
+            if head_only {
+                return;
+            }
+            for (i, piece) in bytes.chunks(chunk.max(1)).enumerate() {
+                if i > 0 && !pause.is_zero() {
+                    let _ = sock.flush().await;
+                    tokio::time::sleep(pause).await;
+                }
+                if sock.write_all(piece).await.is_err() {
+                    return;
+                }
+            }
+            let _ = sock.flush().await;
+            state.lock().unwrap().finished.insert(path, Instant::now());
+        }
+    }
+}
+
+async fn respond(
+    sock: &mut TcpStream,
+    status: u16,
+    content_type: &str,
+    len: usize,
+    extra: &[(&str, &str)],
+) -> std::io::Result<()> {
+    let mut h = format!(
+        "HTTP/1.1 {status} X\r\nContent-Type: {content_type}\r\nContent-Length: {len}\r\nConnection: close\r\n"
+    );
+    for (k, v) in extra {
+        h.push_str(&format!("{k}: {v}\r\n"));
+    }
+    h.push_str("\r\n");
+    sock.write_all(h.as_bytes()).await
+}
