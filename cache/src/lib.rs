@@ -19,6 +19,7 @@
 pub mod config;
 pub mod fill;
 pub mod glob;
+pub mod metrics;
 pub mod tags;
 pub mod upstream;
 
@@ -36,6 +37,7 @@ use berth_store::{ManifestRecord, Store, StoreError, TagKey, TagRecord};
 
 use config::Config;
 use fill::{BlobFill, BlobFills, FillLock, FillProgress, Role};
+use metrics::CacheMetrics;
 use tags::Freshness;
 use upstream::{Retry, UpstreamClient};
 
@@ -212,12 +214,16 @@ fn now_ms() -> u64 {
 impl Cache {
     /// Builds the cache; fails if an upstream client cannot be built (for example, its
     /// credentials cannot be read).
-    pub fn new(config: &Config, store: Arc<Store>) -> Result<Arc<Cache>, String> {
+    pub fn new(
+        config: &Config,
+        store: Arc<Store>,
+        metrics: CacheMetrics,
+    ) -> Result<Arc<Cache>, String> {
         let mut upstreams = HashMap::new();
         for u in &config.upstreams {
             upstreams.insert(
                 u.namespace.clone(),
-                Arc::new(UpstreamClient::new(u.clone())?),
+                Arc::new(UpstreamClient::new(u.clone(), metrics.clone())?),
             );
         }
         Ok(Arc::new(Cache {
@@ -536,6 +542,9 @@ impl Cache {
                         tracing::error!(upstream = %client.config.namespace, repo = %repo,
                             digest = %digest, error = %e, "blob fill failed; nothing cached");
                     }
+                    client
+                        .metrics
+                        .fill(&client.config.namespace, result.is_ok());
                     this.blob_fills.remove(&digest);
                     progress.finish(result);
                 });
@@ -621,6 +630,7 @@ impl Cache {
             .await
             .map_err(|e| CacheError::Internal(format!("write task failed: {e}")))??;
             written += len as u64;
+            client.metrics.bytes(&client.config.namespace, len as u64);
             progress.written(written);
         }
         let reader = if announced.is_none() {
@@ -750,6 +760,9 @@ async fn read_limited(
                         reason: format!("response larger than {limit} bytes"),
                     });
                 }
+                client
+                    .metrics
+                    .bytes(&client.config.namespace, chunk.len() as u64);
                 body.extend_from_slice(&chunk);
             }
         }

@@ -17,6 +17,7 @@ use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, WWW_AUTHENT
 use reqwest::{Method, Response, StatusCode};
 
 use crate::config::UpstreamConfig;
+use crate::metrics::CacheMetrics;
 use crate::CacheError;
 
 /// How many times a transient failure is tried in all.
@@ -31,6 +32,7 @@ pub struct UpstreamClient {
     http: reqwest::Client,
     credentials: Option<(String, String)>,
     tokens: Mutex<HashMap<String, (String, Instant)>>,
+    pub metrics: CacheMetrics,
 }
 
 impl std::fmt::Debug for UpstreamClient {
@@ -52,7 +54,7 @@ pub enum Retry {
 
 impl UpstreamClient {
     /// Builds the client; fails if configured credentials cannot be read.
-    pub fn new(config: UpstreamConfig) -> Result<Self, String> {
+    pub fn new(config: UpstreamConfig, metrics: CacheMetrics) -> Result<Self, String> {
         let credentials = match &config.credentials {
             Some(c) => Some(
                 c.resolve()
@@ -72,6 +74,7 @@ impl UpstreamClient {
             http,
             credentials,
             tokens: Mutex::new(HashMap::new()),
+            metrics,
         })
     }
 
@@ -213,9 +216,15 @@ impl UpstreamClient {
             .headers(headers)
             .send();
         // Bounded by the read timeout even if the upstream accepts and never answers.
-        match tokio::time::timeout(self.config.read_timeout + self.config.connect_timeout, fut)
-            .await
-        {
+        let result =
+            tokio::time::timeout(self.config.read_timeout + self.config.connect_timeout, fut).await;
+        let status = match &result {
+            Ok(Ok(resp)) => Some(resp.status().as_u16()),
+            _ => None,
+        };
+        self.metrics
+            .request(&self.config.namespace, method_label(method), status);
+        match result {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => Err(self.unreachable(&describe(&e))),
             Err(_) => Err(self.unreachable("timed out waiting for a response")),
@@ -244,7 +253,14 @@ impl UpstreamClient {
             req = req.basic_auth(user, Some(pass));
         }
         let fut = req.send();
-        let resp = match tokio::time::timeout(self.config.read_timeout, fut).await {
+        let result = tokio::time::timeout(self.config.read_timeout, fut).await;
+        let status = match &result {
+            Ok(Ok(r)) => Some(r.status().as_u16()),
+            _ => None,
+        };
+        self.metrics
+            .request(&self.config.namespace, "TOKEN", status);
+        let resp = match result {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => return Err(self.unreachable(&format!("token service: {}", describe(&e)))),
             Err(_) => return Err(self.unreachable("token service timed out")),
@@ -331,6 +347,14 @@ fn base64(input: &[u8]) -> String {
         }
     }
     out
+}
+
+fn method_label(m: &Method) -> &'static str {
+    match *m {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        _ => "OTHER",
+    }
 }
 
 fn is_transient(s: StatusCode) -> bool {

@@ -163,7 +163,8 @@ fn serve(args: ServeArgs) -> i32 {
             return 2;
         }
     };
-    let cache = match Cache::new(&config, store) {
+    let metrics = Arc::new(Metrics::new());
+    let cache = match Cache::new(&config, store, metrics.cache.clone()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("berth: {e}");
@@ -196,7 +197,7 @@ fn serve(args: ServeArgs) -> i32 {
     let app = App {
         config: Arc::new(config),
         cache,
-        metrics: Arc::new(Metrics::new()),
+        metrics,
     };
     let mut service = Service::new("berth".to_owned(), app);
     service.add_tcp(&listen);

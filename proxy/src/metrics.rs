@@ -13,6 +13,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use berth_cache::metrics::CacheMetrics;
 use berth_cache::Outcome;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -48,6 +49,8 @@ impl RequestLabels {
 
 pub struct Metrics {
     registry: Registry,
+    /// The cache's counters, registered into the same registry.
+    pub cache: CacheMetrics,
     requests: Family<RequestLabels, Counter>,
     bytes: Family<RequestLabels, Counter>,
     duration: Family<RequestLabels, Histogram>,
@@ -79,8 +82,10 @@ impl Metrics {
             "Blob fills from upstreams in progress",
             fills.clone(),
         );
+        let cache = CacheMetrics::register(&mut registry);
         Metrics {
             registry,
+            cache,
             requests,
             bytes,
             duration,
@@ -103,10 +108,91 @@ impl Metrics {
         encode(&mut out, &self.registry).expect("writing to a String");
         out
     }
+
+    /// The exposition in the format the scraper asked for: OpenMetrics if its `Accept`
+    /// names it, otherwise the Prometheus text format 0.0.4. Returns (content type, body).
+    pub fn render_for(
+        &self,
+        accept: Option<&str>,
+        fills_in_progress: usize,
+    ) -> (&'static str, String) {
+        let text = self.render(fills_in_progress);
+        if accept.is_some_and(|a| a.contains("application/openmetrics-text")) {
+            (
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                text,
+            )
+        } else {
+            (
+                "text/plain; version=0.0.4; charset=utf-8",
+                to_prometheus_text(&text),
+            )
+        }
+    }
+}
+
+/// Converts OpenMetrics text to the Prometheus text format: counter families are named
+/// with their `_total` suffix in `# HELP`/`# TYPE`, and `# UNIT` and `# EOF` are dropped.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let meta = ["# HELP ", "# TYPE "]
+            .iter()
+            .find_map(|p| line.strip_prefix(p).map(|rest| (*p, rest)));
+        match meta {
+            Some((prefix, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let suffix = if counters.contains(name) {
+                    "_total"
+                } else {
+                    ""
+                };
+                out.push_str(&format!("{prefix}{name}{suffix} {tail}"));
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prometheus_text_names_counters_with_total() {
+        let om = "# HELP berth_requests HTTP requests served.\n# TYPE berth_requests counter\n\
+berth_requests_total{route=\"base\"} 1\n# HELP g A gauge.\n# TYPE g gauge\ng 2\n# EOF\n";
+        assert_eq!(
+            to_prometheus_text(om),
+            "# HELP berth_requests_total HTTP requests served.\n# TYPE berth_requests_total counter\n\
+berth_requests_total{route=\"base\"} 1\n# HELP g A gauge.\n# TYPE g gauge\ng 2\n"
+        );
+    }
+
+    #[test]
+    fn openmetrics_is_served_when_asked_for() {
+        let m = Metrics::new();
+        let (ct, body) = m.render_for(Some("application/openmetrics-text;version=1.0.0"), 0);
+        assert!(ct.starts_with("application/openmetrics-text"));
+        assert!(body.ends_with("# EOF\n"));
+        let (ct, body) = m.render_for(None, 0);
+        assert!(ct.starts_with("text/plain"));
+        assert!(!body.contains("# EOF"));
     }
 }

@@ -213,14 +213,13 @@ impl App {
             )
             .await),
             Route::Metrics => {
-                let body = self.metrics.render(self.cache.fills_in_progress());
+                let (content_type, body) = self
+                    .metrics
+                    .render_for(req.accept.as_deref(), self.cache.fills_in_progress());
                 Ok(send_bytes(
                     session,
                     200,
-                    vec![(
-                        "Content-Type",
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8".into(),
-                    )],
+                    vec![("Content-Type", content_type.to_owned())],
                     Bytes::from(body),
                     req.is_head(),
                     None,

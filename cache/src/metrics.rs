@@ -1,0 +1,94 @@
+//! The cache's own metrics: what berth asks of its upstreams and how fills end.
+//! Registered by the caller into its registry ([`CacheMetrics::register`]); labels are
+//! bounded (configured upstream namespaces, methods, status classes, outcomes).
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamRequestLabels {
+    pub upstream: String,
+    pub method: &'static str,
+    /// `2xx`…`5xx`, or `error` when no response arrived.
+    pub status: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub upstream: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FillLabels {
+    pub upstream: String,
+    /// `ok` or `failed`.
+    pub outcome: &'static str,
+}
+
+/// Counters the cache updates; cheap to clone (they share their values).
+#[derive(Clone, Debug, Default)]
+pub struct CacheMetrics {
+    pub upstream_requests: Family<UpstreamRequestLabels, Counter>,
+    pub upstream_bytes: Family<UpstreamLabels, Counter>,
+    pub blob_fills: Family<FillLabels, Counter>,
+}
+
+impl CacheMetrics {
+    /// Creates the counters and registers them into `registry`.
+    pub fn register(registry: &mut Registry) -> Self {
+        let m = CacheMetrics::default();
+        registry.register(
+            "upstream_requests",
+            "HTTP requests berth sent to upstream registries and their token services",
+            m.upstream_requests.clone(),
+        );
+        registry.register(
+            "upstream_bytes",
+            "Manifest, tag list and blob body bytes received from upstream registries",
+            m.upstream_bytes.clone(),
+        );
+        registry.register(
+            "blob_fills",
+            "Blob fills from upstream registries that ended, by outcome",
+            m.blob_fills.clone(),
+        );
+        m
+    }
+
+    pub fn request(&self, upstream: &str, method: &'static str, status: Option<u16>) {
+        let status = match status {
+            None => "error",
+            Some(100..=199) => "1xx",
+            Some(200..=299) => "2xx",
+            Some(300..=399) => "3xx",
+            Some(400..=499) => "4xx",
+            Some(_) => "5xx",
+        };
+        self.upstream_requests
+            .get_or_create(&UpstreamRequestLabels {
+                upstream: upstream.to_owned(),
+                method,
+                status,
+            })
+            .inc();
+    }
+
+    pub fn bytes(&self, upstream: &str, n: u64) {
+        self.upstream_bytes
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_owned(),
+            })
+            .inc_by(n);
+    }
+
+    pub fn fill(&self, upstream: &str, ok: bool) {
+        self.blob_fills
+            .get_or_create(&FillLabels {
+                upstream: upstream.to_owned(),
+                outcome: if ok { "ok" } else { "failed" },
+            })
+            .inc();
+    }
+}
