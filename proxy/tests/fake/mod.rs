@@ -35,6 +35,14 @@ pub enum Behaviour {
     },
     /// Read the request and never answer.
     Hang,
+    /// `307 Temporary Redirect` to this absolute URL.
+    Redirect(String),
+    /// `401` with this `WWW-Authenticate` challenge unless the request carries an
+    /// `Authorization` header; with one, behave as `then`.
+    RequireAuth {
+        challenge: String,
+        then: Box<Behaviour>,
+    },
 }
 
 impl Behaviour {
@@ -48,11 +56,30 @@ impl Behaviour {
     }
 }
 
+/// One request the fake received.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    pub method: String,
+    /// Without the query.
+    pub path: String,
+    /// Header names lowercased, in the order received.
+    pub headers: Vec<(String, String)>,
+}
+
+impl Recorded {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
 #[derive(Default)]
 struct State {
     routes: HashMap<String, Behaviour>,
-    /// (method, path) of every request, in order.
-    requests: Vec<(String, String)>,
+    /// Every request, in order.
+    requests: Vec<Recorded>,
     /// When a response body to each path was completely written.
     finished: HashMap<String, Instant>,
     served_statuses: HashMap<String, usize>,
@@ -102,8 +129,13 @@ impl FakeUpstream {
             .unwrap()
             .requests
             .iter()
-            .filter(|(m, p)| m == method && p == path)
+            .filter(|r| r.method == method && r.path == path)
             .count()
+    }
+
+    /// Every request received so far, with its headers.
+    pub fn requests(&self) -> Vec<Recorded> {
+        self.state.lock().unwrap().requests.clone()
     }
 
     pub fn total_requests(&self) -> usize {
@@ -136,10 +168,27 @@ async fn handle(mut sock: TcpStream, state: Arc<Mutex<State>>) {
     let method = words.next().unwrap_or("").to_owned();
     let target = words.next().unwrap_or("").to_owned();
     let path = target.split('?').next().unwrap_or("").to_owned();
+    let headers: Vec<(String, String)> = head
+        .split("\r\n\r\n")
+        .next()
+        .unwrap_or("")
+        .split("\r\n")
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    let authorized = headers.iter().any(|(k, _)| k == "authorization");
     let behaviour = {
         let mut st = state.lock().unwrap();
-        st.requests.push((method.clone(), path.clone()));
-        let b = st.routes.get(&path).cloned();
+        st.requests.push(Recorded {
+            method: method.clone(),
+            path: path.clone(),
+            headers,
+        });
+        let b = match st.routes.get(&path).cloned() {
+            Some(Behaviour::RequireAuth { then, .. }) if authorized => Some(*then),
+            other => other,
+        };
         match b {
             Some(Behaviour::StatusThen {
                 status,
@@ -174,6 +223,31 @@ async fn handle(mut sock: TcpStream, state: Arc<Mutex<State>>) {
             // Keep the connection open, answer nothing.
             let _ = sock.read(&mut tmp).await;
             tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+        Some(Behaviour::Redirect(location)) => {
+            let _ = respond(
+                &mut sock,
+                307,
+                "text/plain",
+                0,
+                &[("Location", location.as_str())],
+            )
+            .await;
+        }
+        Some(Behaviour::RequireAuth { challenge, .. }) => {
+            let body =
+                br#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#;
+            let _ = respond(
+                &mut sock,
+                401,
+                "application/json",
+                body.len(),
+                &[("WWW-Authenticate", challenge.as_str())],
+            )
+            .await;
+            if !head_only {
+                let _ = sock.write_all(body).await;
+            }
         }
         Some(Behaviour::StatusThen { status, .. }) => {
             let _ = respond(

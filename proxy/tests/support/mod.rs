@@ -1251,6 +1251,8 @@ pub struct Berth {
     port: u16,
     log: PathBuf,
     pub client: reqwest::Client,
+    /// Extra environment for every start (kept for restarts).
+    env: Vec<(String, String)>,
     dir: TempDir,
 }
 
@@ -1261,21 +1263,44 @@ impl Berth {
 
     pub async fn start_with_env(upstreams: &[Upstream], env: &[(&str, &str)]) -> Berth {
         let dir = tempdir();
-        let config = dir.path().join("berth.toml");
-        fs::write(&config, berth_config(upstreams)).unwrap();
-        let store = dir.path().join("store");
+        fs::write(dir.path().join("berth.toml"), berth_config(upstreams)).unwrap();
         let log = dir.path().join("berth.log");
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(64)
             .build()
             .unwrap();
+        let (proc, port) = Self::spawn(dir.path(), &log, &env, &client).await;
+        Berth {
+            proc,
+            port,
+            log,
+            client,
+            env,
+            dir,
+        }
+    }
+
+    /// Starts the berth binary with the configuration and store under `dir` on a free
+    /// port, and waits until `/v2/` answers 200.
+    async fn spawn(
+        dir: &Path,
+        log: &Path,
+        env: &[(String, String)],
+        client: &reqwest::Client,
+    ) -> (ProcGuard, u16) {
+        let config = dir.join("berth.toml");
+        let store = dir.join("store");
         let deadline = Instant::now() + READY_TIMEOUT;
         for attempt in 0..5 {
             let port = free_port();
             let logf = fs::OpenOptions::new()
                 .create(true)
                 .append(true)
-                .open(&log)
+                .open(log)
                 .unwrap();
             let mut cmd = Command::new(env!("CARGO_BIN_EXE_berth"));
             cmd.arg("serve")
@@ -1295,11 +1320,14 @@ impl Berth {
             for (k, v) in env {
                 cmd.env(k, v);
             }
+            let log_start = fs::metadata(log).map(|m| m.len()).unwrap_or(0) as usize;
             let child = cmd.spawn().expect("start berth");
-            let mut proc = ProcGuard::new("berth", child, Some(log.clone()));
+            let mut proc = ProcGuard::new("berth", child, Some(log.to_owned()));
             loop {
                 if let Some(status) = proc.exited() {
-                    let text = fs::read_to_string(&log).unwrap_or_default();
+                    let text = fs::read(log).unwrap_or_default();
+                    let text =
+                        String::from_utf8_lossy(&text[log_start.min(text.len())..]).into_owned();
                     if attempt < 4 && text.to_ascii_lowercase().contains("address") {
                         break; // probably lost the port to someone else: try another
                     }
@@ -1311,25 +1339,62 @@ impl Berth {
                     .await
                 {
                     if r.status().as_u16() == 200 {
-                        return Berth {
-                            proc,
-                            port,
-                            log,
-                            client,
-                            dir,
-                        };
+                        return (proc, port);
                     }
                 }
                 if Instant::now() > deadline {
                     panic!(
                         "berth did not become ready on port {port}:\n{}",
-                        tail(&log, 100)
+                        tail(log, 100)
                     );
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-        panic!("berth could not start:\n{}", tail(&log, 100));
+        panic!("berth could not start:\n{}", tail(log, 100));
+    }
+
+    /// Stops berth with SIGTERM and waits (bounded) for it to exit; panics if it does not
+    /// exit or exits unsuccessfully.
+    pub async fn stop(&mut self) {
+        let pid = self.pid();
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM {pid} failed");
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let exit = loop {
+            if let Some(s) = self.exited() {
+                break s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "berth did not exit after SIGTERM:\n{}",
+                tail(&self.log, 40)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert!(exit.success(), "berth exited with {exit} after SIGTERM");
+        self.proc.kill(); // reaps it
+    }
+
+    /// Kills berth at once (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        self.proc.kill();
+    }
+
+    /// Starts berth again, after [`Berth::stop`] or [`Berth::kill`], with the same
+    /// configuration, environment and store directory (on a new port).
+    pub async fn restart(&mut self) {
+        assert!(
+            self.proc.child.is_none() || self.proc.exited().is_some(),
+            "restart: berth is still running"
+        );
+        self.proc.kill();
+        let (proc, port) = Self::spawn(self.dir.path(), &self.log, &self.env, &self.client).await;
+        self.proc = proc;
+        self.port = port;
     }
 
     pub fn port(&self) -> u16 {
@@ -1357,6 +1422,19 @@ impl Berth {
     /// berth's log, without terminal colour codes.
     pub fn log(&self) -> String {
         strip_ansi(&fs::read_to_string(&self.log).unwrap_or_default())
+    }
+
+    /// The length in bytes of berth's log so far (a mark for [`Berth::log_since`]).
+    pub fn log_len(&self) -> usize {
+        fs::metadata(&self.log)
+            .map(|m| m.len() as usize)
+            .unwrap_or(0)
+    }
+
+    /// berth's log after the mark `offset` (from [`Berth::log_len`]), without colour codes.
+    pub fn log_since(&self, offset: usize) -> String {
+        let b = fs::read(&self.log).unwrap_or_default();
+        strip_ansi(&String::from_utf8_lossy(&b[offset.min(b.len())..]))
     }
 
     pub fn store_dir(&self) -> PathBuf {
@@ -1477,6 +1555,71 @@ pub fn strip_ansi(s: &str) -> String {
         }
     }
     out
+}
+
+/// Sends `request` (a complete HTTP/1.1 request head; use `Connection: close`) to
+/// `127.0.0.1:port` over a plain TCP connection and returns the response head and every
+/// byte that followed it until the server closed the connection (or nothing more arrived
+/// for 2 s). For checking what a server really wrote, e.g. that a HEAD had no body.
+pub async fn raw_http(port: u16, request: &str) -> (String, Vec<u8>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect for a raw request");
+    sock.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let idle = if buf.windows(4).any(|w| w == b"\r\n\r\n") {
+            Duration::from_secs(2)
+        } else {
+            Duration::from_secs(20)
+        };
+        match tokio::time::timeout(idle, sock.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+        }
+        if Instant::now() > deadline {
+            break;
+        }
+    }
+    let end = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .unwrap_or_else(|| {
+            panic!(
+                "no complete response head: {:?}",
+                String::from_utf8_lossy(&buf)
+            )
+        });
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    (head, buf[end + 4..].to_vec())
+}
+
+/// The value of header `name` in a raw response head.
+pub fn raw_header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+    head.split("\r\n")
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.trim())
+}
+
+/// Parses an OCI error body and returns its first error's code and message; panics with
+/// `what` if the body is not one.
+pub fn oci_error(body: &[u8], what: &str) -> (String, String) {
+    let text = String::from_utf8_lossy(body);
+    let v: serde_json::Value = serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("{what}: the body is not JSON ({e}): {text}"));
+    let e = &v["errors"][0];
+    let code = e["code"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{what}: no errors[0].code in {text}"));
+    let message = e["message"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{what}: no errors[0].message in {text}"));
+    (code.to_owned(), message.to_owned())
 }
 
 pub fn header_str<'a>(h: &'a reqwest::header::HeaderMap, name: &str) -> Option<&'a str> {
