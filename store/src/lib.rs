@@ -6,8 +6,8 @@
 //!   are removed on drop and on open;
 //! - metadata is reached only through typed records ([`MetaStore`]); no RocksDB type is
 //!   exposed;
-//! - [`oci`] holds the shared OCI vocabulary (digests, names, tags, media types) and does
-//!   no I/O.
+//! - the shared OCI vocabulary (digests, names, tags, media types) lives in the
+//!   `berth-oci` crate, re-exported here as [`oci`]; it does no I/O.
 //!
 //! ```no_run
 //! # use berth_store::{Store, oci::Digest};
@@ -21,7 +21,9 @@
 
 pub mod blobs;
 pub mod meta;
-pub mod oci;
+
+/// The shared OCI vocabulary (the `berth-oci` crate), re-exported for convenience.
+pub use berth_oci as oci;
 
 use std::path::Path;
 

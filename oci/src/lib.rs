@@ -72,6 +72,11 @@ impl fmt::Display for InvalidDigest {
 impl std::error::Error for InvalidDigest {}
 
 impl Digest {
+    /// Parses and validates `algorithm:hex` (the same as `str::parse`).
+    pub fn parse(s: &str) -> Result<Digest, InvalidDigest> {
+        s.parse()
+    }
+
     pub fn algorithm(&self) -> Algorithm {
         self.algorithm
     }
