@@ -24,7 +24,6 @@ pub mod tags;
 pub mod upstream;
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -179,8 +178,8 @@ pub struct Manifest {
 
 /// Where a blob's bytes come from.
 pub enum BlobSource {
-    /// A published blob file.
-    Stored { file: Arc<File>, size: u64 },
+    /// A published blob, mapped read-only.
+    Stored { data: Bytes, size: u64 },
     /// A fill in progress (or just finished) that this request may read as it grows.
     Filling { fill: Arc<BlobFill>, size: u64 },
 }
@@ -517,14 +516,9 @@ impl Cache {
         repo: &str,
         digest: &Digest,
     ) -> Result<(BlobSource, Outcome), CacheError> {
-        if let Some((file, size)) = self.store.blobs.open_blob(digest)? {
-            return Ok((
-                BlobSource::Stored {
-                    file: Arc::new(file),
-                    size,
-                },
-                Outcome::Hit,
-            ));
+        if let Some(data) = self.store.blobs.map_blob(digest)? {
+            let size = data.len() as u64;
+            return Ok((BlobSource::Stored { data, size }, Outcome::Hit));
         }
         let client = self.client(namespace)?;
         let (fill, progress) = self.blob_fills.join_or_start(digest);

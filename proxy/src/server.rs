@@ -14,7 +14,6 @@ use pingora::protocols::http::ServerSession;
 use pingora::server::ShutdownWatch;
 
 use berth_cache::config::Config;
-use berth_cache::fill::{read_chunk, CHUNK};
 use berth_cache::{tags::STALE_WARNING, BlobSource, Cache, Outcome};
 use berth_store::oci::Reference;
 
@@ -22,6 +21,9 @@ use crate::errors::{ApiError, Code, Subject};
 use crate::metrics::{Metrics, RequestLabels};
 use crate::range::{parse_range, ByteRange};
 use crate::route::{self, Route, Target};
+
+/// How much of a stored blob is handed to the connection per write.
+const SERVE_CHUNK: u64 = 1024 * 1024;
 
 /// berth's HTTP application.
 pub struct App {
@@ -359,26 +361,23 @@ impl App {
             complete: false,
         };
         let result = match source {
-            BlobSource::Stored { file, .. } => {
+            BlobSource::Stored { data, .. } => {
                 let mut offset = start;
                 loop {
                     if offset == end {
                         break Ok(());
                     }
-                    let len = (end - offset).min(CHUNK as u64) as usize;
-                    let chunk = match read_chunk(file.clone(), offset, len).await {
-                        Ok(c) => c,
-                        Err(e) => break Err(e.to_string()),
-                    };
-                    offset += len as u64;
+                    let next = (offset + SERVE_CHUNK).min(end);
+                    let chunk = data.slice(offset as usize..next as usize);
                     if session
-                        .write_response_body(chunk, offset == end)
+                        .write_response_body(chunk, next == end)
                         .await
                         .is_err()
                     {
                         break Err("client went away".into());
                     }
-                    served.bytes += len as u64;
+                    served.bytes += next - offset;
+                    offset = next;
                 }
             }
             BlobSource::Filling { fill, .. } => {

@@ -14,6 +14,8 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use bytes::Bytes;
+
 use crate::oci::{Digest, Hasher};
 use crate::StoreError;
 
@@ -72,6 +74,19 @@ impl BlobStore {
         }
     }
 
+    /// Maps a published blob read-only, for serving without copying it through a buffer.
+    /// The mapping pages come from the page cache (file-backed, not heap), and stay valid
+    /// even if the blob is deleted meanwhile.
+    pub fn map_blob(&self, digest: &Digest) -> Result<Option<Bytes>, StoreError> {
+        let Some((file, len)) = self.open_blob(digest)? else {
+            return Ok(None);
+        };
+        if len == 0 {
+            return Ok(Some(Bytes::new()));
+        }
+        Ok(Some(Bytes::from_owner(map_readonly(&file)?)))
+    }
+
     /// Starts writing the blob `expected`. The bytes become visible under the digest only
     /// when [`BlobWriter::commit`] has verified them.
     pub fn writer(&self, expected: &Digest) -> Result<BlobWriter, StoreError> {
@@ -103,6 +118,16 @@ impl BlobStore {
             _ => Ok(()),
         }
     }
+}
+
+/// Maps `file` read-only.
+#[allow(unsafe_code)]
+fn map_readonly(file: &File) -> Result<memmap2::Mmap, StoreError> {
+    // SAFETY: the mapping is undefined behaviour only if the file is modified or
+    // truncated while mapped. Published blob files never are: they are written under
+    // tmp/, verified, renamed into place and afterwards only ever unlinked, which leaves
+    // existing mappings intact.
+    Ok(unsafe { memmap2::Mmap::map(file)? })
 }
 
 /// A blob being written.
@@ -277,6 +302,22 @@ mod tests {
         assert!(!tmp_is_empty(dir.path()));
         BlobStore::open(dir.path()).unwrap();
         assert!(tmp_is_empty(dir.path()));
+    }
+
+    #[test]
+    fn mapped_blobs_read_back_and_survive_deletion() {
+        let (_dir, s) = store();
+        let d = Digest::sha256_of(b"mapped bytes");
+        let mut w = s.writer(&d).unwrap();
+        w.write(b"mapped bytes").unwrap();
+        w.commit(None).unwrap();
+        let m = s.map_blob(&d).unwrap().unwrap();
+        s.delete(&d).unwrap();
+        assert_eq!(&m[..], b"mapped bytes");
+        assert!(s.map_blob(&d).unwrap().is_none());
+        let empty = Digest::sha256_of(b"");
+        s.writer(&empty).unwrap().commit(Some(0)).unwrap();
+        assert!(s.map_blob(&empty).unwrap().unwrap().is_empty());
     }
 
     #[test]

@@ -1,0 +1,197 @@
+#!/usr/bin/env bash
+# Side-by-side benchmark on one machine, all on loopback:
+#   upstream: Debian's docker-registry, seeded with a generated multi-arch image whose
+#             big layer is $LAYER_MIB MiB;
+#   peer:     a second docker-registry in proxy mode in front of it (what most users
+#             would otherwise run);
+#   limit:    nginx serving the same bytes as static files with sendfile on;
+#   berth:    in front of the same upstream.
+# Each workload runs against each target in turn, $ROUNDS rounds; the medians and the
+# ratios berth/peer and berth/limit go to loadtests/RESULTS.md (with the machine, the
+# date and this command). Not part of CI: it takes several minutes.
+#
+#   loadtests/compare.sh                 # ROUNDS=3 LAYER_MIB=200 by default
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROUNDS=${ROUNDS:-3}
+LAYER_MIB=${LAYER_MIB:-200}
+RESULTS=${RESULTS:-loadtests/RESULTS.md}
+COMMAND="ROUNDS=$ROUNDS LAYER_MIB=$LAYER_MIB loadtests/compare.sh"
+
+./scripts/setup
+command -v nginx >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; }
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/berth-target}"
+cargo build --release --locked -p berth-proxy -p berth-loadtests
+BERTH="$CARGO_TARGET_DIR/release/berth"
+LOAD="$CARGO_TARGET_DIR/release/berth-load"
+
+WORK=$(mktemp -d /tmp/berth-bench.XXXXXX)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_http() { # url
+    for _ in $(seq 1 200); do curl -s -o /dev/null "$1" && return 0; sleep 0.05; done
+    echo "not ready: $1" >&2; return 1
+}
+sha() { sha256sum "$1" | cut -d' ' -f1; }
+
+# --- the image: an OCI layout made with the shell, pushed with skopeo -----------------
+seed_layout() {
+    local L=$WORK/layout root=$WORK/rootfs
+    mkdir -p "$L/blobs/sha256" "$root"
+    printf '{"imageLayoutVersion":"1.0.0"}' > "$L/oci-layout"
+    head -c "${LAYER_MIB}M" /dev/urandom > "$root/big.bin"
+    tar -C "$root" -cf "$WORK/big.tar" big.bin
+    rm -rf "$root"
+    local diff_big; diff_big=$(sha "$WORK/big.tar")
+    gzip -1 -c "$WORK/big.tar" > "$WORK/big.tar.gz"; rm "$WORK/big.tar"
+    BIG=$(sha "$WORK/big.tar.gz"); BIG_SIZE=$(stat -c%s "$WORK/big.tar.gz")
+    mv "$WORK/big.tar.gz" "$L/blobs/sha256/$BIG"
+    local manifests=""
+    for arch in amd64 arm64; do
+        mkdir -p "$WORK/small-$arch"; head -c 1M /dev/urandom > "$WORK/small-$arch/$arch.bin"
+        tar -C "$WORK/small-$arch" -cf "$WORK/small.tar" "$arch.bin"
+        local diff_small; diff_small=$(sha "$WORK/small.tar")
+        gzip -1 -c "$WORK/small.tar" > "$WORK/small.tar.gz"
+        local small; small=$(sha "$WORK/small.tar.gz"); local small_size; small_size=$(stat -c%s "$WORK/small.tar.gz")
+        mv "$WORK/small.tar.gz" "$L/blobs/sha256/$small"
+        printf '{"architecture":"%s","os":"linux","config":{},"rootfs":{"type":"layers","diff_ids":["sha256:%s","sha256:%s"]}}' \
+            "$arch" "$diff_big" "$diff_small" > "$WORK/config.json"
+        local cfg; cfg=$(sha "$WORK/config.json"); local cfg_size; cfg_size=$(stat -c%s "$WORK/config.json")
+        mv "$WORK/config.json" "$L/blobs/sha256/$cfg"
+        printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"sha256:%s","size":%d},"layers":[{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:%s","size":%d},{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"sha256:%s","size":%d}]}' \
+            "$cfg" "$cfg_size" "$BIG" "$BIG_SIZE" "$small" "$small_size" > "$WORK/m.json"
+        local m; m=$(sha "$WORK/m.json"); local m_size; m_size=$(stat -c%s "$WORK/m.json")
+        mv "$WORK/m.json" "$L/blobs/sha256/$m"
+        [ -n "$manifests" ] && manifests+=","
+        manifests+=$(printf '{"mediaType":"application/vnd.oci.image.manifest.v1+json","digest":"sha256:%s","size":%d,"platform":{"architecture":"%s","os":"linux"}}' "$m" "$m_size" "$arch")
+        rm -rf "$WORK/small-$arch" "$WORK/small.tar"
+    done
+    printf '{"schemaVersion":2,"mediaType":"application/vnd.oci.image.index.v1+json","manifests":[%s]}' "$manifests" > "$WORK/index.json"
+    INDEX=$(sha "$WORK/index.json"); local index_size; index_size=$(stat -c%s "$WORK/index.json")
+    cp "$WORK/index.json" "$L/blobs/sha256/$INDEX"
+    printf '{"schemaVersion":2,"manifests":[{"mediaType":"application/vnd.oci.image.index.v1+json","digest":"sha256:%s","size":%d,"annotations":{"org.opencontainers.image.ref.name":"v1"}}]}' \
+        "$INDEX" "$index_size" > "$L/index.json"
+}
+
+start_registry() { # name port config-extra...
+    local name=$1 port=$2; shift 2
+    mkdir -p "$WORK/$name"
+    cat > "$WORK/$name/config.yml" <<EOF
+version: 0.1
+log: {level: warn, accesslog: {disabled: false}}
+storage:
+  filesystem: {rootdirectory: $WORK/$name/data}
+  delete: {enabled: true}
+http: {addr: 127.0.0.1:$port}
+$*
+EOF
+    docker-registry serve "$WORK/$name/config.yml" >"$WORK/$name/access.log" 2>"$WORK/$name/err.log" &
+    PIDS+=($!); eval "${name^^}_PID=$!"
+    wait_http "http://127.0.0.1:$port/v2/"
+}
+
+start_berth() { # fresh store each time
+    rm -rf "$WORK/berth"; mkdir -p "$WORK/berth"
+    cat > "$WORK/berth/berth.toml" <<EOF
+[[upstream]]
+namespace = "docker.io"
+url = "http://127.0.0.1:$UP_PORT"
+prefixes = ["library/**"]
+tag_ttl = "5m"
+EOF
+    BERTH_LOG=warn "$BERTH" serve --config "$WORK/berth/berth.toml" --listen "127.0.0.1:$BERTH_PORT" \
+        --store "$WORK/berth/store" 2>"$WORK/berth/err.log" &
+    BERTH_PID=$!; PIDS+=($BERTH_PID)
+    wait_http "http://127.0.0.1:$BERTH_PORT/v2/"
+    # Peak anonymous resident memory (heap, not file-backed mappings), sampled.
+    ( peak=0; while kill -0 "$BERTH_PID" 2>/dev/null; do
+        v=$(awk '/^RssAnon:/{print $2}' "/proc/$BERTH_PID/status" 2>/dev/null || echo 0)
+        [ "${v:-0}" -gt "$peak" ] && peak=$v && echo "$peak" > "$WORK/berth-rss-peak-$BERTH_PID"
+        sleep 0.1; done ) &
+    PIDS+=($!)
+}
+
+stop_pid() { kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true; }
+
+start_peer() {
+    rm -rf "$WORK/peer"
+    start_registry peer "$PEER_PORT" "proxy: {remoteurl: http://127.0.0.1:$UP_PORT}"
+}
+
+# --- set up ---------------------------------------------------------------------------
+log "generating a ${LAYER_MIB} MiB layer and a two-platform index"
+seed_layout
+UP_PORT=$(free_port); PEER_PORT=$(free_port); BERTH_PORT=$(free_port); NGINX_PORT=$(free_port)
+start_registry upstream "$UP_PORT"
+skopeo copy --all --quiet --dest-tls-verify=false "oci:$WORK/layout:v1" "docker://127.0.0.1:$UP_PORT/library/bench:v1"
+UPLOG=$WORK/upstream/access.log
+
+# nginx: the same bytes at the same paths, as static files.
+NROOT=$WORK/nginx/root/v2/library/bench
+mkdir -p "$NROOT/blobs" "$NROOT/manifests"
+cp "$WORK/layout/blobs/sha256/$BIG" "$NROOT/blobs/sha256:$BIG"
+cp "$WORK/index.json" "$NROOT/manifests/v1"
+cp "$WORK/index.json" "$NROOT/manifests/sha256:$INDEX"
+cat > "$WORK/nginx/nginx.conf" <<EOF
+user root;
+worker_processes $(nproc);
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log;
+events { worker_connections 4096; }
+http {
+    sendfile on; tcp_nopush on; access_log off; keepalive_requests 1000000;
+    default_type application/octet-stream;
+    server { listen 127.0.0.1:$NGINX_PORT; root $WORK/nginx/root; }
+}
+EOF
+nginx -c "$WORK/nginx/nginx.conf" -g 'daemon off;' &
+PIDS+=($!)
+wait_http "http://127.0.0.1:$NGINX_PORT/v2/library/bench/manifests/v1"
+
+OUT=$WORK/out; mkdir -p "$OUT"
+target_url() { case $1 in berth) echo "http://127.0.0.1:$BERTH_PORT";; peer) echo "http://127.0.0.1:$PEER_PORT";; nginx) echo "http://127.0.0.1:$NGINX_PORT";; esac; }
+target_repo() { case $1 in berth) echo docker.io/library/bench;; *) echo library/bench;; esac; }
+
+run() { # name target round args...
+    local name=$1 t=$2 r=$3; shift 3
+    log "round $r: $name on $t"
+    "$LOAD" "$@" --registry "$(target_url "$t")" --json "$OUT/$name.$t.$r.json" >"$OUT/$name.$t.$r.txt" 2>&1 \
+        || { echo "FAILED: $name on $t (round $r):"; cat "$OUT/$name.$t.$r.txt"; } >&2
+}
+
+# --- workloads ------------------------------------------------------------------------
+for r in $(seq 1 "$ROUNDS"); do
+    # Cold start: empty caches, N clients at once on the big layer; then the same warm.
+    for n in 50 100; do
+        for t in berth peer; do
+            if [ $t = berth ]; then [ -n "${BERTH_PID:-}" ] && stop_pid "$BERTH_PID"; start_berth;
+            else [ -n "${PEER_PID:-}" ] && stop_pid "$PEER_PID"; start_peer; fi
+            run "cold$n" $t "$r" cold --repo "$(target_repo $t)" --digest "sha256:$BIG" --clients "$n" --upstream-log "$UPLOG"
+            run "warm$n" $t "$r" cold --repo "$(target_repo $t)" --digest "sha256:$BIG" --clients "$n" --upstream-log "$UPLOG"
+        done
+    done
+    for t in berth peer nginx; do
+        repo=$(target_repo $t)
+        run blob1 $t "$r" blob --repo "$repo" --digest "sha256:$BIG" --concurrency 1 --requests 8
+        run blob32 $t "$r" blob --repo "$repo" --digest "sha256:$BIG" --concurrency 32 --requests 96
+        run tag32 $t "$r" manifests --repo "$repo" --reference v1 --concurrency 32 --duration 5s
+        run digest32 $t "$r" manifests --repo "$repo" --reference "sha256:$INDEX" --concurrency 32 --duration 5s
+    done
+    for t in berth peer; do
+        # One pull first, so that every manifest and layer is cached: this one is warm.
+        run warmup $t "$r" pull --image "$(target_repo $t):v1" --concurrency 1 --pulls 1
+        run pull50 $t "$r" pull --image "$(target_repo $t):v1" --concurrency 50 --pulls 100 --upstream-log "$UPLOG"
+    done
+done
+
+BERTH_RSS_PEAK_KIB=$(cat "$WORK"/berth-rss-peak-* 2>/dev/null | sort -n | tail -1)
+export BERTH_RSS_PEAK_KIB COMMAND LAYER_MIB ROUNDS
+python3 loadtests/summarize.py "$OUT" "$RESULTS"
+log "results written to $RESULTS"

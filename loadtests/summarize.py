@@ -1,0 +1,178 @@
+#!/usr/bin/env python3
+"""Turns the JSON reports of one loadtests/compare.sh run into loadtests/RESULTS.md.
+
+usage: summarize.py OUT_DIR RESULTS_MD   (environment: COMMAND, LAYER_MIB, ROUNDS,
+BERTH_RSS_PEAK_KIB, as compare.sh exports them)
+"""
+import datetime
+import glob
+import json
+import os
+import platform
+import statistics
+import sys
+
+
+def load(out):
+    runs = {}
+    for path in glob.glob(os.path.join(out, "*.json")):
+        name, target, rnd, _ = os.path.basename(path).split(".")
+        with open(path) as f:
+            runs.setdefault((name, target), []).append(json.load(f))
+    return runs
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def pct(report, kind, p):
+    lat = (report.get("latency_us") or {}).get(kind) or {}
+    v = lat.get(p)
+    return None if v is None else v / 1000.0
+
+
+def first_kind(report, kinds, p):
+    for k in kinds:
+        v = pct(report, k, p)
+        if v is not None:
+            return v
+    return None
+
+
+def fmt(v, unit=""):
+    if v is None:
+        return "–"
+    if abs(v) >= 100:
+        return f"{v:,.0f}{unit}"
+    return f"{v:.2f}{unit}"
+
+
+def ratio(a, b):
+    return None if a is None or b in (None, 0) else a / b
+
+
+def machine():
+    model = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        with open("/proc/meminfo") as f:
+            kib = int(f.readline().split()[1])
+            mem = f", {kib / 1024 / 1024:.0f} GiB memory"
+    except (OSError, ValueError):
+        pass
+    return f"{os.cpu_count()} cores ({model}){mem}, {platform.system()} {platform.release()}"
+
+
+def main():
+    out, results = sys.argv[1], sys.argv[2]
+    runs = load(out)
+    layer_mib = float(os.environ.get("LAYER_MIB", "200"))
+
+    def m(name, target, fn):
+        return median(fn(r) for r in runs.get((name, target), []))
+
+    gib = lambda r: r.get("bytes_per_s", 0) / (1 << 30)
+    table = [
+        ("warm blob, 1 stream (GiB/s)", "blob1", gib),
+        ("warm blob, 32 clients (GiB/s)", "blob32", gib),
+        ("warm blob TTFB p50, 1 stream (ms)", "blob1", lambda r: pct(r, "ttfb", "p50")),
+        ("warm blob TTFB p99, 32 clients (ms)", "blob32", lambda r: pct(r, "ttfb", "p99")),
+        ("manifests by tag, 32 conns (req/s)", "tag32", lambda r: r.get("requests_per_s")),
+        ("manifests by tag p99 (ms)", "tag32", lambda r: first_kind(r, ["tag_manifest", "manifest"], "p99")),
+        ("manifests by digest, 32 conns (req/s)", "digest32", lambda r: r.get("requests_per_s")),
+        ("manifests by digest p99 (ms)", "digest32", lambda r: first_kind(r, ["manifest", "tag_manifest"], "p99")),
+    ]
+    rows = []
+    for label, workload, fn in table:
+        vals = {t: m(workload, t, fn) for t in ("berth", "peer", "nginx")}
+        b = vals["berth"]
+        rows.append((label, vals, ratio(b, vals["peer"]), ratio(b, vals["nginx"])))
+
+    cold_rows = []
+    for n in (50, 100):
+        for t in ("berth", "peer"):
+            cold = m(f"cold{n}", t, lambda r: (r.get("cold") or {}).get("all_finished_ms"))
+            warm = m(f"warm{n}", t, lambda r: (r.get("cold") or {}).get("all_finished_ms"))
+            up_bytes = m(f"cold{n}", t, lambda r: (r.get("upstream") or {}).get("bytes"))
+            up_reqs = m(f"cold{n}", t, lambda r: (r.get("upstream") or {}).get("requests"))
+            fetches = None if up_bytes is None else up_bytes / (layer_mib * 1024 * 1024)
+            failed = m(f"cold{n}", t, lambda r: (r.get("units") or {}).get("failed"))
+            cold_rows.append((n, t, cold, warm, ratio(cold, warm), up_reqs, fetches, failed))
+
+    pull_rows = []
+    for t in ("berth", "peer"):
+        pull_rows.append((
+            t,
+            m("pull50", t, lambda r: r.get("pulls_per_s")),
+            m("pull50", t, lambda r: r.get("mib_per_s")),
+            m("pull50", t, lambda r: (r.get("upstream") or {}).get("requests")),
+        ))
+
+    rss = os.environ.get("BERTH_RSS_PEAK_KIB")
+    rss_mib = int(rss) / 1024 if rss and rss.isdigit() else None
+
+    lines = []
+    lines.append("# berth benchmark results\n")
+    lines.append(
+        "Produced by `loadtests/compare.sh` (see the script for the set-up: the upstream is "
+        "Debian's docker-registry; the peer a second docker-registry in proxy mode; the limit "
+        "nginx serving the same bytes as static files with sendfile). All on loopback, no TLS. "
+        "Figures are medians over the rounds; ratios are berth/peer and berth/nginx.\n"
+    )
+    lines.append(f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}")
+    lines.append(f"- machine: {machine()}")
+    lines.append(f"- command: `{os.environ.get('COMMAND', 'loadtests/compare.sh')}`")
+    lines.append(f"- layer: {layer_mib:.0f} MiB, rounds: {os.environ.get('ROUNDS', '?')}\n")
+    lines.append("## Warm serving\n")
+    lines.append("| workload | berth | peer (distribution proxy) | nginx (limit) | berth/peer | berth/limit |")
+    lines.append("|---|---|---|---|---|---|")
+    for label, vals, rp, rl in rows:
+        lines.append(
+            f"| {label} | {fmt(vals.get('berth'))} | {fmt(vals.get('peer'))} | "
+            f"{fmt(vals.get('nginx'))} | {fmt(rp, 'x')} | {fmt(rl, 'x')} |"
+        )
+    lines.append("\n## Cold start: N clients at once on one uncached layer\n")
+    lines.append("| clients | target | all done cold (ms) | all done warm (ms) | cold/warm | upstream requests | upstream fetches of the layer | failed clients |")
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for n, t, cold, warm, cw, reqs, fetches, failed in cold_rows:
+        lines.append(
+            f"| {n} | {t} | {fmt(cold)} | {fmt(warm)} | {fmt(cw, 'x')} | {fmt(reqs)} | {fmt(fetches)} | {fmt(failed)} |"
+        )
+    lines.append("\n## Fleet pull: 50 clients pulling the image (index, manifest, config, layers), warm\n")
+    lines.append("| target | pulls/s | MiB/s | upstream requests during the run |")
+    lines.append("|---|---|---|---|")
+    for t, pps, mibs, reqs in pull_rows:
+        lines.append(f"| {t} | {fmt(pps)} | {fmt(mibs)} | {fmt(reqs)} |")
+    lines.append("\n## Memory\n")
+    lines.append(
+        f"- berth peak anonymous resident memory (RssAnon, sampled every 100 ms over the whole run): "
+        f"{fmt(rss_mib, ' MiB')}"
+    )
+    body = "\n".join(lines) + "\n"
+
+    # Keep any hand-written notes below the marker.
+    notes = ""
+    if os.path.exists(results):
+        with open(results) as f:
+            old = f.read()
+        marker = "<!-- notes -->"
+        if marker in old:
+            notes = old[old.index(marker):]
+    if not notes:
+        notes = "<!-- notes -->\n## Notes\n\n(none yet)\n"
+    with open(results, "w") as f:
+        f.write(body + "\n" + notes)
+
+
+if __name__ == "__main__":
+    main()
