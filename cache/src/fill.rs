@@ -65,12 +65,17 @@ where
                 None => {
                     let (tx, rx) = watch::channel(None);
                     map.insert(key.clone(), rx.clone());
-                    let inflight = self.inflight.clone();
+                    let entry = Entry {
+                        inflight: self.inflight.clone(),
+                        key,
+                        rx: rx.clone(),
+                    };
                     tokio::spawn(async move {
                         let result = fetch.await.map_err(Arc::new);
                         // Remove first: a caller that arrives after this sees the stored
-                        // value, not a finished fill.
-                        inflight.lock().expect("fill lock").remove(&key);
+                        // value, not a finished fill. (If `fetch` panics, dropping
+                        // `entry` removes it too, and the waiters are told it ended.)
+                        drop(entry);
                         let _ = tx.send(Some(result));
                     });
                     (rx, Role::Writer)
@@ -84,6 +89,27 @@ where
             ))),
         };
         (result, role)
+    }
+}
+
+/// A running fetch's place in a [`FillLock`]; dropping it (normally or while a panic
+/// unwinds) removes the entry, unless another fetch has taken the key since.
+struct Entry<K: Eq + Hash, V> {
+    inflight: Arc<Mutex<HashMap<K, watch::Receiver<Outcome<V>>>>>,
+    key: K,
+    rx: watch::Receiver<Outcome<V>>,
+}
+
+impl<K: Eq + Hash, V> Drop for Entry<K, V> {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.inflight.lock() {
+            if map
+                .get(&self.key)
+                .is_some_and(|rx| rx.same_channel(&self.rx))
+            {
+                map.remove(&self.key);
+            }
+        }
     }
 }
 
@@ -137,6 +163,26 @@ impl FillProgress {
         let _ = self.tx.send(match result {
             Ok(size) => FillState::Done { size },
             Err(e) => FillState::Failed(Arc::new(e)),
+        });
+    }
+
+    /// The fill this progress drives.
+    pub fn fill(&self) -> &Arc<BlobFill> {
+        &self.fill
+    }
+}
+
+impl Drop for FillProgress {
+    /// A fill dropped before it finished (its task panicked or was cancelled) fails its
+    /// readers rather than leaving them waiting.
+    fn drop(&mut self) {
+        self.tx.send_if_modified(|s| {
+            if matches!(s, FillState::Starting | FillState::Streaming { .. }) {
+                *s = FillState::Failed(Arc::new(ended()));
+                true
+            } else {
+                false
+            }
         });
     }
 }
@@ -214,9 +260,14 @@ impl BlobFills {
         (fill.clone(), Some(FillProgress { tx, fill }))
     }
 
-    /// Forgets the fill of `digest`; later requests look in the store again.
-    pub fn remove(&self, digest: &Digest) {
-        self.inflight.lock().expect("blob fills").remove(digest);
+    /// Forgets `fill` (if it is still the one registered for its digest); later requests
+    /// look in the store again.
+    pub fn remove(&self, fill: &Arc<BlobFill>) {
+        if let Ok(mut map) = self.inflight.lock() {
+            if map.get(&fill.digest).is_some_and(|f| Arc::ptr_eq(f, fill)) {
+                map.remove(&fill.digest);
+            }
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -358,6 +409,38 @@ mod tests {
         assert!(matches!(*b.unwrap_err(), CacheError::NotFound));
         let (c, role) = lock.run(1, async { Ok(2) }).await;
         assert_eq!((c.unwrap(), role), (2, Role::Writer));
+    }
+
+    #[tokio::test]
+    async fn a_panicking_fetch_fails_its_waiters_and_frees_the_key() {
+        let lock: Arc<FillLock<u8, u8>> = Arc::new(FillLock::default());
+        let (result, _) = lock
+            .run(1, async {
+                if true {
+                    panic!("fetch panicked");
+                }
+                Ok(0)
+            })
+            .await;
+        assert!(matches!(*result.unwrap_err(), CacheError::Internal(_)));
+        let (again, role) = lock.run(1, async { Ok(5) }).await;
+        assert_eq!((again.unwrap(), role), (5, Role::Writer));
+    }
+
+    #[tokio::test]
+    async fn a_dropped_blob_fill_fails_its_readers() {
+        let fills = BlobFills::default();
+        let d = Digest::sha256_of(b"abcd");
+        let (fill, progress) = fills.join_or_start(&d);
+        let progress = progress.unwrap();
+        let (_tmp, file) = temp_file_with(b"ab");
+        progress.streaming(4, file);
+        progress.written(2);
+        let task = tokio::spawn(drain(fill.reader()));
+        drop(progress);
+        assert!(task.await.unwrap().is_err());
+        fills.remove(&fill);
+        assert!(fills.is_empty());
     }
 
     #[tokio::test]

@@ -201,6 +201,8 @@ pub struct Cache {
     tag_lock: FillLock<TagKey, (Manifest, Outcome)>,
     hot_tags: moka::future::Cache<TagKey, TagRecord>,
     hot_manifests: moka::future::Cache<Digest, Manifest>,
+    /// When a tag's revalidation last failed (kept for [`tags::REVALIDATION_BACKOFF`]).
+    failed_revalidations: moka::future::Cache<TagKey, std::time::Instant>,
 }
 
 fn now_ms() -> u64 {
@@ -235,6 +237,10 @@ impl Cache {
             hot_manifests: moka::future::Cache::builder()
                 .weigher(|_, m: &Manifest| m.body.len().try_into().unwrap_or(u32::MAX))
                 .max_capacity(16 * 1024 * 1024)
+                .build(),
+            failed_revalidations: moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_live(tags::REVALIDATION_BACKOFF)
                 .build(),
         }))
     }
@@ -330,6 +336,7 @@ impl Cache {
                     upstream: namespace.to_owned(),
                     repo: repo.to_owned(),
                     tag: tag.clone(),
+                    variant: berth_store::oci::accept_variant(&accept),
                 };
                 let cached = match self.tag_record(&key).await? {
                     Some(rec) => self
@@ -341,6 +348,15 @@ impl Cache {
                 let this = self.clone();
                 let (result, role) = match cached {
                     Some((m, Freshness::Fresh)) => return Ok((m, Outcome::Hit)),
+                    Some((m, Freshness::Revalidate))
+                        if self.failed_revalidations.get(&key).await.is_some_and(|at| {
+                            at.elapsed() < tags::REVALIDATION_BACKOFF.min(client.config.tag_ttl)
+                        }) =>
+                    {
+                        // The upstream failed to confirm this tag moments ago: serve it
+                        // stale at once rather than wait out another timeout.
+                        return Ok((m, Outcome::Stale));
+                    }
                     Some((m, Freshness::Revalidate)) => {
                         self.tag_lock
                             .run(key.clone(), async move {
@@ -414,6 +430,9 @@ impl Cache {
             upstream = %key.upstream, repo = %key.repo, tag = %key.tag, error = %result,
             "serving a stale tag: the upstream could not confirm it"
         );
+        self.failed_revalidations
+            .insert(key.clone(), std::time::Instant::now())
+            .await;
         Ok((cached, Outcome::Stale))
     }
 
@@ -440,8 +459,8 @@ impl Cache {
             .get(reqwest::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(|v| v.split(';').next().unwrap_or("").trim().to_owned())
-            .filter(|v| !v.is_empty())
-            .ok_or_else(|| invalid("manifest without a Content-Type"))?;
+            .filter(|v| is_media_type(v))
+            .ok_or_else(|| invalid("manifest without a valid Content-Type"))?;
         let announced = header_digest(resp.headers());
         let body = read_limited(resp, MAX_MANIFEST_BYTES, client).await?;
         let expected = match reference {
@@ -529,6 +548,12 @@ impl Cache {
                 let repo = repo.to_owned();
                 let digest = digest.clone();
                 tokio::spawn(async move {
+                    // Forgets the fill however this task ends, even by a panic (and then
+                    // dropping `progress` fails its readers).
+                    let registered = RegisteredFill {
+                        cache: this.clone(),
+                        fill: progress.fill().clone(),
+                    };
                     let result = this
                         .fill_blob(&client, &repo, &repo_key, &digest, &progress)
                         .await;
@@ -539,7 +564,7 @@ impl Cache {
                     client
                         .metrics
                         .fill(&client.config.namespace, result.is_ok());
-                    this.blob_fills.remove(&digest);
+                    drop(registered);
                     progress.finish(result);
                 });
                 Outcome::Miss
@@ -638,9 +663,15 @@ impl Cache {
         if let Some(file) = reader {
             progress.streaming(size, file);
         }
-        self.store
+        // The blob is verified and published: a failure to index it must not fail the
+        // clients reading it.
+        if let Err(e) = self
+            .store
             .meta
-            .record_blob(digest, size, repo_key, now_ms())?;
+            .record_blob(digest, size, repo_key, now_ms())
+        {
+            tracing::error!(digest = %digest, error = %e, "could not index a stored blob");
+        }
         Ok(size)
     }
 
@@ -678,6 +709,18 @@ impl Cache {
     }
 }
 
+/// A blob fill's registration, removed when dropped.
+struct RegisteredFill {
+    cache: Arc<Cache>,
+    fill: Arc<BlobFill>,
+}
+
+impl Drop for RegisteredFill {
+    fn drop(&mut self) {
+        self.cache.blob_fills.remove(&self.fill);
+    }
+}
+
 fn coalesced(outcome: Outcome, role: Role) -> Outcome {
     match (role, outcome) {
         (Role::Reader, Outcome::Miss | Outcome::Revalidated) => Outcome::Coalesced,
@@ -712,6 +755,8 @@ fn unshare(e: Arc<CacheError>) -> CacheError {
                 registry: registry.clone(),
                 status: *status,
             },
+            CacheError::Store(e) => CacheError::Store(e.clone()),
+            CacheError::Internal(e) => CacheError::Internal(e.clone()),
             _ => CacheError::FillFailed(shared),
         },
     }
@@ -722,6 +767,14 @@ fn unreachable(client: &UpstreamClient, why: &str) -> CacheError {
         registry: client.config.namespace.clone(),
         reason: why.to_owned(),
     }
+}
+
+/// `type/subtype`, short and printable: what berth stores and hands back to clients.
+fn is_media_type(v: &str) -> bool {
+    v.len() <= 255
+        && v.split_once('/')
+            .is_some_and(|(t, st)| !t.is_empty() && !st.is_empty())
+        && v.bytes().all(|b| b.is_ascii_graphic())
 }
 
 fn header_digest(h: &reqwest::header::HeaderMap) -> Option<Digest> {

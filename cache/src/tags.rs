@@ -6,7 +6,11 @@
 //! - the upstream names the same digest: the tag is confirmed again;
 //! - it names another digest (or none): the manifest is fetched anew;
 //! - it says the tag does not exist: the tag is forgotten and the client told so;
-//! - it cannot be reached, times out or fails: the cached manifest is served, marked stale.
+//! - it cannot be reached, times out or fails: the cached manifest is served, marked
+//!   stale, and for [`REVALIDATION_BACKOFF`] (or the TTL, if shorter) the tag is served
+//!   stale without asking again, so a hung upstream costs one timeout, not one per request.
+//!
+//! A tag confirmed "in the future" (the clock was set back) is revalidated.
 
 use std::time::Duration;
 
@@ -23,13 +27,21 @@ pub enum Freshness {
 
 /// Decides whether `record` may be served without asking the upstream at `now_ms`.
 pub fn freshness(record: &TagRecord, now_ms: u64, ttl: Duration) -> Freshness {
+    let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+    if record.confirmed_at_ms > now_ms.saturating_add(ttl_ms) {
+        return Freshness::Revalidate;
+    }
     let age = now_ms.saturating_sub(record.confirmed_at_ms);
-    if u128::from(age) < ttl.as_millis() {
+    if age < ttl_ms {
         Freshness::Fresh
     } else {
         Freshness::Revalidate
     }
 }
+
+/// How long a tag whose revalidation failed is served stale without asking again (at
+/// most its TTL).
+pub const REVALIDATION_BACKOFF: Duration = Duration::from_secs(30);
 
 /// The `Warning` header value sent with a tag served after a failed revalidation.
 pub const STALE_WARNING: &str = "110 berth \"Response is Stale\"";
@@ -52,5 +64,11 @@ mod tests {
         // A clock that went backwards does not make a tag stale.
         assert_eq!(freshness(&r, 10, ttl), Freshness::Fresh);
         assert_eq!(freshness(&r, 1_000, Duration::ZERO), Freshness::Revalidate);
+        // Confirmed further ahead than the TTL: the clock was wrong then; ask again.
+        let ahead = TagRecord {
+            confirmed_at_ms: 1_000_000,
+            ..r
+        };
+        assert_eq!(freshness(&ahead, 1_000, ttl), Freshness::Revalidate);
     }
 }

@@ -23,6 +23,10 @@ use crate::CacheError;
 /// How many times a transient failure is tried in all.
 const ATTEMPTS: u32 = 3;
 const BACKOFF: Duration = Duration::from_millis(200);
+/// The longest berth keeps a token, whatever the token service says.
+const MAX_TOKEN_LIFE: u64 = 24 * 3600;
+/// How many tokens (one per repository scope) are kept at most.
+const MAX_CACHED_TOKENS: usize = 4096;
 /// A token is renewed this long before the upstream said it expires.
 const TOKEN_MARGIN: Duration = Duration::from_secs(10);
 
@@ -115,7 +119,8 @@ impl UpstreamClient {
                     }
                     last = Some(err);
                 }
-                Err(e) => last = Some(e),
+                Err(e) if is_transient_error(&e) => last = Some(e),
+                Err(e) => return Err(e),
             }
         }
         Err(last.expect("at least one attempt"))
@@ -147,7 +152,8 @@ impl UpstreamClient {
     ) -> Result<Response, CacheError> {
         let token = self.cached_token(scope);
         let resp = self.send(method, url, accept, token.as_deref()).await?;
-        if resp.status() != StatusCode::UNAUTHORIZED {
+        // Answer only the upstream's own challenges, not one from a host a redirect led to.
+        if resp.status() != StatusCode::UNAUTHORIZED || !self.same_origin(resp.url()) {
             return Ok(resp);
         }
         let Some(challenge) = resp
@@ -168,10 +174,16 @@ impl UpstreamClient {
                 let token = self
                     .fetch_token(&realm, service.as_deref(), &scope_used)
                     .await?;
-                self.tokens
-                    .lock()
-                    .expect("token lock")
-                    .insert(scope.to_owned(), (format!("Bearer {}", token.0), token.1));
+                let mut tokens = self.tokens.lock().expect("token lock");
+                if tokens.len() >= MAX_CACHED_TOKENS {
+                    let now = Instant::now();
+                    tokens.retain(|_, (_, until)| *until > now);
+                    if tokens.len() >= MAX_CACHED_TOKENS {
+                        tokens.clear();
+                    }
+                }
+                tokens.insert(scope.to_owned(), (format!("Bearer {}", token.0), token.1));
+                drop(tokens);
                 format!("Bearer {}", token.0)
             }
             Challenge::Basic => match &self.credentials {
@@ -180,6 +192,18 @@ impl UpstreamClient {
             },
         };
         self.send(method, url, accept, Some(&auth)).await
+    }
+
+    /// Whether `url` is on the configured upstream's scheme, host and port.
+    fn same_origin(&self, url: &reqwest::Url) -> bool {
+        match reqwest::Url::parse(&self.config.url) {
+            Ok(base) => {
+                base.scheme() == url.scheme()
+                    && base.host_str() == url.host_str()
+                    && base.port_or_known_default() == url.port_or_known_default()
+            }
+            Err(_) => false,
+        }
     }
 
     fn cached_token(&self, scope: &str) -> Option<String> {
@@ -249,8 +273,17 @@ impl UpstreamClient {
             query.push(("service", s));
         }
         let mut req = self.http.get(realm).query(&query);
+        // Credentials never travel in cleartext to a realm when the upstream itself is
+        // reached over TLS.
+        let cleartext_downgrade =
+            realm.starts_with("http://") && self.config.url.starts_with("https://");
         if let Some((user, pass)) = &self.credentials {
-            req = req.basic_auth(user, Some(pass));
+            if cleartext_downgrade {
+                tracing::warn!(upstream = %self.config.namespace,
+                    "the token realm is plain http; asking for an anonymous token");
+            } else {
+                req = req.basic_auth(user, Some(pass));
+            }
         }
         let fut = req.send();
         let result = tokio::time::timeout(self.config.read_timeout, fut).await;
@@ -265,15 +298,27 @@ impl UpstreamClient {
             Ok(Err(e)) => return Err(self.unreachable(&format!("token service: {}", describe(&e)))),
             Err(_) => return Err(self.unreachable("token service timed out")),
         };
-        if !resp.status().is_success() {
-            return Err(CacheError::UpstreamDenied {
-                registry: self.registry(),
-                repo: format!(
-                    "token service answered {} for scope {scope}",
-                    resp.status().as_u16()
-                ),
-            });
+        match resp.status() {
+            s if s.is_success() => {}
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => {
+                return Err(CacheError::UpstreamDenied {
+                    registry: self.registry(),
+                    repo: format!("scope {scope} (the token service refused)"),
+                })
+            }
+            StatusCode::TOO_MANY_REQUESTS => {
+                return Err(CacheError::UpstreamRateLimited {
+                    registry: self.registry(),
+                })
+            }
+            s => {
+                return Err(CacheError::Upstream {
+                    registry: format!("{} (token service)", self.registry()),
+                    status: s.as_u16(),
+                })
+            }
         }
+
         #[derive(serde::Deserialize)]
         struct TokenResponse {
             token: Option<String>,
@@ -290,7 +335,7 @@ impl UpstreamClient {
             .filter(|t| !t.is_empty())
             .ok_or_else(|| self.unreachable("token service sent no token"))?;
         // The token spec's default lifetime is 60 seconds.
-        let life = Duration::from_secs(body.expires_in.unwrap_or(60).max(1));
+        let life = Duration::from_secs(body.expires_in.unwrap_or(60).clamp(1, MAX_TOKEN_LIFE));
         let until = Instant::now()
             + life
                 .saturating_sub(TOKEN_MARGIN)
@@ -354,6 +399,16 @@ fn method_label(m: &Method) -> &'static str {
         Method::GET => "GET",
         Method::HEAD => "HEAD",
         _ => "OTHER",
+    }
+}
+
+fn is_transient_error(e: &CacheError) -> bool {
+    match e {
+        CacheError::UpstreamUnreachable { .. } | CacheError::UpstreamRateLimited { .. } => true,
+        CacheError::Upstream { status, .. } => {
+            is_transient(StatusCode::from_u16(*status).unwrap_or(StatusCode::BAD_GATEWAY))
+        }
+        _ => false,
     }
 }
 

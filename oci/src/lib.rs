@@ -249,6 +249,25 @@ impl fmt::Display for Reference {
     }
 }
 
+/// Which of the four manifest media types an `Accept` header names, as a bitmask (OCI
+/// index 1, OCI manifest 2, Docker list 4, Docker manifest 8); 0 when it names none of
+/// them (berth then asks for all four). Requests with the same variant may share what
+/// an upstream answered for a tag.
+pub fn accept_variant(accept: &str) -> u8 {
+    let mut v = 0;
+    for item in accept.split(',') {
+        let media_type = item.split(';').next().unwrap_or("").trim();
+        v |= match media_type {
+            OCI_INDEX => 1,
+            OCI_MANIFEST => 2,
+            DOCKER_MANIFEST_LIST => 4,
+            DOCKER_MANIFEST => 8,
+            _ => 0,
+        };
+    }
+    v
+}
+
 /// Whether `media_type` is one of the manifest or index types berth stores.
 pub fn is_index(media_type: &str) -> bool {
     media_type == OCI_INDEX || media_type == DOCKER_MANIFEST_LIST
@@ -322,6 +341,15 @@ mod tests {
         ] {
             assert!(!is_valid_name(bad), "{bad} accepted");
         }
+    }
+
+    #[test]
+    fn accept_variants() {
+        assert_eq!(accept_variant(MANIFEST_ACCEPT_DEFAULT), 15);
+        assert_eq!(accept_variant("*/*"), 0);
+        assert_eq!(accept_variant(""), 0);
+        assert_eq!(accept_variant(&format!("{DOCKER_MANIFEST}; q=0.5, */*")), 8);
+        assert_eq!(accept_variant(&format!("{OCI_INDEX},{OCI_MANIFEST}")), 3);
     }
 
     #[test]

@@ -12,28 +12,29 @@ pub struct ByteRange {
 pub struct Unsatisfiable;
 
 /// Parses `bytes=a-b`, `bytes=a-` or `bytes=-n` against a blob of `size` bytes.
-/// `Err(Unsatisfiable)` means the range cannot be satisfied (answer 416); a header berth does not
-/// understand (another unit, several ranges) is ignored, as RFC 9110 allows, by
-/// returning the whole blob.
-pub fn parse_range(header: &str, size: u64) -> Result<ByteRange, Unsatisfiable> {
-    let whole = ByteRange {
-        start: 0,
-        end: size,
-    };
+/// `Ok(None)`: a header berth does not understand (another unit, several ranges, bad
+/// syntax) is ignored, as RFC 9110 allows: answer the whole blob with 200.
+/// `Err(Unsatisfiable)`: the range lies outside the blob (answer 416).
+pub fn parse_range(header: &str, size: u64) -> Result<Option<ByteRange>, Unsatisfiable> {
     let Some(spec) = header.trim().strip_prefix("bytes=") else {
-        return Ok(whole);
+        return Ok(None);
     };
     if spec.contains(',') {
-        return Ok(whole);
+        return Ok(None);
     }
     let Some((a, b)) = spec.trim().split_once('-') else {
-        return Ok(whole);
+        return Ok(None);
     };
-    let num = |s: &str| s.trim().parse::<u64>().map_err(|_| Unsatisfiable);
-    let range = match (a.trim().is_empty(), b.trim().is_empty()) {
-        (true, true) => return Err(Unsatisfiable),
-        (true, false) => {
-            let n = num(b)?;
+    // A spec that is not valid syntax is ignored (RFC 9110 §14.2): the whole blob.
+    let num = |s: &str| s.trim().parse::<u64>().ok();
+    let (a, b) = (a.trim(), b.trim());
+    let (first, last) = (num(a), num(b));
+    if (!a.is_empty() && first.is_none()) || (!b.is_empty() && last.is_none()) {
+        return Ok(None);
+    }
+    let range = match (first, last) {
+        (None, None) => return Ok(None),
+        (None, Some(n)) => {
             if n == 0 {
                 return Err(Unsatisfiable);
             }
@@ -42,34 +43,35 @@ pub fn parse_range(header: &str, size: u64) -> Result<ByteRange, Unsatisfiable> 
                 end: size,
             }
         }
-        (false, true) => ByteRange {
-            start: num(a)?,
+        (Some(s), None) => ByteRange {
+            start: s,
             end: size,
         },
-        (false, false) => {
-            let (s, e) = (num(a)?, num(b)?);
+        (Some(s), Some(e)) => {
             if e < s {
-                return Err(Unsatisfiable);
+                return Ok(None);
             }
             ByteRange {
                 start: s,
-                end: (e + 1).min(size),
+                end: e.saturating_add(1).min(size),
             }
         }
     };
     if range.start >= size {
         return Err(Unsatisfiable);
     }
-    Ok(range)
+    Ok(Some(range))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn r(start: u64, end: u64) -> Result<ByteRange, Unsatisfiable> {
-        Ok(ByteRange { start, end })
+    fn r(start: u64, end: u64) -> Result<Option<ByteRange>, Unsatisfiable> {
+        Ok(Some(ByteRange { start, end }))
     }
+
+    const IGNORED: Result<Option<ByteRange>, Unsatisfiable> = Ok(None);
 
     #[test]
     fn ranges() {
@@ -79,10 +81,15 @@ mod tests {
         assert_eq!(parse_range("bytes=-1000", 100), r(0, 100));
         assert_eq!(parse_range("bytes=50-1000", 100), r(50, 100));
         assert_eq!(parse_range("bytes=100-", 100), Err(Unsatisfiable));
-        assert_eq!(parse_range("bytes=9-3", 100), Err(Unsatisfiable));
+        assert_eq!(parse_range("bytes=9-3", 100), IGNORED);
         assert_eq!(parse_range("bytes=-0", 100), Err(Unsatisfiable));
-        assert_eq!(parse_range("bytes=x-1", 100), Err(Unsatisfiable));
-        assert_eq!(parse_range("items=0-1", 100), r(0, 100));
-        assert_eq!(parse_range("bytes=0-1,5-6", 100), r(0, 100));
+        assert_eq!(parse_range("bytes=x-1", 100), IGNORED);
+        assert_eq!(parse_range("bytes=-", 100), IGNORED);
+        assert_eq!(parse_range("bytes=5-18446744073709551615", 100), r(5, 100));
+        assert_eq!(parse_range("bytes=0-18446744073709551615", 100), r(0, 100));
+        assert_eq!(parse_range("bytes=0-99999999999999999999999", 100), IGNORED);
+        assert_eq!(parse_range("bytes=0-0", 0), Err(Unsatisfiable));
+        assert_eq!(parse_range("items=0-1", 100), IGNORED);
+        assert_eq!(parse_range("bytes=0-1,5-6", 100), IGNORED);
     }
 }

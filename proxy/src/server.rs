@@ -25,6 +25,9 @@ use crate::route::{self, Route, Target};
 /// How much of a stored blob is handed to the connection per write.
 const SERVE_CHUNK: u64 = 1024 * 1024;
 
+/// How long one write to a client may block.
+const CLIENT_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// berth's HTTP application.
 pub struct App {
     pub config: Arc<Config>,
@@ -101,6 +104,9 @@ impl HttpServerApp for App {
             _ => return None,
         }
         session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
+        // A client that stops reading does not hold its connection (and the blob it was
+        // being sent) forever.
+        session.set_write_timeout(Some(CLIENT_WRITE_TIMEOUT));
         let started = Instant::now();
         let req = Request::from_session(&session);
         let route = route::parse(&req.path, req.query.as_deref(), &self.config);
@@ -307,8 +313,8 @@ impl App {
             .map_err(|e| err(&e))?;
         let size = source.size();
         let range = match req.range.as_deref().map(|r| parse_range(r, size)) {
-            None => None,
-            Some(Ok(r)) => Some(r),
+            None | Some(Ok(None)) => None,
+            Some(Ok(Some(r))) => Some(r),
             Some(Err(_)) => {
                 headers.push(("Content-Range", format!("bytes */{size}")));
                 let e = ApiError::new(
@@ -330,6 +336,12 @@ impl App {
                 .await
                 .map_err(|e| err(&e))?
                 .0;
+            if !matches!(source, BlobSource::Stored { .. }) {
+                return Err(ApiError::new(
+                    Code::Internal,
+                    format!("{what}: the verified blob is not in the store"),
+                ));
+            }
         }
         let (status, ByteRange { start, end }) = match range {
             Some(r) => {

@@ -824,3 +824,88 @@ async fn unknown_manifests_are_manifest_unknown_and_not_cached() {
     )
     .await;
 }
+
+/// 9. Range headers with huge or malformed numbers neither crash berth nor produce a
+///    wrong 206: an end past the blob is clamped, a malformed spec is ignored (200).
+#[tokio::test(flavor = "multi_thread")]
+async fn huge_and_malformed_ranges_are_safe() {
+    within(120, "huge_and_malformed_ranges_are_safe", async {
+        let reg = Registry::start().await;
+        let img = make_single(31, 50_000);
+        reg.pusher(None)
+            .image("library/ranges", Some("v1"), &img)
+            .await;
+        let berth = Berth::start(&[Upstream::new("docker.io", &reg.url(), &["library/**"])]).await;
+        let blob = &img.config;
+        let size = blob.bytes.len();
+        assert_range(
+            &berth,
+            blob,
+            "bytes=5-18446744073709551615",
+            5,
+            size - 1,
+            "huge end",
+        )
+        .await;
+        assert_range(
+            &berth,
+            blob,
+            "bytes=0-18446744073709551615",
+            0,
+            size - 1,
+            "huge end from 0",
+        )
+        .await;
+        let path = format!("/v2/docker.io/library/ranges/blobs/{}", blob.digest);
+        for malformed in ["bytes=x-1", "bytes=9-3", "bytes=0-99999999999999999999999"] {
+            let (status, h, body) = berth.fetch(&path, &[("Range", malformed)]).await;
+            assert_eq!(status, 200, "Range {malformed} should be ignored");
+            assert!(h.get("content-range").is_none(), "Range {malformed}");
+            assert_eq!(body, blob.bytes, "Range {malformed}: the whole blob");
+        }
+    })
+    .await;
+}
+
+/// 10. A client that accepts fewer manifest types does not change what other clients
+///     get for the same tag: each `Accept` variant is cached and revalidated on its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn narrow_accept_clients_do_not_change_what_others_get() {
+    within(
+        120,
+        "narrow_accept_clients_do_not_change_what_others_get",
+        async {
+            let reg = Registry::start().await;
+            let multi = make_multiarch(32, 20_000);
+            reg.pusher(None).index("library/narrow", "v1", &multi).await;
+            let berth = Berth::start(&[
+                Upstream::new("docker.io", &reg.url(), &["library/**"]).tag_ttl("1s")
+            ])
+            .await;
+            let path = "/v2/docker.io/library/narrow/manifests/v1";
+            let narrow = [("Accept", OCI_MANIFEST)];
+
+            let (status, _, body) = berth.fetch(path, &ACCEPT).await;
+            assert_eq!(status, 200);
+            assert_eq!(body, multi.bytes);
+            // docker-registry 2.8 has no OCI manifest to offer for an index tag: 404.
+            let (status, _, body) = berth.fetch(path, &narrow).await;
+            assert_eq!(status, 404, "{}", String::from_utf8_lossy(&body));
+            assert_eq!(oci_error(&body, "narrow GET").0, "MANIFEST_UNKNOWN");
+            let (status, _, body) = berth.fetch(path, &ACCEPT).await;
+            assert_eq!((status, body), (200, multi.bytes.clone()));
+
+            // Past the TTL, the narrow client asks first; the others still get the index.
+            tokio::time::sleep(Duration::from_millis(1300)).await;
+            let (status, _, _) = berth.fetch(path, &narrow).await;
+            assert_eq!(status, 404);
+            let (status, h, body) = berth.fetch(path, &ACCEPT).await;
+            assert_eq!((status, body), (200, multi.bytes.clone()));
+            assert_eq!(
+                header_str(&h, "docker-content-digest"),
+                Some(multi.digest.as_str())
+            );
+        },
+    )
+    .await;
+}

@@ -89,9 +89,29 @@ pub struct Store {
 impl Store {
     pub fn open(root: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(root)?;
+        // The database first: its lock refuses a second process on the same store
+        // before the blob store cleans up `tmp/`, where the first may be writing.
+        let meta = MetaStore::open(&root.join("meta"))?;
         Ok(Store {
             blobs: BlobStore::open(root)?,
-            meta: MetaStore::open(&root.join("meta"))?,
+            meta,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_process_cannot_take_a_store_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let d = Digest::sha256_of(b"in flight");
+        let mut w = store.blobs.writer(&d).unwrap();
+        w.write(b"in flight").unwrap();
+        assert!(Store::open(dir.path()).is_err());
+        // The refused open left the write in progress alone.
+        assert_eq!(w.commit(None).unwrap(), 9);
     }
 }

@@ -4,7 +4,7 @@
 //!
 //! | family      | key                                   | value                                   |
 //! |-------------|---------------------------------------|-----------------------------------------|
-//! | `tags`      | [`TagKey`]: `upstream \0 repo \0 tag` | [`TagRecord`]: digest and when confirmed |
+//! | `tags`      | [`TagKey`]: `upstream \0 repo \0 tag \0 variant` | [`TagRecord`]: digest and when confirmed |
 //! | `manifests` | digest string                         | [`ManifestRecord`]: media type and bytes |
 //! | `blobs`     | digest string                         | [`BlobRecord`]: size, last access, repos |
 //!
@@ -24,12 +24,16 @@ const CF_MANIFESTS: &str = "manifests";
 const CF_BLOBS: &str = "blobs";
 const VERSION: u8 = 1;
 
-/// Which tag of which repository of which upstream.
+/// Which tag of which repository of which upstream, as asked for with which manifest
+/// media types (an upstream may answer one tag differently per `Accept`).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct TagKey {
     pub upstream: String,
     pub repo: String,
     pub tag: String,
+    /// The manifest media types the request accepted, as a bitmask
+    /// (see `berth_oci::accept_variant`).
+    pub variant: u8,
 }
 
 /// What a tag pointed to when berth last confirmed it with the upstream.
@@ -104,17 +108,28 @@ impl<'a> Reader<'a> {
 
 impl Codec for TagKey {
     fn encode(&self) -> Vec<u8> {
-        format!("{}\0{}\0{}", self.upstream, self.repo, self.tag).into_bytes()
+        format!(
+            "{}\0{}\0{}\0{}",
+            self.upstream, self.repo, self.tag, self.variant
+        )
+        .into_bytes()
     }
 
     fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
         let s = std::str::from_utf8(bytes).map_err(|_| corrupt("tag key"))?;
         let mut parts = s.split('\0');
-        match (parts.next(), parts.next(), parts.next(), parts.next()) {
-            (Some(u), Some(r), Some(t), None) => Ok(TagKey {
+        match (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next().and_then(|v| v.parse().ok()),
+            parts.next(),
+        ) {
+            (Some(u), Some(r), Some(t), Some(variant), None) => Ok(TagKey {
                 upstream: u.into(),
                 repo: r.into(),
                 tag: t.into(),
+                variant,
             }),
             _ => Err(corrupt("tag key")),
         }
@@ -146,6 +161,9 @@ impl Codec for TagRecord {
 impl Codec for ManifestRecord {
     fn encode(&self) -> Vec<u8> {
         let mt = self.media_type.as_bytes();
+        // Media types are validated short by the cache; a longer one is cut, never
+        // allowed to spill into the body.
+        let mt = &mt[..mt.len().min(u16::MAX as usize)];
         let mut v = Vec::with_capacity(3 + mt.len() + self.body.len());
         v.push(VERSION);
         v.extend_from_slice(&(mt.len() as u16).to_be_bytes());
@@ -340,6 +358,7 @@ mod tests {
             upstream: "docker.io".into(),
             repo: "library/nginx".into(),
             tag: "1.27".into(),
+            variant: 15,
         });
         round_trip(TagRecord {
             digest: d.clone(),
@@ -364,7 +383,10 @@ mod tests {
             assert!(ManifestRecord::decode(junk).is_err());
         }
         assert!(TagKey::decode(b"a\0b").is_err());
-        assert!(TagKey::decode(b"\xff\0b\0c").is_err());
+        assert!(TagKey::decode(b"a\0b\0c").is_err());
+        assert!(TagKey::decode(b"a\0b\0c\0x").is_err());
+        assert!(TagKey::decode(b"a\0b\0c\x00300").is_err());
+        assert!(TagKey::decode(b"\xff\0b\0c\x001").is_err());
     }
 
     #[test]
@@ -374,6 +396,7 @@ mod tests {
             upstream: "docker.io".into(),
             repo: "library/nginx".into(),
             tag: "latest".into(),
+            variant: 0,
         };
         let d = Digest::sha256_of(b"manifest");
         {
