@@ -11,12 +11,15 @@
 # date and this command). Not part of CI: it takes several minutes.
 #
 #   loadtests/compare.sh                 # ROUNDS=3 LAYER_MIB=200 by default
+#   WORKLOADS=cold,serve,pull            # the default; name a subset to run only those
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 LAYER_MIB=${LAYER_MIB:-200}
 RESULTS=${RESULTS:-loadtests/RESULTS.md}
-COMMAND="ROUNDS=$ROUNDS LAYER_MIB=$LAYER_MIB loadtests/compare.sh"
+WORKLOADS=${WORKLOADS:-cold,serve,pull}
+COMMAND="ROUNDS=$ROUNDS LAYER_MIB=$LAYER_MIB WORKLOADS=$WORKLOADS loadtests/compare.sh"
+wants() { case ",$WORKLOADS," in *",$1,"*) return 0;; *) return 1;; esac; }
 
 ./scripts/setup
 command -v nginx >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; }
@@ -169,7 +172,7 @@ run() { # name target round args...
 # --- workloads ------------------------------------------------------------------------
 for r in $(seq 1 "$ROUNDS"); do
     # Cold start: empty caches, N clients at once on the big layer; then the same warm.
-    for n in 50 100; do
+    wants cold && for n in 50 100; do
         for t in berth peer; do
             if [ $t = berth ]; then [ -n "${BERTH_PID:-}" ] && stop_pid "$BERTH_PID"; start_berth;
             else [ -n "${PEER_PID:-}" ] && stop_pid "$PEER_PID"; start_peer; fi
@@ -177,14 +180,14 @@ for r in $(seq 1 "$ROUNDS"); do
             run "warm$n" $t "$r" cold --repo "$(target_repo $t)" --digest "sha256:$BIG" --clients "$n" --upstream-log "$UPLOG"
         done
     done
-    for t in berth peer nginx; do
+    wants serve && for t in berth peer nginx; do
         repo=$(target_repo $t)
         run blob1 $t "$r" blob --repo "$repo" --digest "sha256:$BIG" --concurrency 1 --requests 8
         run blob32 $t "$r" blob --repo "$repo" --digest "sha256:$BIG" --concurrency 32 --requests 96
         run tag32 $t "$r" manifests --repo "$repo" --reference v1 --concurrency 32 --duration 5s
         run digest32 $t "$r" manifests --repo "$repo" --reference "sha256:$INDEX" --concurrency 32 --duration 5s
     done
-    for t in berth peer; do
+    wants pull && for t in berth peer; do
         # One pull first, so that every manifest and layer is cached: this one is warm.
         run warmup $t "$r" pull --image "$(target_repo $t):v1" --concurrency 1 --pulls 1
         run pull50 $t "$r" pull --image "$(target_repo $t):v1" --concurrency 50 --pulls 100 --upstream-log "$UPLOG"

@@ -11,7 +11,7 @@
 //!   a blob is released only once the whole blob is verified, so a client never receives a
 //!   complete response with wrong bytes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::future::Future;
 use std::hash::Hash;
@@ -136,7 +136,15 @@ pub struct BlobFill {
     pub digest: Digest,
     state: watch::Receiver<FillState>,
     file: Mutex<Option<Arc<File>>>,
+    /// Aligned pieces recently read from the file, shared by all readers: a herd of
+    /// clients reading one fill in step costs one disk read and one buffer per piece.
+    recent: Mutex<VecDeque<(u64, Bytes)>>,
 }
+
+/// The size of the aligned pieces readers share.
+const SHARED_PIECE: u64 = 128 * 1024;
+/// How many shared pieces a fill keeps.
+const SHARED_PIECES: usize = 64;
 
 /// The writing side of a [`BlobFill`], held by the fill task.
 pub struct FillProgress {
@@ -222,6 +230,45 @@ impl BlobFill {
         }
     }
 
+    /// Bytes from `offset` on, of those readable now (`..available` of `size`): the rest
+    /// of a shared aligned piece if that piece is wholly readable, otherwise what there is.
+    async fn read(&self, offset: u64, available: u64, size: u64) -> Result<Bytes, CacheError> {
+        let file = self.file.lock().expect("fill file").clone();
+        let Some(file) = file else {
+            return Err(ended());
+        };
+        let base = offset - offset % SHARED_PIECE;
+        let piece_end = (base + SHARED_PIECE).min(size);
+        if piece_end > available {
+            // The piece is still arriving: read what there is, unshared.
+            let len = (available - offset).min(SHARED_PIECE) as usize;
+            return read_chunk(file, offset, len).await;
+        }
+        let start = (offset - base) as usize;
+        let cached = {
+            let recent = self.recent.lock().expect("shared pieces");
+            recent
+                .iter()
+                .find(|(b, _)| *b == base)
+                .map(|(_, p)| p.clone())
+        };
+        let piece = match cached {
+            Some(p) => p,
+            None => {
+                let p = read_chunk(file, base, (piece_end - base) as usize).await?;
+                let mut recent = self.recent.lock().expect("shared pieces");
+                if !recent.iter().any(|(b, _)| *b == base) {
+                    if recent.len() == SHARED_PIECES {
+                        recent.pop_front();
+                    }
+                    recent.push_back((base, p.clone()));
+                }
+                p
+            }
+        };
+        Ok(piece.slice(start..))
+    }
+
     /// A body that streams the whole blob as it arrives.
     pub fn reader(self: &Arc<Self>) -> FillReader {
         FillReader {
@@ -255,6 +302,7 @@ impl BlobFills {
             digest: digest.clone(),
             state: rx,
             file: Mutex::new(None),
+            recent: Mutex::new(VecDeque::with_capacity(SHARED_PIECES)),
         });
         map.insert(digest.clone(), fill.clone());
         (fill.clone(), Some(FillProgress { tx, fill }))
@@ -331,14 +379,9 @@ impl FillReader {
                     return Ok(None);
                 }
             }
-            if self.offset < available {
-                let file = self.fill.file.lock().expect("fill file").clone();
-                let Some(file) = file else {
-                    return Err(ended());
-                };
-                let len = (available - self.offset).min(CHUNK as u64) as usize;
-                let chunk = read_chunk(file, self.offset, len).await?;
-                self.offset += len as u64;
+            if let (true, Some(size)) = (self.offset < available, size) {
+                let chunk = self.fill.read(self.offset, available, size).await?;
+                self.offset += chunk.len() as u64;
                 return Ok(Some(chunk));
             }
             if self.rx.changed().await.is_err() {
@@ -497,6 +540,41 @@ mod tests {
         assert_eq!(&r.next().await.unwrap().unwrap()[..], b"d");
         assert!(r.next().await.unwrap().is_none());
         assert_eq!(drain(fill.reader()).await.unwrap(), b"abcd");
+    }
+
+    #[tokio::test]
+    async fn readers_in_step_share_one_read_per_piece() {
+        let fills = BlobFills::default();
+        let bytes: Vec<u8> = (0..(3 * SHARED_PIECE + 5))
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let d = Digest::sha256_of(&bytes);
+        let (fill, progress) = fills.join_or_start(&d);
+        let progress = progress.unwrap();
+        let (_tmp, file) = temp_file_with(&bytes);
+        progress.streaming(bytes.len() as u64, file);
+        progress.written(bytes.len() as u64);
+        progress.finish(Ok(bytes.len() as u64));
+        let (mut a, mut b) = (fill.reader(), fill.reader());
+        let (first_a, first_b) = (
+            a.next().await.unwrap().unwrap(),
+            b.next().await.unwrap().unwrap(),
+        );
+        assert_eq!(first_a.len() as u64, SHARED_PIECE);
+        assert_eq!(
+            first_a.as_ptr(),
+            first_b.as_ptr(),
+            "the two readers did not share a piece"
+        );
+        let mut got = first_a.to_vec();
+        while let Some(c) = a.next().await.unwrap() {
+            got.extend_from_slice(&c);
+        }
+        assert_eq!(got, bytes);
+        assert_eq!(
+            drain(b).await.unwrap().len(),
+            bytes.len() - SHARED_PIECE as usize
+        );
     }
 
     #[tokio::test]
