@@ -11,13 +11,13 @@
 # date and this command). Not part of CI: it takes several minutes.
 #
 #   loadtests/compare.sh                 # ROUNDS=3 LAYER_MIB=200 by default
-#   WORKLOADS=cold,serve,pull            # the default; name a subset to run only those
+#   WORKLOADS=cold,serve,pull,resilience # the default; name a subset to run only those
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 LAYER_MIB=${LAYER_MIB:-200}
 RESULTS=${RESULTS:-loadtests/RESULTS.md}
-WORKLOADS=${WORKLOADS:-cold,serve,pull}
+WORKLOADS=${WORKLOADS:-cold,serve,pull,resilience}
 COMMAND="ROUNDS=$ROUNDS LAYER_MIB=$LAYER_MIB WORKLOADS=$WORKLOADS loadtests/compare.sh"
 wants() { case ",$WORKLOADS," in *",$1,"*) return 0;; *) return 1;; esac; }
 
@@ -27,6 +27,7 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/berth-target}"
 cargo build --release --locked -p berth-proxy -p berth-loadtests
 BERTH="$CARGO_TARGET_DIR/release/berth"
 LOAD="$CARGO_TARGET_DIR/release/berth-load"
+SEED_INDEX="$CARGO_TARGET_DIR/release/berth-seed-index"
 
 WORK=$(mktemp -d /tmp/berth-bench.XXXXXX)
 PIDS=()
@@ -40,7 +41,9 @@ log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_http() { # url
     for _ in $(seq 1 200); do curl -s -o /dev/null "$1" && return 0; sleep 0.05; done
-    echo "not ready: $1" >&2; return 1
+    echo "not ready: $1" >&2
+    tail -n 20 "$WORK"/*/err.log >&2 2>/dev/null || true
+    return 1
 }
 sha() { sha256sum "$1" | cut -d' ' -f1; }
 
@@ -100,17 +103,21 @@ EOF
     wait_http "http://127.0.0.1:$port/v2/"
 }
 
-start_berth() { # fresh store each time
-    rm -rf "$WORK/berth"; mkdir -p "$WORK/berth"
+start_berth() { # [store dir, default: a fresh one] [upstream port] [extra upstream settings]
+    local store=${1:-} port=${2:-$UP_PORT} extra=${3:-} default_ttl='tag_ttl = "5m"'
+    mkdir -p "$WORK/berth"
+    if [ -z "$store" ]; then rm -rf "$WORK/berth/store"; store=$WORK/berth/store; fi
     cat > "$WORK/berth/berth.toml" <<EOF
+[server]
+drain = "5s"
 [[upstream]]
 namespace = "docker.io"
-url = "http://127.0.0.1:$UP_PORT"
+url = "http://127.0.0.1:$port"
 prefixes = ["library/**"]
-tag_ttl = "5m"
+${extra:-$default_ttl}
 EOF
     BERTH_LOG=warn "$BERTH" serve --config "$WORK/berth/berth.toml" --listen "127.0.0.1:$BERTH_PORT" \
-        --store "$WORK/berth/store" 2>"$WORK/berth/err.log" &
+        --store "$store" 2>>"$WORK/berth/err.log" &
     BERTH_PID=$!; PIDS+=($BERTH_PID)
     wait_http "http://127.0.0.1:$BERTH_PORT/v2/"
     # Peak anonymous resident memory (heap, not file-backed mappings), sampled.
@@ -193,6 +200,49 @@ for r in $(seq 1 "$ROUNDS"); do
         run pull50 $t "$r" pull --image "$(target_repo $t):v1" --concurrency 50 --pulls 100 --upstream-log "$UPLOG"
     done
 done
+
+# --- resilience: restart with a large index, a hung upstream, SIGTERM ----------------------
+ms_since() { echo $(( ($(date +%s%N) - $1) / 1000000 )); }
+if wants resilience; then
+    [ -n "${BERTH_PID:-}" ] && stop_pid "$BERTH_PID"
+    log "indexing 1,000,000 blobs in a store"
+    "$SEED_INDEX" "$WORK/index-store" 1000000 >/dev/null
+    t0=$(date +%s%N); start_berth "$WORK/index-store"; restart_ms=$(ms_since "$t0")
+
+    log "SIGTERM with nothing in flight"
+    t0=$(date +%s%N); stop_pid "$BERTH_PID"; sigterm_ms=$(ms_since "$t0")
+
+    log "a cached tag with the upstream hung"
+    # Last in the script: the upstream itself is stopped and its port taken over.
+    HUNG_PORT=$UP_PORT
+    start_berth "" "$HUNG_PORT" 'tag_ttl = "1s"
+read_timeout = "3s"
+connect_timeout = "1s"'
+    curl -sf -o /dev/null -H "Accept: application/vnd.oci.image.index.v1+json" \
+        "http://127.0.0.1:$BERTH_PORT/v2/docker.io/library/bench/manifests/v1"
+    stop_pid "$UPSTREAM_PID"
+    python3 -c 'import socket,sys
+s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen(64); conns=[]
+while True: conns.append(s.accept()[0])' "$HUNG_PORT" &
+    PIDS+=($!); sleep 1.5
+    t0=$(date +%s%N)
+    hung_status=$(curl -s -o /dev/null -w '%{http_code}' -D "$WORK/hung.headers" \
+        -H "Accept: application/vnd.oci.image.index.v1+json" \
+        "http://127.0.0.1:$BERTH_PORT/v2/docker.io/library/bench/manifests/v1")
+    hung_ms=$(ms_since "$t0")
+    hung_warning=$(grep -ci '^warning: 110' "$WORK/hung.headers" || true)
+    t0=$(date +%s%N)
+    curl -s -o /dev/null -H "Accept: application/vnd.oci.image.index.v1+json" \
+        "http://127.0.0.1:$BERTH_PORT/v2/docker.io/library/bench/manifests/v1"
+    hung_again_ms=$(ms_since "$t0")
+    stop_pid "$BERTH_PID"
+    cat > "$OUT/resilience.extra" <<EOF
+{"restart_1m_blobs_ms": $restart_ms, "sigterm_idle_ms": $sigterm_ms,
+ "hung_status": $hung_status, "hung_ms": $hung_ms, "hung_warning": $hung_warning,
+ "hung_again_ms": $hung_again_ms, "read_timeout_ms": 3000, "drain_ms": 5000}
+EOF
+fi
 
 BERTH_RSS_PEAK_KIB=$(cat "$WORK"/berth-rss-peak-* 2>/dev/null | sort -n | tail -1)
 export BERTH_RSS_PEAK_KIB COMMAND LAYER_MIB ROUNDS

@@ -153,6 +153,21 @@ def main():
     lines.append("|---|---|---|---|")
     for t, pps, mibs, reqs in pull_rows:
         lines.append(f"| {t} | {fmt(pps)} | {fmt(mibs)} | {fmt(reqs)} |")
+    res_path = os.path.join(out, "resilience.extra")
+    if os.path.exists(res_path):
+        with open(res_path) as f:
+            res = json.load(f)
+        lines.append("\n## Resilience (berth, one measurement each)\n")
+        lines.append("| what | figure | bound |")
+        lines.append("|---|---|---|")
+        lines.append(f"| restart with 1,000,000 indexed blobs: start to serving `/v2/` | {res['restart_1m_blobs_ms']} ms | 2,000 ms |")
+        lines.append(f"| SIGTERM to exit, nothing in flight | {res['sigterm_idle_ms']} ms | drain {res['drain_ms']} ms |")
+        lines.append(
+            f"| cached tag, upstream hung (accepts, never answers): status {res['hung_status']}, "
+            f"Warning 110 {'present' if res['hung_warning'] else 'MISSING'} | {res['hung_ms']} ms | "
+            f"read timeout {res['read_timeout_ms']} ms + connect timeout 1,000 ms |"
+        )
+        lines.append(f"| the same tag again, right after | {res['hung_again_ms']} ms | (served stale at once) |")
     lines.append("\n## Memory\n")
     lines.append(
         f"- berth peak anonymous resident memory (RssAnon, sampled every 100 ms over the whole run): "
