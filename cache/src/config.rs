@@ -503,6 +503,29 @@ read_timeout = "250ms"
     }
 
     #[test]
+    fn passwords_come_from_files_without_their_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let text = format!(
+            r#"
+[[upstream]]
+namespace = "ghcr.io"
+url = "https://ghcr.io"
+prefixes = ["org/**"]
+credentials = {{ username = "bot", password_file = "{}" }}
+"#,
+            file.display()
+        );
+        let c = Config::parse(&text).unwrap();
+        let creds = c.upstreams[0].credentials.as_ref().unwrap();
+        assert_eq!(creds.resolve().unwrap(), ("bot".into(), "s3cret".into()));
+        std::fs::remove_file(&file).unwrap();
+        let e = creds.resolve().unwrap_err();
+        assert!(e.contains("cannot read") && !e.contains("s3cret"), "{e}");
+    }
+
+    #[test]
     fn durations() {
         assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
         assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
