@@ -187,6 +187,14 @@ for r in $(seq 1 "$ROUNDS"); do
             run "warm$n" $t "$r" cold --repo "$(target_repo $t)" --digest "sha256:$BIG" --clients "$n" --upstream-log "$UPLOG"
         done
     done
+    if wants serve || wants pull; then
+        # Warm: berth and the peer running, with the image cached (one pull each).
+        [ -n "${BERTH_PID:-}" ] && kill -0 "$BERTH_PID" 2>/dev/null || start_berth
+        [ -n "${PEER_PID:-}" ] && kill -0 "$PEER_PID" 2>/dev/null || start_peer
+        for t in berth peer; do
+            run warmup $t "$r" pull --image "$(target_repo $t):v1" --concurrency 1 --pulls 1
+        done
+    fi
     wants serve && for t in berth peer nginx; do
         repo=$(target_repo $t)
         run blob1 $t "$r" blob --repo "$repo" --digest "sha256:$BIG" --concurrency 1 --requests 8
@@ -195,8 +203,6 @@ for r in $(seq 1 "$ROUNDS"); do
         run digest32 $t "$r" manifests --repo "$repo" --reference "sha256:$INDEX" --concurrency 32 --duration 5s
     done
     wants pull && for t in berth peer; do
-        # One pull first, so that every manifest and layer is cached: this one is warm.
-        run warmup $t "$r" pull --image "$(target_repo $t):v1" --concurrency 1 --pulls 1
         run pull50 $t "$r" pull --image "$(target_repo $t):v1" --concurrency 50 --pulls 100 --upstream-log "$UPLOG"
     done
 done
@@ -244,7 +250,7 @@ while True: conns.append(s.accept()[0])' "$HUNG_PORT" &
 EOF
 fi
 
-BERTH_RSS_PEAK_KIB=$(cat "$WORK"/berth-rss-peak-* 2>/dev/null | sort -n | tail -1)
+BERTH_RSS_PEAK_KIB=$( (cat "$WORK"/berth-rss-peak-* 2>/dev/null || true) | sort -n | tail -1)
 export BERTH_RSS_PEAK_KIB COMMAND LAYER_MIB ROUNDS
 python3 loadtests/summarize.py "$OUT" "$RESULTS"
 log "results written to $RESULTS"

@@ -197,10 +197,10 @@ pub struct Cache {
     store: Arc<Store>,
     upstreams: HashMap<String, Arc<UpstreamClient>>,
     blob_fills: BlobFills,
-    manifest_lock: FillLock<Digest, Manifest>,
-    tag_lock: FillLock<TagKey, (Manifest, Outcome)>,
+    manifest_lock: FillLock<Digest, Arc<Manifest>>,
+    tag_lock: FillLock<TagKey, (Arc<Manifest>, Outcome)>,
     hot_tags: moka::future::Cache<TagKey, TagRecord>,
-    hot_manifests: moka::future::Cache<Digest, Manifest>,
+    hot_manifests: moka::future::Cache<Digest, Arc<Manifest>>,
     /// When a tag's revalidation last failed (kept for [`tags::REVALIDATION_BACKOFF`]).
     failed_revalidations: moka::future::Cache<TagKey, std::time::Instant>,
 }
@@ -235,7 +235,7 @@ impl Cache {
             tag_lock: FillLock::default(),
             hot_tags: moka::future::Cache::builder().max_capacity(100_000).build(),
             hot_manifests: moka::future::Cache::builder()
-                .weigher(|_, m: &Manifest| m.body.len().try_into().unwrap_or(u32::MAX))
+                .weigher(|_, m: &Arc<Manifest>| m.body.len().try_into().unwrap_or(u32::MAX))
                 .max_capacity(16 * 1024 * 1024)
                 .build(),
             failed_revalidations: moka::future::Cache::builder()
@@ -257,18 +257,18 @@ impl Cache {
             .ok_or_else(|| CacheError::Internal(format!("no upstream {namespace:?}")))
     }
 
-    async fn stored_manifest(&self, digest: &Digest) -> Result<Option<Manifest>, CacheError> {
+    async fn stored_manifest(&self, digest: &Digest) -> Result<Option<Arc<Manifest>>, CacheError> {
         if let Some(m) = self.hot_manifests.get(digest).await {
             return Ok(Some(m));
         }
         let Some(rec) = self.store.meta.get_manifest(digest)? else {
             return Ok(None);
         };
-        let m = Manifest {
+        let m = Arc::new(Manifest {
             digest: digest.clone(),
             media_type: rec.media_type,
             body: rec.body,
-        };
+        });
         self.hot_manifests.insert(digest.clone(), m.clone()).await;
         Ok(Some(m))
     }
@@ -302,7 +302,7 @@ impl Cache {
         repo: &str,
         reference: &Reference,
         accept: Option<&str>,
-    ) -> Result<(Manifest, Outcome), CacheError> {
+    ) -> Result<(Arc<Manifest>, Outcome), CacheError> {
         let client = self.client(namespace)?;
         let accept = accept
             .filter(|a| !a.trim().is_empty() && *a != "*/*")
@@ -393,9 +393,9 @@ impl Cache {
         &self,
         client: &UpstreamClient,
         key: &TagKey,
-        cached: Manifest,
+        cached: Arc<Manifest>,
         accept: &str,
-    ) -> Result<(Manifest, Outcome), CacheError> {
+    ) -> Result<(Arc<Manifest>, Outcome), CacheError> {
         let suffix = format!("manifests/{}", key.tag);
         let head = client
             .request(Method::HEAD, &key.repo, &suffix, Some(accept), Retry::No)
@@ -444,7 +444,7 @@ impl Cache {
         reference: &Reference,
         accept: &str,
         retry: Retry,
-    ) -> Result<Manifest, CacheError> {
+    ) -> Result<Arc<Manifest>, CacheError> {
         let suffix = format!("manifests/{reference}");
         let resp = client
             .request(Method::GET, repo, &suffix, Some(accept), retry)
@@ -487,11 +487,11 @@ impl Cache {
                 body: body.clone(),
             },
         )?;
-        let m = Manifest {
+        let m = Arc::new(Manifest {
             digest: digest.clone(),
             media_type,
             body,
-        };
+        });
         self.hot_manifests.insert(digest, m.clone()).await;
         Ok(m)
     }

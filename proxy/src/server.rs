@@ -280,7 +280,15 @@ impl App {
         if outcome == Outcome::Stale {
             headers.push(("Warning", STALE_WARNING.into()));
         }
-        Ok(send_bytes(session, 200, headers, m.body, req.is_head(), Some(outcome)).await)
+        Ok(send_bytes(
+            session,
+            200,
+            headers,
+            m.body.clone(),
+            req.is_head(),
+            Some(outcome),
+        )
+        .await)
     }
 
     async fn blob(
