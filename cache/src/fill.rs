@@ -327,11 +327,8 @@ impl BlobFills {
     }
 }
 
-/// How much is read from disk per chunk served.
-pub const CHUNK: usize = 256 * 1024;
-
 /// Reads `len` bytes at `offset` of `file` on the blocking pool.
-pub async fn read_chunk(file: Arc<File>, offset: u64, len: usize) -> Result<Bytes, CacheError> {
+async fn read_chunk(file: Arc<File>, offset: u64, len: usize) -> Result<Bytes, CacheError> {
     tokio::task::spawn_blocking(move || {
         let mut buf = BytesMut::zeroed(len);
         let mut filled = 0;

@@ -179,7 +179,7 @@ pub struct Manifest {
 /// Where a blob's bytes come from.
 pub enum BlobSource {
     /// A published blob, mapped read-only.
-    Stored { data: Bytes, size: u64 },
+    Stored { data: Bytes },
     /// A fill in progress (or just finished) that this request may read as it grows.
     Filling { fill: Arc<BlobFill>, size: u64 },
 }
@@ -187,7 +187,8 @@ pub enum BlobSource {
 impl BlobSource {
     pub fn size(&self) -> u64 {
         match self {
-            BlobSource::Stored { size, .. } | BlobSource::Filling { size, .. } => *size,
+            BlobSource::Stored { data } => data.len() as u64,
+            BlobSource::Filling { size, .. } => *size,
         }
     }
 }
@@ -536,8 +537,7 @@ impl Cache {
         digest: &Digest,
     ) -> Result<(BlobSource, Outcome), CacheError> {
         if let Some(data) = self.store.blobs.map_blob(digest)? {
-            let size = data.len() as u64;
-            return Ok((BlobSource::Stored { data, size }, Outcome::Hit));
+            return Ok((BlobSource::Stored { data }, Outcome::Hit));
         }
         let client = self.client(namespace)?;
         let (fill, progress) = self.blob_fills.join_or_start(digest);

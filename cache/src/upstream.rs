@@ -242,17 +242,21 @@ impl UpstreamClient {
         // Bounded by the read timeout even if the upstream accepts and never answers.
         let result =
             tokio::time::timeout(self.config.read_timeout + self.config.connect_timeout, fut).await;
-        let status = match &result {
-            Ok(Ok(resp)) => Some(resp.status().as_u16()),
-            _ => None,
-        };
-        self.metrics
-            .request(&self.config.namespace, method_label(method), status);
+        self.count(method_label(method), &result);
         match result {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => Err(self.unreachable(&describe(&e))),
             Err(_) => Err(self.unreachable("timed out waiting for a response")),
         }
+    }
+
+    /// Counts one request sent upstream, by the status of its answer (if one came).
+    fn count<E, F>(&self, method: &'static str, result: &Result<Result<Response, E>, F>) {
+        let status = match result {
+            Ok(Ok(resp)) => Some(resp.status().as_u16()),
+            _ => None,
+        };
+        self.metrics.request(&self.config.namespace, method, status);
     }
 
     fn unreachable(&self, why: &str) -> CacheError {
@@ -287,12 +291,7 @@ impl UpstreamClient {
         }
         let fut = req.send();
         let result = tokio::time::timeout(self.config.read_timeout, fut).await;
-        let status = match &result {
-            Ok(Ok(r)) => Some(r.status().as_u16()),
-            _ => None,
-        };
-        self.metrics
-            .request(&self.config.namespace, "TOKEN", status);
+        self.count("TOKEN", &result);
         let resp = match result {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => return Err(self.unreachable(&format!("token service: {}", describe(&e)))),

@@ -381,7 +381,7 @@ impl App {
             complete: false,
         };
         let result = match source {
-            BlobSource::Stored { data, .. } => {
+            BlobSource::Stored { data } => {
                 let mut offset = start;
                 loop {
                     if offset == end {
