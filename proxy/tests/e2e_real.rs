@@ -652,6 +652,39 @@ async fn disallowed_repositories_are_denied_without_upstream_traffic() {
     .await;
 }
 
+/// GETs the cached tag at `path` and checks it is served stale: 200, the same bytes and
+/// digest, a `Warning` with code 110, within a bound far above the 2 s read timeout.
+async fn assert_served_stale(
+    berth: &Berth,
+    path: &str,
+    accept: &[(&str, &str)],
+    img: &Image,
+    why: &str,
+) {
+    let t = Instant::now();
+    let (status, h, body) = berth.fetch(path, accept).await;
+    let elapsed = t.elapsed();
+    assert_eq!(
+        status,
+        200,
+        "stale tag with the {why}: {}",
+        String::from_utf8_lossy(&body)
+    );
+    assert_eq!(body, img.manifest, "stale tag with the {why}: bytes");
+    assert_eq!(
+        header_str(&h, "docker-content-digest"),
+        Some(img.digest.as_str())
+    );
+    let warning = header_str(&h, "warning")
+        .unwrap_or_else(|| panic!("no Warning on a stale tag ({why}); headers {h:?}"));
+    assert!(warning.contains("110"), "Warning {warning:?} lacks 110");
+    eprintln!("stale tag, {why}: served in {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "stale tag ({why}) took {elapsed:?}, read_timeout is 2s"
+    );
+}
+
 /// 7. A cached tag past its TTL is served stale, with a Warning, when the upstream is
 ///    (a) stopped and (b) hung (accepts connections and never answers).
 #[tokio::test(flavor = "multi_thread")]
@@ -698,32 +731,7 @@ async fn stale_tags_are_served_when_the_upstream_is_down_or_hung() {
             // (a) The upstream is stopped.
             reg.stop();
             tokio::time::sleep(Duration::from_millis(1500)).await;
-            let t = Instant::now();
-            let (status, h, body) = berth.fetch(path, &accept).await;
-            let elapsed = t.elapsed();
-            assert_eq!(
-                status,
-                200,
-                "stale tag with the upstream stopped: {}",
-                String::from_utf8_lossy(&body)
-            );
-            assert_eq!(
-                body, img.manifest,
-                "stale tag with the upstream stopped: bytes"
-            );
-            assert_eq!(
-                header_str(&h, "docker-content-digest"),
-                Some(img.digest.as_str())
-            );
-            let warning = header_str(&h, "warning").unwrap_or_else(|| {
-                panic!("no Warning on a stale tag (upstream stopped); headers {h:?}")
-            });
-            assert!(warning.contains("110"), "Warning {warning:?} lacks 110");
-            eprintln!("stale tag, upstream stopped: served in {elapsed:?}");
-            assert!(
-                elapsed < Duration::from_secs(10),
-                "stale tag (upstream stopped) took {elapsed:?}"
-            );
+            assert_served_stale(&berth, path, &accept, &img, "upstream stopped").await;
             // Content by digest needs no upstream at all.
             let (status, h, body) = berth
                 .fetch(
@@ -738,28 +746,7 @@ async fn stale_tags_are_served_when_the_upstream_is_down_or_hung() {
             // (b) The upstream hangs: something accepts on its port and never answers.
             let hung = HungListener::bind(reg.port());
             tokio::time::sleep(Duration::from_millis(1500)).await;
-            let t = Instant::now();
-            let (status, h, body) = berth.fetch(path, &accept).await;
-            let elapsed = t.elapsed();
-            assert_eq!(
-                status,
-                200,
-                "stale tag with the upstream hung: {}",
-                String::from_utf8_lossy(&body)
-            );
-            assert_eq!(
-                body, img.manifest,
-                "stale tag with the upstream hung: bytes"
-            );
-            let warning = header_str(&h, "warning").unwrap_or_else(|| {
-                panic!("no Warning on a stale tag (upstream hung); headers {h:?}")
-            });
-            assert!(warning.contains("110"), "Warning {warning:?} lacks 110");
-            eprintln!("stale tag, upstream hung: served in {elapsed:?}");
-            assert!(
-                elapsed < Duration::from_secs(10),
-                "stale tag (upstream hung) took {elapsed:?}, read_timeout is 2s"
-            );
+            assert_served_stale(&berth, path, &accept, &img, "upstream hung").await;
             assert!(
                 hung.accepted() > 0,
                 "berth did not try to revalidate against the hung upstream"
