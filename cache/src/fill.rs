@@ -360,6 +360,32 @@ pub struct FillReader {
 impl FillReader {
     /// The next chunk, `None` at the end of a verified blob.
     pub async fn next(&mut self) -> Result<Option<Bytes>, CacheError> {
+        let Some((available, size)) = self.wait().await? else {
+            return Ok(None);
+        };
+        let chunk = self.fill.read(self.offset, available, size).await?;
+        self.offset += chunk.len() as u64;
+        Ok(Some(chunk))
+    }
+
+    /// The next span that may be sent, as `(file, offset, length)`: everything readable
+    /// now, to be sent straight from the file (with `sendfile`, without a buffer). `None`
+    /// at the end of a verified blob. The same rule holds as for [`next`](Self::next):
+    /// the final byte comes only once the blob is verified.
+    pub async fn next_span(&mut self) -> Result<Option<(Arc<File>, u64, u64)>, CacheError> {
+        let Some((available, _)) = self.wait().await? else {
+            return Ok(None);
+        };
+        let file = self.fill.file.lock().expect("fill file").clone();
+        let file = file.ok_or_else(ended)?;
+        let span = (file, self.offset, available - self.offset);
+        self.offset = available;
+        Ok(Some(span))
+    }
+
+    /// Waits until there are bytes past this reader's offset that it may send, and
+    /// returns how far they go and the blob's size; `None` at the end of a verified blob.
+    async fn wait(&mut self) -> Result<Option<(u64, u64)>, CacheError> {
         loop {
             let state = self.rx.borrow_and_update().clone();
             let (size, available) = match state {
@@ -375,11 +401,9 @@ impl FillReader {
                 {
                     return Ok(None);
                 }
-            }
-            if let (true, Some(size)) = (self.offset < available, size) {
-                let chunk = self.fill.read(self.offset, available, size).await?;
-                self.offset += chunk.len() as u64;
-                return Ok(Some(chunk));
+                if self.offset < available {
+                    return Ok(Some((available, size)));
+                }
             }
             if self.rx.changed().await.is_err() {
                 // The fill task is gone; its last state decides.
@@ -537,6 +561,36 @@ mod tests {
         assert_eq!(&r.next().await.unwrap().unwrap()[..], b"d");
         assert!(r.next().await.unwrap().is_none());
         assert_eq!(drain(fill.reader()).await.unwrap(), b"abcd");
+    }
+
+    #[tokio::test]
+    async fn spans_cover_what_is_written_but_the_last_byte_only_when_verified() {
+        let fills = BlobFills::default();
+        let d = Digest::sha256_of(b"abcdef");
+        let (fill, progress) = fills.join_or_start(&d);
+        let progress = progress.unwrap();
+        let (_tmp, file) = temp_file_with(b"abcdef");
+        progress.streaming(6, file);
+        progress.written(2);
+        let mut r = fill.reader();
+        let (_, offset, len) = r.next_span().await.unwrap().unwrap();
+        assert_eq!((offset, len), (0, 2));
+        progress.written(6);
+        let (file, offset, len) = r.next_span().await.unwrap().unwrap();
+        assert_eq!(
+            (offset, len),
+            (2, 3),
+            "the last byte came before verification"
+        );
+        let mut buf = [0u8; 3];
+        file.read_exact_at(&mut buf, offset).unwrap();
+        assert_eq!(&buf, b"cde");
+        let pending = tokio::time::timeout(Duration::from_millis(50), r.next_span()).await;
+        assert!(pending.is_err(), "last byte released before verification");
+        progress.finish(Ok(6));
+        let (_, offset, len) = r.next_span().await.unwrap().unwrap();
+        assert_eq!((offset, len), (5, 1));
+        assert!(r.next_span().await.unwrap().is_none());
     }
 
     #[tokio::test]

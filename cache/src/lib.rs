@@ -32,7 +32,7 @@ use futures_util::{FutureExt, StreamExt};
 use reqwest::Method;
 
 use berth_store::oci::{Digest, Reference, MANIFEST_ACCEPT_DEFAULT};
-use berth_store::{ManifestRecord, Store, StoreError, TagKey, TagRecord};
+use berth_store::{ManifestRecord, Store, StoreError, StoredBlob, TagKey, TagRecord};
 
 use config::Config;
 use fill::{BlobFill, BlobFills, FillLock, FillProgress, Role};
@@ -178,8 +178,8 @@ pub struct Manifest {
 
 /// Where a blob's bytes come from.
 pub enum BlobSource {
-    /// A published blob, mapped read-only.
-    Stored { data: Bytes },
+    /// A published, verified blob.
+    Stored { blob: StoredBlob },
     /// A fill in progress (or just finished) that this request may read as it grows.
     Filling { fill: Arc<BlobFill>, size: u64 },
 }
@@ -187,7 +187,7 @@ pub enum BlobSource {
 impl BlobSource {
     pub fn size(&self) -> u64 {
         match self {
-            BlobSource::Stored { data } => data.len() as u64,
+            BlobSource::Stored { blob } => blob.size(),
             BlobSource::Filling { size, .. } => *size,
         }
     }
@@ -536,8 +536,8 @@ impl Cache {
         repo: &str,
         digest: &Digest,
     ) -> Result<(BlobSource, Outcome), CacheError> {
-        if let Some(data) = self.store.blobs.map_blob(digest)? {
-            return Ok((BlobSource::Stored { data }, Outcome::Hit));
+        if let Some(blob) = self.store.blobs.open_blob(digest)? {
+            return Ok((BlobSource::Stored { blob }, Outcome::Hit));
         }
         let client = self.client(namespace)?;
         let (fill, progress) = self.blob_fills.join_or_start(digest);
@@ -585,8 +585,9 @@ impl Cache {
         progress: &FillProgress,
     ) -> Result<u64, CacheError> {
         // Published while this fill was being registered: serve that.
-        if let Some((file, size)) = self.store.blobs.open_blob(digest)? {
-            progress.streaming(size, file);
+        if let Some(blob) = self.store.blobs.open_blob(digest)? {
+            let size = blob.size();
+            progress.streaming(size, blob.into_file());
             return Ok(size);
         }
         let resp = client

@@ -17,7 +17,8 @@ use crate::run::{split_image, Config, Mode, Reference, Target};
     about = "Load an OCI registry like a fleet of nodes pulling images, and report on it.",
     long_about = "Load an OCI registry like a fleet of nodes pulling images, and report on it.\n\n\
         Every run is bounded by a count (--pulls/--requests) and by --duration, whichever \
-        ends first. Every body is verified against its digest. The table goes to stdout, \
+        ends first. Every body is verified against its digest (except with blob \
+        --no-verify). The table goes to stdout, \
         the JSON report to --json FILE. The exit status is 1 if anything failed (unless \
         --allow-errors), 2 on a usage or setup error."
 )]
@@ -58,6 +59,11 @@ pub enum Command {
         /// At most this many GETs are started.
         #[arg(long, default_value_t = 100)]
         requests: u64,
+        /// Count the bytes without hashing them. Hashing costs the client about as much
+        /// CPU per byte as serving costs the server; on one machine that caps every
+        /// registry at the client's hashing speed. Use it to measure the serving path.
+        #[arg(long)]
+        no_verify: bool,
     },
     /// One manifest, GET over and over by tag or by digest: requests per second.
     Manifests {
@@ -193,9 +199,15 @@ impl Cli {
                 repo,
                 digest,
                 requests,
+                no_verify,
             } => {
                 let digest = parse_digest(&digest)?;
-                (common, Mode::Blob { repo, digest }, requests)
+                let mode = Mode::Blob {
+                    repo,
+                    digest,
+                    verify: !no_verify,
+                };
+                (common, mode, requests)
             }
             Command::Manifests {
                 common,

@@ -47,6 +47,8 @@ pub enum Expect {
     /// The `Docker-Content-Digest` response header, when the registry sends one (a
     /// manifest fetched by tag).
     HeaderDigest,
+    /// Nothing: the bytes are only counted (a throughput measurement of the server).
+    Nothing,
 }
 
 /// A successful fetch.
@@ -120,6 +122,7 @@ async fn fetch_inner(
         .map(str::to_owned);
     let mut verifier = match expect {
         Expect::Digest(d) => Some(Verifier::new(d.clone())),
+        Expect::Nothing => None,
         Expect::HeaderDigest => match resp.headers().get("docker-content-digest") {
             None => None,
             Some(v) => {

@@ -476,6 +476,7 @@ mod tests {
             Mode::Blob {
                 repo: "r".into(),
                 digest: Digest::sha256_of(b""),
+                verify: true,
             },
         );
         let r = Report::build(&config, Stats::default(), Duration::ZERO, None, None);

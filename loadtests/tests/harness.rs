@@ -635,6 +635,7 @@ async fn blob_manifests_and_cold_modes() {
         Mode::Blob {
             repo: REPO.into(),
             digest: Digest::parse(&big).unwrap(),
+            verify: true,
         },
     );
     config.count = 10;
@@ -645,6 +646,16 @@ async fn blob_manifests_and_cold_modes() {
     assert_eq!(r.digests_verified, 10);
     assert_eq!(r.latency_us.ttfb.unwrap().count, 10);
     assert!(r.mib_per_s > 0.0);
+
+    // Without verification the bytes are still counted exactly, and nothing is hashed.
+    config.mode = Mode::Blob {
+        repo: REPO.into(),
+        digest: Digest::parse(&big).unwrap(),
+        verify: false,
+    };
+    let r = run(&config).await.unwrap();
+    assert_eq!((r.units.ok, r.bytes), (10, 10 * image.blob_len(&big)));
+    assert_eq!(r.digests_verified, 0);
 
     for (reference, by_tag) in [(TAG.to_owned(), true), (image.index_digest.clone(), false)] {
         let mut config = Config::new(

@@ -18,4 +18,5 @@ pub mod errors;
 pub mod metrics;
 pub mod range;
 pub mod route;
+mod sendfile;
 pub mod server;

@@ -14,16 +14,23 @@ use pingora::protocols::http::ServerSession;
 use pingora::server::ShutdownWatch;
 
 use berth_cache::config::Config;
+use berth_cache::fill::BlobFill;
 use berth_cache::{tags::STALE_WARNING, BlobSource, Cache, Outcome};
 use berth_store::oci::Reference;
+use berth_store::StoredBlob;
 
 use crate::errors::{ApiError, Code, Subject};
 use crate::metrics::{Metrics, RequestLabels};
 use crate::range::{parse_range, ByteRange};
 use crate::route::{self, Route, Target};
+use crate::sendfile::Socket;
 
 /// How much of a stored blob is handed to the connection per write.
 const SERVE_CHUNK: u64 = 1024 * 1024;
+
+/// Bodies from this size up are sent with `sendfile` when the connection allows it;
+/// below it, one write through the session is cheaper than setting that up.
+const SENDFILE_MIN: u64 = 256 * 1024;
 
 /// How long one write to a client may block.
 const CLIENT_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
@@ -367,6 +374,28 @@ impl App {
                 },
             ),
         };
+        // How the body is sent, settled before the header so that a failure here still
+        // gets an error response.
+        let body = match source {
+            BlobSource::Stored { blob } => match (end - start >= SENDFILE_MIN)
+                .then(|| Socket::of(session))
+                .flatten()
+            {
+                Some(socket) => Body::SendFile(socket, blob),
+                None => Body::Mapped(blob.map().map_err(|e| {
+                    ApiError::new(Code::Internal, format!("{what}: mapping it: {e}"))
+                })?),
+            },
+            BlobSource::Filling { fill, .. } => match Socket::of(session) {
+                Some(socket) => Body::SendFill(socket, fill),
+                None => Body::Fill(fill),
+            },
+        };
+        if matches!(body, Body::SendFile(..) | Body::SendFill(..)) {
+            // The body bypasses the session: it must write and flush the header and then
+            // expect no body, exactly as for a HEAD request.
+            session.req_header_mut().set_method(http::Method::HEAD);
+        }
         if session
             .write_response_header(header(status, &headers, end - start))
             .await
@@ -380,27 +409,42 @@ impl App {
             outcome: Some(outcome),
             complete: false,
         };
-        let result = match source {
-            BlobSource::Stored { data } => {
-                let mut offset = start;
+        let result = match body {
+            Body::SendFile(socket, blob) => socket
+                .send_file(
+                    blob.file(),
+                    start,
+                    end,
+                    CLIENT_WRITE_TIMEOUT,
+                    &mut served.bytes,
+                )
+                .await
+                .map_err(|e| e.to_string()),
+            Body::Mapped(data) => write_mapped(session, &data, start, end, &mut served).await,
+            Body::SendFill(socket, fill) => {
+                let mut reader = fill.reader();
                 loop {
-                    if offset == end {
-                        break Ok(());
+                    match reader.next_span().await {
+                        Ok(Some((file, offset, len))) => {
+                            let sent = socket
+                                .send_file(
+                                    &file,
+                                    offset,
+                                    offset + len,
+                                    CLIENT_WRITE_TIMEOUT,
+                                    &mut served.bytes,
+                                )
+                                .await;
+                            if let Err(e) = sent {
+                                break Err(e.to_string());
+                            }
+                        }
+                        Ok(None) => break Ok(()),
+                        Err(e) => break Err(e.to_string()),
                     }
-                    let next = (offset + SERVE_CHUNK).min(end);
-                    let chunk = data.slice(offset as usize..next as usize);
-                    if session
-                        .write_response_body(chunk, next == end)
-                        .await
-                        .is_err()
-                    {
-                        break Err("client went away".into());
-                    }
-                    served.bytes += next - offset;
-                    offset = next;
                 }
             }
-            BlobSource::Filling { fill, .. } => {
+            Body::Fill(fill) => {
                 let mut reader = fill.reader();
                 loop {
                     match reader.next().await {
@@ -484,6 +528,44 @@ fn ns_header(headers: &mut Headers, target: &Target) {
     if target.via_ns {
         headers.push(("OCI-Namespace", target.upstream.clone()));
     }
+}
+
+/// How a blob response's body is sent.
+enum Body {
+    /// A stored blob, from its file straight into the client's socket.
+    SendFile(Socket, StoredBlob),
+    /// A stored blob, mapped and written through the session.
+    Mapped(Bytes),
+    /// A fill in progress, from the file being written straight into the client's
+    /// socket as it grows.
+    SendFill(Socket, Arc<BlobFill>),
+    /// A fill in progress, read as it grows and written through the session.
+    Fill(Arc<BlobFill>),
+}
+
+/// Writes bytes `start..end` of a mapped blob through the session.
+async fn write_mapped(
+    session: &mut ServerSession,
+    data: &Bytes,
+    start: u64,
+    end: u64,
+    served: &mut Served,
+) -> Result<(), String> {
+    let mut offset = start;
+    while offset < end {
+        let next = (offset + SERVE_CHUNK).min(end);
+        let chunk = data.slice(offset as usize..next as usize);
+        if session
+            .write_response_body(chunk, next == end)
+            .await
+            .is_err()
+        {
+            return Err("client went away".into());
+        }
+        served.bytes += next - offset;
+        offset = next;
+    }
+    Ok(())
 }
 
 async fn send_head(

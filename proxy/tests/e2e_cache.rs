@@ -331,6 +331,124 @@ async fn range_requests_on_cached_and_uncached_blobs() {
     .await;
 }
 
+/// Reads one response from a kept-alive connection: the head, then exactly
+/// Content-Length body bytes (none after a HEAD).
+async fn read_response(sock: &mut tokio::net::TcpStream, head_request: bool) -> (String, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 256 * 1024];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = sock
+            .read(&mut chunk)
+            .await
+            .expect("reading a response head");
+        assert!(
+            n > 0,
+            "the connection closed before a response head: {buf:?}"
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let len: usize = if head_request {
+        0
+    } else {
+        raw_header(&head, "content-length")
+            .unwrap_or_else(|| panic!("no Content-Length: {head}"))
+            .parse()
+            .unwrap()
+    };
+    let mut body = buf.split_off(head_end);
+    while body.len() < len {
+        let n = sock
+            .read(&mut chunk)
+            .await
+            .expect("reading a response body");
+        assert!(
+            n > 0,
+            "the connection closed after {} of {len} body bytes",
+            body.len()
+        );
+        body.extend_from_slice(&chunk[..n]);
+    }
+    assert_eq!(body.len(), len, "more bytes than Content-Length: {head}");
+    (head, body)
+}
+
+/// A stored blob large enough to be sent with sendfile: whole, as ranges and as HEAD, one
+/// after the other on one kept-alive connection, with exact framing.
+#[tokio::test(flavor = "multi_thread")]
+async fn large_stored_blobs_keep_the_connection_and_exact_bytes() {
+    within(
+        120,
+        "large_stored_blobs_keep_the_connection_and_exact_bytes",
+        async {
+            use tokio::io::AsyncWriteExt;
+            let reg = Registry::start().await;
+            let blob = Blob::new(
+                "application/octet-stream",
+                random_bytes(77, (3 << 20) + 123),
+            );
+            reg.pusher(None).blob("library/large", &blob).await;
+            let berth =
+                Berth::start(&[Upstream::new("docker.io", &reg.url(), &["library/**"])]).await;
+            let path = format!("/v2/docker.io/library/large/blobs/{}", blob.digest);
+            // The first GET fills the cache; every request below is served from the store.
+            let (status, _, body) = berth.fetch(&path, &[]).await;
+            assert_eq!((status, digest_of(&body)), (200, blob.digest.clone()));
+
+            let size = blob.bytes.len();
+            let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", berth.port()))
+                .await
+                .unwrap();
+            let cases: [(&str, Option<&str>, u16, std::ops::Range<usize>); 5] = [
+                ("GET", None, 200, 0..size),
+                ("GET", Some("bytes=1000-525287"), 206, 1000..525_288),
+                ("HEAD", None, 200, 0..0),
+                ("GET", Some("bytes=-300000"), 206, size - 300_000..size),
+                ("GET", Some("bytes=5-14"), 206, 5..15),
+            ];
+            for (i, (method, range, status, want)) in cases.into_iter().enumerate() {
+                let range_line = range.map(|r| format!("Range: {r}\r\n")).unwrap_or_default();
+                let request = format!(
+                    "{method} {path} HTTP/1.1\r\nHost: {}\r\n{range_line}\r\n",
+                    berth.host()
+                );
+                sock.write_all(request.as_bytes()).await.unwrap();
+                let (head, body) = read_response(&mut sock, method == "HEAD").await;
+                let what = format!("request {i} on one connection: {method} {range:?}");
+                assert!(
+                    head.starts_with(&format!("HTTP/1.1 {status}")),
+                    "{what}: {head}"
+                );
+                assert_ne!(
+                    raw_header(&head, "connection").map(str::to_ascii_lowercase),
+                    Some("close".to_owned()),
+                    "{what}: berth closes the connection: {head}"
+                );
+                if method == "HEAD" {
+                    assert_eq!(
+                        raw_header(&head, "content-length"),
+                        Some(size.to_string().as_str()),
+                        "{what}"
+                    );
+                } else {
+                    assert!(body[..] == blob.bytes[want], "{what}: wrong bytes");
+                }
+            }
+            assert_eq!(
+                reg.count("GET", &format!("/v2/library/large/blobs/{}", blob.digest))
+                    .await,
+                1,
+                "the blob should have been fetched upstream once"
+            );
+        },
+    )
+    .await;
+}
+
 /// Waits (bounded) until every blob of `index` is published in berth's store.
 async fn wait_for_store(berth: &Berth, index: &Index) {
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -62,29 +62,16 @@ impl BlobStore {
         }
     }
 
-    /// Opens a published blob for reading, with its size.
-    pub fn open_blob(&self, digest: &Digest) -> Result<Option<(File, u64)>, StoreError> {
+    /// Opens a published blob for reading.
+    pub fn open_blob(&self, digest: &Digest) -> Result<Option<StoredBlob>, StoreError> {
         match File::open(self.path(digest)) {
-            Ok(f) => {
-                let len = f.metadata()?.len();
-                Ok(Some((f, len)))
+            Ok(file) => {
+                let size = file.metadata()?.len();
+                Ok(Some(StoredBlob { file, size }))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e.into()),
         }
-    }
-
-    /// Maps a published blob read-only, for serving without copying it through a buffer.
-    /// The mapping pages come from the page cache (file-backed, not heap), and stay valid
-    /// even if the blob is deleted meanwhile.
-    pub fn map_blob(&self, digest: &Digest) -> Result<Option<Bytes>, StoreError> {
-        let Some((file, len)) = self.open_blob(digest)? else {
-            return Ok(None);
-        };
-        if len == 0 {
-            return Ok(Some(Bytes::new()));
-        }
-        Ok(Some(Bytes::from_owner(map_readonly(&file)?)))
     }
 
     /// Starts writing the blob `expected`. The bytes become visible under the digest only
@@ -117,6 +104,38 @@ impl BlobStore {
             Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e.into()),
             _ => Ok(()),
         }
+    }
+}
+
+/// A published blob, open for reading. The open file stays valid even if the blob is
+/// deleted meanwhile.
+#[derive(Debug)]
+pub struct StoredBlob {
+    file: File,
+    size: u64,
+}
+
+impl StoredBlob {
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// The open file, for reads at an offset or for `sendfile`.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    pub fn into_file(self) -> File {
+        self.file
+    }
+
+    /// Maps the blob read-only, for serving without copying it through a buffer. The
+    /// pages come from the page cache (file-backed, not heap).
+    pub fn map(&self) -> Result<Bytes, StoreError> {
+        if self.size == 0 {
+            return Ok(Bytes::new());
+        }
+        Ok(Bytes::from_owner(map_readonly(&self.file)?))
     }
 }
 
@@ -236,9 +255,9 @@ mod tests {
         w.write(b"world").unwrap();
         assert_eq!(w.commit(Some(11)).unwrap(), 11);
         assert_eq!(s.stat(&d).unwrap(), Some(11));
-        let (f, len) = s.open_blob(&d).unwrap().unwrap();
-        let mut buf = vec![0; len as usize];
-        f.read_exact_at(&mut buf, 0).unwrap();
+        let blob = s.open_blob(&d).unwrap().unwrap();
+        let mut buf = vec![0; blob.size() as usize];
+        blob.file().read_exact_at(&mut buf, 0).unwrap();
         assert_eq!(buf, b"hello world");
         assert!(tmp_is_empty(dir.path()));
     }
@@ -311,13 +330,14 @@ mod tests {
         let mut w = s.writer(&d).unwrap();
         w.write(b"mapped bytes").unwrap();
         w.commit(None).unwrap();
-        let m = s.map_blob(&d).unwrap().unwrap();
+        let blob = s.open_blob(&d).unwrap().unwrap();
         s.delete(&d).unwrap();
-        assert_eq!(&m[..], b"mapped bytes");
-        assert!(s.map_blob(&d).unwrap().is_none());
+        assert_eq!(&blob.map().unwrap()[..], b"mapped bytes");
+        assert!(s.open_blob(&d).unwrap().is_none());
         let empty = Digest::sha256_of(b"");
         s.writer(&empty).unwrap().commit(Some(0)).unwrap();
-        assert!(s.map_blob(&empty).unwrap().unwrap().is_empty());
+        let blob = s.open_blob(&empty).unwrap().unwrap();
+        assert!(blob.map().unwrap().is_empty());
     }
 
     #[test]

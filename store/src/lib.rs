@@ -27,7 +27,7 @@ pub use berth_oci as oci;
 
 use std::path::Path;
 
-pub use blobs::{BlobStore, BlobWriter};
+pub use blobs::{BlobStore, BlobWriter, StoredBlob};
 pub use meta::{BlobRecord, ManifestRecord, MetaStore, TagKey, TagRecord};
 
 use oci::Digest;
