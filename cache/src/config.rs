@@ -32,6 +32,9 @@ pub struct ServerConfig {
     pub store: Option<PathBuf>,
     /// `drain`: how long a stopping berth lets requests in flight finish. Default `5s`.
     pub drain: Option<Duration>,
+    /// `upload_timeout`: how long a push's upload may sit idle before it is removed.
+    /// Default `1h`.
+    pub upload_timeout: Option<Duration>,
 }
 
 /// `[[upstream]]`: one upstream registry.
@@ -231,6 +234,7 @@ fn parse_server(v: &Value, p: &mut Problems) -> ServerConfig {
             }
             "store" => s.store = string(&path, value, p).map(PathBuf::from),
             "drain" => s.drain = duration(&path, value, p),
+            "upload_timeout" => s.upload_timeout = duration(&path, value, p),
             _ => p.add(&path, "unknown key"),
         }
     }

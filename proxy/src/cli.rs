@@ -11,9 +11,11 @@ use pingora::services::listening::Service;
 
 use berth_cache::config::{Config, DEFAULT_CONFIG};
 use berth_cache::Cache;
+use berth_registry::Registry;
 use berth_store::Store;
 
 use crate::metrics::Metrics;
+use crate::private::UploadJanitor;
 use crate::server::App;
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:5000";
@@ -43,6 +45,19 @@ enum Command {
         /// The configuration file (TOML) to validate.
         file: PathBuf,
     },
+    /// Remove private content nothing references any more: blobs no manifest of their
+    /// repository references (and that are older than --grace), then blob files no
+    /// repository links and the pull-through cache does not index. Run it while berth is
+    /// stopped: the store allows one process at a time.
+    Gc {
+        /// Store directory. Default as for `serve`.
+        #[arg(long, env = "BERTH_STORE")]
+        store: Option<PathBuf>,
+        /// Keep content younger than this: a push uploads its blobs before the manifest
+        /// that references them.
+        #[arg(long, default_value = "1h")]
+        grace: String,
+    },
 }
 
 #[derive(Args, Debug, Default)]
@@ -65,6 +80,7 @@ pub fn main() -> i32 {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Check { file }) => check(&file),
+        Some(Command::Gc { store, grace }) => gc(store, &grace),
         Some(Command::Serve(args)) => serve(args),
         None => serve(cli.serve),
     }
@@ -87,6 +103,42 @@ fn check(file: &PathBuf) -> i32 {
             for e in &errors.0 {
                 eprintln!("{}: {e}", file.display());
             }
+            1
+        }
+    }
+}
+
+fn gc(store: Option<PathBuf>, grace: &str) -> i32 {
+    init_logging();
+    let grace = match berth_cache::config::parse_duration(grace) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("berth gc: --grace: {e}");
+            return 2;
+        }
+    };
+    let dir = store.unwrap_or_else(default_store);
+    let store = match Store::open(&dir) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            eprintln!(
+                "berth gc: cannot open the store at {} (is berth running on it?): {e}",
+                dir.display()
+            );
+            return 2;
+        }
+    };
+    let registry = Registry::new(store, berth_registry::Options::default());
+    match registry.collect_garbage(grace) {
+        Ok(r) => {
+            println!(
+                "berth gc: removed {} blob links and {} blobs ({} bytes)",
+                r.links_removed, r.blobs_removed, r.bytes_freed
+            );
+            0
+        }
+        Err(e) => {
+            eprintln!("berth gc: {e}");
             1
         }
     }
@@ -164,6 +216,11 @@ fn serve(args: ServeArgs) -> i32 {
         }
     };
     let metrics = Arc::new(Metrics::new());
+    let store_for_registry = store.clone();
+    let mut registry_options = berth_registry::Options::default();
+    if let Some(t) = config.server.upload_timeout {
+        registry_options.upload_timeout = t;
+    }
     let cache = match Cache::new(&config, store, metrics.cache.clone()) {
         Ok(c) => c,
         Err(e) => {
@@ -194,13 +251,19 @@ fn serve(args: ServeArgs) -> i32 {
         .to_string();
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
+    let registry = Arc::new(Registry::new(store_for_registry, registry_options));
     let app = App {
         config: Arc::new(config),
         cache,
+        registry,
         metrics,
     };
+    let janitor = UploadJanitor(app.registry.clone());
     let mut service = Service::new("berth".to_owned(), app);
     service.add_tcp(&listen);
     server.add_service(service);
+    server.add_service(pingora::services::background::background_service(
+        "uploads", janitor,
+    ));
     server.run_forever()
 }

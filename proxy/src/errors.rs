@@ -20,6 +20,17 @@ pub enum Code {
     RangeInvalid,
     /// The path is not part of the API.
     NotFound,
+    BlobUploadUnknown,
+    BlobUploadInvalid,
+    /// A chunk that does not continue its upload.
+    ChunkOutOfOrder,
+    SizeInvalid,
+    ManifestInvalid,
+    ManifestBlobUnknown,
+    /// A manifest body over the size limit.
+    ManifestTooLarge,
+    TagInvalid,
+    PaginationInvalid,
     /// An upstream failed or sent bad content.
     BadGateway,
     /// An upstream did not answer in time.
@@ -39,6 +50,15 @@ const TABLE: &[(Code, &str, u16)] = &[
     (Code::TooManyRequests, "TOOMANYREQUESTS", 429),
     (Code::RangeInvalid, "BLOB_UNKNOWN", 416),
     (Code::NotFound, "NOT_FOUND", 404),
+    (Code::BlobUploadUnknown, "BLOB_UPLOAD_UNKNOWN", 404),
+    (Code::BlobUploadInvalid, "BLOB_UPLOAD_INVALID", 400),
+    (Code::ChunkOutOfOrder, "BLOB_UPLOAD_INVALID", 416),
+    (Code::SizeInvalid, "SIZE_INVALID", 400),
+    (Code::ManifestInvalid, "MANIFEST_INVALID", 400),
+    (Code::ManifestBlobUnknown, "MANIFEST_BLOB_UNKNOWN", 400),
+    (Code::ManifestTooLarge, "SIZE_INVALID", 413),
+    (Code::TagInvalid, "TAG_INVALID", 400),
+    (Code::PaginationInvalid, "PAGINATION_NUMBER_INVALID", 400),
     (Code::BadGateway, "UNKNOWN", 502),
     (Code::GatewayTimeout, "UNKNOWN", 504),
     (Code::Internal, "UNKNOWN", 500),
@@ -67,6 +87,8 @@ impl Code {
 pub struct ApiError {
     pub code: Code,
     pub message: String,
+    /// Headers the error response carries besides its body's.
+    pub headers: Vec<(&'static str, String)>,
 }
 
 /// What a request was about, to pick the right "unknown" code.
@@ -82,7 +104,13 @@ impl ApiError {
         ApiError {
             code,
             message: message.into(),
+            headers: Vec::new(),
         }
+    }
+
+    pub fn with_headers(mut self, headers: Vec<(&'static str, String)>) -> Self {
+        self.headers = headers;
+        self
     }
 
     pub fn status(&self) -> u16 {

@@ -16,6 +16,7 @@
 pub mod cli;
 pub mod errors;
 pub mod metrics;
+pub mod private;
 pub mod range;
 pub mod route;
 mod sendfile;

@@ -6,6 +6,9 @@
 //! - containerd's mirror form: `/v2/<repo>/…?ns=<namespace>`.
 //!
 //! On docker.io a single-segment repository means `library/<name>`.
+//!
+//! Any other repository (its first segment is not a configured upstream namespace, and
+//! there is no `?ns=`) is private: pushed to and served by berth itself.
 
 use berth_cache::config::{Config, UpstreamConfig};
 use berth_store::oci::{is_valid_name, is_valid_tag, Digest, Reference};
@@ -43,10 +46,34 @@ pub enum Route {
         target: Target,
         query: Option<String>,
     },
+    /// A private repository's endpoint.
+    Private {
+        repo: String,
+        endpoint: Endpoint,
+    },
+    /// `/v2/_catalog`: the private repositories.
+    Catalog,
     /// `/metrics` (Prometheus text format).
     Metrics,
     /// `/healthz`.
     Health,
+}
+
+/// The endpoints of a private repository (`/v2/<repo>/…`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Endpoint {
+    /// `manifests/<reference>`
+    Manifest(Reference),
+    /// `blobs/<digest>`
+    Blob(Digest),
+    /// `tags/list`
+    Tags,
+    /// `blobs/uploads/`: starting an upload.
+    Uploads,
+    /// `blobs/uploads/<id>`: an upload in progress.
+    Upload(String),
+    /// `referrers/<digest>`
+    Referrers(Digest),
 }
 
 /// Parses the request path and query into a route, checking the repository against its
@@ -61,25 +88,29 @@ pub fn parse(path: &str, query: Option<&str>, config: &Config) -> Result<Route, 
     let Some(rest) = path.strip_prefix("/v2/") else {
         return Err(not_found(path));
     };
+    if rest == "_catalog" {
+        return Ok(Route::Catalog);
+    }
     let ns = query.and_then(|q| query_param(q, "ns"));
     let (name, kind, last) = if let Some(name) = rest.strip_suffix("/tags/list") {
         (name, "tags", "")
     } else {
         let (prefix, last) = rest.rsplit_once('/').ok_or_else(|| not_found(path))?;
-        if let Some(name) = prefix.strip_suffix("/manifests") {
+        if let Some(name) = prefix.strip_suffix("/blobs/uploads") {
+            (name, "upload", last)
+        } else if let Some(name) = prefix.strip_suffix("/manifests") {
             (name, "manifests", last)
         } else if let Some(name) = prefix.strip_suffix("/blobs") {
             (name, "blobs", last)
-        } else if prefix.ends_with("/blobs/uploads") || rest.ends_with("/blobs/uploads/") {
-            return Err(ApiError::new(
-                Code::Unsupported,
-                "pushing is not supported on pull-through upstreams",
-            ));
+        } else if let Some(name) = prefix.strip_suffix("/referrers") {
+            (name, "referrers", last)
         } else {
             return Err(not_found(path));
         }
     };
-    let target = target(name, ns.as_deref(), config)?;
+    let Some(target) = target(name, ns.as_deref(), config)? else {
+        return private(name, kind, last);
+    };
     match kind {
         "tags" => Ok(Route::TagsList {
             target,
@@ -89,13 +120,61 @@ pub fn parse(path: &str, query: Option<&str>, config: &Config) -> Result<Route, 
             target,
             reference: reference(last)?,
         }),
-        _ => Ok(Route::Blob {
+        "blobs" => Ok(Route::Blob {
             target,
-            digest: last.parse().map_err(|e| {
-                ApiError::new(Code::DigestInvalid, format!("invalid blob digest: {e}"))
-            })?,
+            digest: blob_digest(last)?,
         }),
+        _ => Err(read_only(&target)),
     }
+}
+
+/// Whether `name` is a private repository (no upstream namespace claims it).
+pub fn is_private_name(name: &str, config: &Config) -> bool {
+    is_valid_name(name)
+        && name
+            .split_once('/')
+            .is_none_or(|(first, _)| config.upstream(first).is_none())
+}
+
+/// The refusal of a push, delete or referrers request to an upstream namespace.
+pub fn read_only(target: &Target) -> ApiError {
+    ApiError::new(
+        Code::Unsupported,
+        format!(
+            "{}/{} is in the pull-through namespace {}, which is read-only: push to a private repository (one whose first path segment is not an upstream namespace)",
+            target.upstream, target.repo, target.upstream
+        ),
+    )
+}
+
+fn blob_digest(s: &str) -> Result<Digest, ApiError> {
+    s.parse()
+        .map_err(|e| ApiError::new(Code::DigestInvalid, format!("invalid blob digest: {e}")))
+}
+
+fn private(name: &str, kind: &str, last: &str) -> Result<Route, ApiError> {
+    if !is_valid_name(name) {
+        return Err(invalid_name(name));
+    }
+    let endpoint = match kind {
+        "tags" => Endpoint::Tags,
+        "manifests" => Endpoint::Manifest(reference(last)?),
+        "blobs" => Endpoint::Blob(blob_digest(last)?),
+        "upload" if last.is_empty() => Endpoint::Uploads,
+        "upload" => Endpoint::Upload(last.to_owned()),
+        _ => Endpoint::Referrers(blob_digest(last)?),
+    };
+    Ok(Route::Private {
+        repo: name.to_owned(),
+        endpoint,
+    })
+}
+
+fn invalid_name(name: &str) -> ApiError {
+    ApiError::new(
+        Code::NameInvalid,
+        format!("{name:?} is not a valid repository name (lowercase letters, digits and separators, segments joined by '/')"),
+    )
 }
 
 fn not_found(path: &str) -> ApiError {
@@ -120,8 +199,9 @@ fn reference(s: &str) -> Result<Reference, ApiError> {
     ))
 }
 
-/// Resolves the upstream and repository and applies the allowlist.
-fn target(name: &str, ns: Option<&str>, config: &Config) -> Result<Target, ApiError> {
+/// Resolves the upstream and repository and applies the allowlist; `None` for a private
+/// repository.
+fn target(name: &str, ns: Option<&str>, config: &Config) -> Result<Option<Target>, ApiError> {
     let (upstream, repo, via_ns) = match ns {
         Some(ns) => {
             let up = config
@@ -130,23 +210,17 @@ fn target(name: &str, ns: Option<&str>, config: &Config) -> Result<Target, ApiEr
             (up, name, true)
         }
         None => {
-            let (first, repo) = name.split_once('/').ok_or_else(|| {
-                ApiError::new(
-                    Code::NameUnknown,
-                    format!("{name:?} names no upstream: use /v2/<registry>/<repository>/… (for example /v2/docker.io/library/nginx/…) or add ?ns=<registry>"),
-                )
-            })?;
-            let up = config
-                .upstream(first)
-                .ok_or_else(|| unknown_upstream(first, config))?;
-            (up, repo, false)
+            let upstream = name
+                .split_once('/')
+                .and_then(|(first, repo)| Some((config.upstream(first)?, repo)));
+            match upstream {
+                Some((up, repo)) => (up, repo, false),
+                None => return Ok(None),
+            }
         }
     };
     if !is_valid_name(repo) {
-        return Err(ApiError::new(
-            Code::NameInvalid,
-            format!("{repo:?} is not a valid repository name (lowercase letters, digits and separators, segments joined by '/')"),
-        ));
+        return Err(invalid_name(repo));
     }
     let repo = if upstream.namespace == DOCKER_HUB && !repo.contains('/') {
         format!("library/{repo}")
@@ -154,11 +228,11 @@ fn target(name: &str, ns: Option<&str>, config: &Config) -> Result<Target, ApiEr
         repo.to_owned()
     };
     allow(upstream, &repo)?;
-    Ok(Target {
+    Ok(Some(Target {
         upstream: upstream.namespace.clone(),
         repo,
         via_ns,
-    })
+    }))
 }
 
 fn unknown_upstream(ns: &str, config: &Config) -> ApiError {
@@ -220,7 +294,7 @@ fn tags_query(query: &str) -> String {
         .join("&")
 }
 
-fn percent_decode(s: &str) -> String {
+pub fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -271,6 +345,13 @@ prefixes = []
         }
     }
 
+    fn p(repo: &str, endpoint: Endpoint) -> Route {
+        Route::Private {
+            repo: repo.into(),
+            endpoint,
+        }
+    }
+
     const D: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
     #[test]
@@ -316,6 +397,23 @@ prefixes = []
                 Route::TagsList { target: t("ghcr.io", "a/manifests", false), query: Some("n=10&last=x".into()) },
             ),
             ("/metrics", None, Route::Metrics),
+            // Private repositories: any first segment that is not an upstream namespace.
+            ("/v2/_catalog", Some("n=5"), Route::Catalog),
+            ("/v2/nginx/manifests/latest", None, p("nginx", Endpoint::Manifest(tag("latest")))),
+            ("/v2/quay.io/a/manifests/latest", None, p("quay.io/a", Endpoint::Manifest(tag("latest")))),
+            ("/v2/team/app/tags/list", Some("n=1"), p("team/app", Endpoint::Tags)),
+            ("/v2/team/app/blobs/uploads/", Some("digest=x"), p("team/app", Endpoint::Uploads)),
+            ("/v2/team/app/blobs/uploads/abc", None, p("team/app", Endpoint::Upload("abc".into()))),
+            (
+                "/v2/team/app/blobs/sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+                None,
+                p("team/app", Endpoint::Blob(D.parse().unwrap())),
+            ),
+            (
+                "/v2/team/app/referrers/sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855",
+                Some("artifactType=x"),
+                p("team/app", Endpoint::Referrers(D.parse().unwrap())),
+            ),
         ];
         for (path, query, want) in cases {
             assert_eq!(parse(path, query, &c).unwrap(), want, "{path}?{query:?}");
@@ -345,10 +443,13 @@ prefixes = []
             Code::NameUnknown
         );
         assert_eq!(
-            code("/v2/quay.io/a/manifests/latest", None),
-            Code::NameUnknown
+            code("/v2/Team/App/manifests/latest", None),
+            Code::NameInvalid
         );
-        assert_eq!(code("/v2/nginx/manifests/latest", None), Code::NameUnknown);
+        assert_eq!(
+            code("/v2/team/app/referrers/latest", None),
+            Code::DigestInvalid
+        );
         assert_eq!(
             code("/v2/docker.io/Library/Nginx/manifests/latest", None),
             Code::NameInvalid

@@ -16,13 +16,14 @@ use pingora::server::ShutdownWatch;
 use berth_cache::config::Config;
 use berth_cache::fill::BlobFill;
 use berth_cache::{tags::STALE_WARNING, BlobSource, Cache, Outcome};
+use berth_registry::Registry;
 use berth_store::oci::Reference;
 use berth_store::StoredBlob;
 
 use crate::errors::{ApiError, Code, Subject};
 use crate::metrics::{Metrics, RequestLabels};
 use crate::range::{parse_range, ByteRange};
-use crate::route::{self, Route, Target};
+use crate::route::{self, Endpoint, Route, Target};
 use crate::sendfile::Socket;
 
 /// How much of a stored blob is handed to the connection per write.
@@ -39,17 +40,20 @@ const CLIENT_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs
 pub struct App {
     pub config: Arc<Config>,
     pub cache: Arc<Cache>,
+    pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
 }
 
 /// The parts of a request berth looks at, copied out of the session once.
 #[derive(Debug)]
-struct Request {
-    method: String,
-    path: String,
-    query: Option<String>,
-    accept: Option<String>,
-    range: Option<String>,
+pub(crate) struct Request {
+    pub method: String,
+    pub path: String,
+    pub query: Option<String>,
+    pub accept: Option<String>,
+    pub range: Option<String>,
+    pub content_type: Option<String>,
+    pub content_range: Option<String>,
 }
 
 impl Request {
@@ -66,21 +70,26 @@ impl Request {
             path: h.uri.path().to_owned(),
             query: h.uri.query().map(str::to_owned),
             accept: (!accept.is_empty()).then(|| accept.join(", ")),
-            range: h
-                .headers
-                .get("range")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned),
+            range: header_value(h, "range"),
+            content_type: header_value(h, "content-type"),
+            content_range: header_value(h, "content-range"),
         }
     }
 
-    fn is_head(&self) -> bool {
+    pub fn is_head(&self) -> bool {
         self.method == "HEAD"
     }
 }
 
+fn header_value(h: &pingora::http::RequestHeader, name: &str) -> Option<String> {
+    h.headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
 /// What happened, for the access log and metrics.
-struct Served {
+pub(crate) struct Served {
     status: u16,
     bytes: u64,
     outcome: Option<Outcome>,
@@ -158,6 +167,14 @@ fn route_kind(r: &Route) -> &'static str {
         Route::TagsList { .. } => "tags",
         Route::Metrics => "metrics",
         Route::Health => "health",
+        Route::Catalog => "catalog",
+        Route::Private { endpoint, .. } => match endpoint {
+            Endpoint::Manifest(_) => "private_manifest",
+            Endpoint::Blob(_) => "private_blob",
+            Endpoint::Tags => "private_tags",
+            Endpoint::Uploads | Endpoint::Upload(_) => "upload",
+            Endpoint::Referrers(_) => "referrers",
+        },
     }
 }
 
@@ -170,14 +187,17 @@ fn route_upstream(r: &Route) -> Option<&str> {
     }
 }
 
-type Headers = Vec<(&'static str, String)>;
+pub(crate) type Headers = Vec<(&'static str, String)>;
 
 fn header(status: u16, headers: &Headers, length: u64) -> Box<ResponseHeader> {
     let mut h = ResponseHeader::build(status, Some(headers.len() + 3)).expect("valid status");
     h.insert_header("Docker-Distribution-API-Version", "registry/2.0")
         .expect("valid header");
-    h.insert_header("Content-Length", length.to_string())
-        .expect("valid header");
+    // A 204 has no body and, per RFC 9110, no Content-Length.
+    if status != 204 {
+        h.insert_header("Content-Length", length.to_string())
+            .expect("valid header");
+    }
     for (k, v) in headers {
         // Values come from validated routes and upstream metadata; skip any that is not a
         // valid header value rather than fail the response.
@@ -193,21 +213,35 @@ impl App {
         req: &Request,
         route: &Result<Route, ApiError>,
     ) -> Served {
-        if req.method != "GET" && req.method != "HEAD" {
-            session.set_keepalive(None);
-            let e = ApiError::new(
-                Code::Unsupported,
-                format!(
-                    "{} is not supported: berth serves pulls (GET and HEAD)",
-                    req.method
-                ),
-            );
-            return send_error(session, &e, req.is_head()).await;
-        }
         let route = match route {
             Ok(r) => r,
-            Err(e) => return send_error(session, e, req.is_head()).await,
+            Err(e) => {
+                if req.method != "GET" && req.method != "HEAD" {
+                    // The request body was not read.
+                    session.set_keepalive(None);
+                }
+                return send_error(session, e, req.is_head()).await;
+            }
         };
+        if let Route::Private { repo, endpoint } = route {
+            return match self.private(session, req, repo, endpoint).await {
+                Ok(s) => s,
+                Err(e) => send_error(session, &e, req.is_head()).await,
+            };
+        }
+        if req.method != "GET" && req.method != "HEAD" {
+            session.set_keepalive(None);
+            let e = match route {
+                Route::Manifest { target, .. }
+                | Route::Blob { target, .. }
+                | Route::TagsList { target, .. } => crate::route::read_only(target),
+                _ => ApiError::new(
+                    Code::Unsupported,
+                    format!("{} is not supported on {}", req.method, req.path),
+                ),
+            };
+            return send_error(session, &e, req.is_head()).await;
+        }
         let result = match route {
             Route::Base => Ok(send_bytes(
                 session,
@@ -245,6 +279,8 @@ impl App {
                 self.manifest(session, req, target, reference).await
             }
             Route::Blob { target, digest } => self.blob(session, req, target, digest).await,
+            Route::Catalog => self.catalog(session, req).await,
+            Route::Private { .. } => unreachable!("served above"),
             Route::TagsList { target, query } => {
                 self.tags(session, req, target, query.as_deref()).await
             }
@@ -326,6 +362,31 @@ impl App {
             .blob(&target.upstream, &target.repo, digest)
             .await
             .map_err(|e| err(&e))?;
+        if let (Some(_), BlobSource::Filling { fill, .. }) = (&req.range, &source) {
+            // A range is served only from a verified, published blob.
+            fill.done().await.map_err(|e| err(&e))?;
+            source = self
+                .cache
+                .blob(&target.upstream, &target.repo, digest)
+                .await
+                .map_err(|e| err(&e))?
+                .0;
+        }
+        self.send_blob(session, req, source, headers, Some(outcome), &what)
+            .await
+    }
+
+    /// Sends a blob (or the range of it the request asks for) from the store or from a
+    /// fill in progress.
+    pub(crate) async fn send_blob(
+        &self,
+        session: &mut ServerSession,
+        req: &Request,
+        source: BlobSource,
+        mut headers: Headers,
+        outcome: Option<Outcome>,
+        what: &str,
+    ) -> Result<Served, ApiError> {
         let size = source.size();
         let range = match req.range.as_deref().map(|r| parse_range(r, size)) {
             None | Some(Ok(None)) => None,
@@ -342,21 +403,11 @@ impl App {
                 return Ok(send_error_with(session, &e, headers).await);
             }
         };
-        if let (Some(_), BlobSource::Filling { fill, .. }) = (&range, &source) {
-            // A range is served only from a verified, published blob.
-            fill.done().await.map_err(|e| err(&e))?;
-            source = self
-                .cache
-                .blob(&target.upstream, &target.repo, digest)
-                .await
-                .map_err(|e| err(&e))?
-                .0;
-            if !matches!(source, BlobSource::Stored { .. }) {
-                return Err(ApiError::new(
-                    Code::Internal,
-                    format!("{what}: the verified blob is not in the store"),
-                ));
-            }
+        if range.is_some() && !matches!(source, BlobSource::Stored { .. }) {
+            return Err(ApiError::new(
+                Code::Internal,
+                format!("{what}: a range of a blob that is not verified yet"),
+            ));
         }
         let (status, ByteRange { start, end }) = match range {
             Some(r) => {
@@ -406,7 +457,7 @@ impl App {
         let mut served = Served {
             status,
             bytes: 0,
-            outcome: Some(outcome),
+            outcome,
             complete: false,
         };
         let result = match body {
@@ -465,7 +516,7 @@ impl App {
         match result {
             Ok(()) => served.complete = true,
             Err(e) => {
-                tracing::warn!(digest = %digest, repo = %target.repo, error = %e, sent = served.bytes,
+                tracing::warn!(blob = %what, error = %e, sent = served.bytes,
                     "blob response aborted; closing the client connection");
             }
         }
@@ -568,7 +619,7 @@ async fn write_mapped(
     Ok(())
 }
 
-async fn send_head(
+pub(crate) async fn send_head(
     session: &mut ServerSession,
     status: u16,
     headers: Headers,
@@ -588,7 +639,7 @@ async fn send_head(
     }
 }
 
-async fn send_bytes(
+pub(crate) async fn send_bytes(
     session: &mut ServerSession,
     status: u16,
     headers: Headers,
@@ -614,7 +665,8 @@ async fn send_bytes(
 }
 
 async fn send_error(session: &mut ServerSession, e: &ApiError, head: bool) -> Served {
-    let headers = vec![("Content-Type", "application/json".to_owned())];
+    let mut headers = e.headers.clone();
+    headers.push(("Content-Type", "application/json".to_owned()));
     if head {
         return send_head(session, e.status(), headers, e.body().len() as u64, None).await;
     }
@@ -627,6 +679,7 @@ async fn send_error_with(
     mut headers: Headers,
 ) -> Served {
     headers.retain(|(k, _)| *k != "Content-Type" && *k != "Docker-Content-Digest");
+    headers.extend(e.headers.iter().cloned());
     headers.push(("Content-Type", "application/json".to_owned()));
     send_bytes(
         session,

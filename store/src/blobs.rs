@@ -98,6 +98,46 @@ impl BlobStore {
         })
     }
 
+    /// Starts writing a blob whose digest is known only at the end (a push): the bytes
+    /// are hashed with sha256 as they are written, and [`BlobWriter::commit_as`] names,
+    /// verifies and publishes them.
+    pub fn upload(&self) -> Result<BlobWriter, StoreError> {
+        // A placeholder until `commit_as` names the blob.
+        let unnamed = Digest::sha256_of(b"");
+        let mut w = self.writer(&unnamed)?;
+        w.dest = PathBuf::new();
+        Ok(w)
+    }
+
+    /// Every published blob: its digest, size and when it was published.
+    pub fn list(&self) -> Result<Vec<(Digest, u64, std::time::SystemTime)>, StoreError> {
+        let mut out = Vec::new();
+        for algorithm in [crate::oci::Algorithm::Sha256, crate::oci::Algorithm::Sha512] {
+            let dir = self.root.join("blobs").join(algorithm.as_str());
+            let Ok(shards) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for shard in shards {
+                let shard = shard?;
+                if !shard.file_type()?.is_dir() {
+                    continue;
+                }
+                for entry in fs::read_dir(shard.path())? {
+                    let entry = entry?;
+                    let name = entry.file_name();
+                    let Some(name) = name.to_str() else { continue };
+                    let Ok(digest) = format!("{}:{name}", algorithm.as_str()).parse::<Digest>()
+                    else {
+                        continue;
+                    };
+                    let meta = entry.metadata()?;
+                    out.push((digest, meta.len(), meta.modified()?));
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Removes a published blob. Removing one that is not there is not an error.
     pub fn delete(&self, digest: &Digest) -> Result<(), StoreError> {
         match fs::remove_file(self.path(digest)) {
@@ -188,6 +228,33 @@ impl BlobWriter {
     /// valid after the blob is published or discarded.
     pub fn reader(&self) -> Result<File, StoreError> {
         Ok(File::open(&self.tmp)?)
+    }
+
+    /// Verifies the bytes written against `digest` and publishes them under it (see
+    /// [`BlobStore::upload`]). A digest of another algorithm than sha256 is checked by
+    /// reading the file again.
+    pub fn commit_as(
+        mut self,
+        store: &BlobStore,
+        digest: &Digest,
+        expected_size: Option<u64>,
+    ) -> Result<u64, StoreError> {
+        if digest.algorithm() != self.expected.algorithm() {
+            let mut hasher = Hasher::new(digest.algorithm());
+            let mut reader = File::open(&self.tmp)?;
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                let n = io::Read::read(&mut reader, &mut buf)?;
+                if n == 0 {
+                    break;
+                }
+                hasher.update(&buf[..n]);
+            }
+            self.hasher = Some(hasher);
+        }
+        self.expected = digest.clone();
+        self.dest = store.path(digest);
+        self.commit(expected_size)
     }
 
     /// Verifies and publishes the blob. `expected_size`, when known, must match too.

@@ -28,7 +28,9 @@ pub use berth_oci as oci;
 use std::path::Path;
 
 pub use blobs::{BlobStore, BlobWriter, StoredBlob};
-pub use meta::{BlobRecord, ManifestRecord, MetaStore, TagKey, TagRecord};
+pub use meta::{
+    Batch, BlobRecord, ManifestRecord, MetaStore, RepoLink, RepoTag, TagKey, TagRecord,
+};
 
 use oci::Digest;
 

@@ -8,6 +8,21 @@
 //! | `manifests` | digest string                         | [`ManifestRecord`]: media type and bytes |
 //! | `blobs`     | digest string                         | [`BlobRecord`]: size, last access, repos |
 //!
+//! Private repositories (pushed, never evicted) have families of their own; their keys
+//! start with the repository name and a `\0`, so one repository's records are one sorted
+//! range (tags and links come out in lexical order):
+//!
+//! | family           | key                        | value                                      |
+//! |------------------|----------------------------|--------------------------------------------|
+//! | `repos`          | repo                       | when it was created                        |
+//! | `repo_tags`      | `repo \0 tag`              | [`RepoTag`]: digest and when it was set    |
+//! | `repo_manifests` | `repo \0 digest`           | [`RepoLink`]: when it was pushed           |
+//! | `repo_blobs`     | `repo \0 digest`           | [`RepoLink`]: when it was linked, its size |
+//! | `referrers`      | `repo \0 subject \0 digest` | the referrer's descriptor (JSON)          |
+//!
+//! Manifest bytes live in `manifests` and blob bytes in the blob store, one copy each
+//! whether pulled through or pushed.
+//!
 //! Every value starts with a format version byte; decoding garbage yields
 //! [`StoreError::Corrupt`], never a panic.
 
@@ -22,6 +37,21 @@ use crate::StoreError;
 const CF_TAGS: &str = "tags";
 const CF_MANIFESTS: &str = "manifests";
 const CF_BLOBS: &str = "blobs";
+const CF_REPOS: &str = "repos";
+const CF_REPO_TAGS: &str = "repo_tags";
+const CF_REPO_MANIFESTS: &str = "repo_manifests";
+const CF_REPO_BLOBS: &str = "repo_blobs";
+const CF_REFERRERS: &str = "referrers";
+const FAMILIES: [&str; 8] = [
+    CF_TAGS,
+    CF_MANIFESTS,
+    CF_BLOBS,
+    CF_REPOS,
+    CF_REPO_TAGS,
+    CF_REPO_MANIFESTS,
+    CF_REPO_BLOBS,
+    CF_REFERRERS,
+];
 const VERSION: u8 = 1;
 
 /// Which tag of which repository of which upstream, as asked for with which manifest
@@ -59,6 +89,23 @@ pub struct BlobRecord {
     pub last_access_ms: u64,
     /// The repositories (`upstream/repo`) the blob was fetched for.
     pub repos: Vec<String>,
+}
+
+/// A private repository's tag.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RepoTag {
+    pub digest: Digest,
+    /// Milliseconds since the Unix epoch.
+    pub updated_ms: u64,
+}
+
+/// A manifest or blob linked into a private repository: readable through it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RepoLink {
+    /// Milliseconds since the Unix epoch.
+    pub linked_ms: u64,
+    /// The content's size in bytes.
+    pub size: u64,
 }
 
 /// Encoding of keys and values; each codec round-trips and rejects garbage.
@@ -219,6 +266,170 @@ impl Codec for BlobRecord {
     }
 }
 
+impl Codec for RepoTag {
+    fn encode(&self) -> Vec<u8> {
+        TagRecord {
+            digest: self.digest.clone(),
+            confirmed_at_ms: self.updated_ms,
+        }
+        .encode()
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        let r = TagRecord::decode(bytes)?;
+        Ok(RepoTag {
+            digest: r.digest,
+            updated_ms: r.confirmed_at_ms,
+        })
+    }
+}
+
+impl Codec for RepoLink {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = vec![VERSION];
+        v.extend_from_slice(&self.linked_ms.to_be_bytes());
+        v.extend_from_slice(&self.size.to_be_bytes());
+        v
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        let mut r = Reader(bytes);
+        r.version("link")?;
+        let linked_ms = r.u64("link")?;
+        let size = r.u64("link")?;
+        if !r.0.is_empty() {
+            return Err(corrupt("link"));
+        }
+        Ok(RepoLink { linked_ms, size })
+    }
+}
+
+/// Raw bytes, stored as they are (descriptors the registry built itself).
+impl Codec for Bytes {
+    fn encode(&self) -> Vec<u8> {
+        self.to_vec()
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        Ok(Bytes::copy_from_slice(bytes))
+    }
+}
+
+/// `a \0 b [\0 c]`: the key of a private repository's record.
+fn repo_key(repo: &str, parts: &[&str]) -> Vec<u8> {
+    let mut k = repo.as_bytes().to_vec();
+    for p in parts {
+        k.push(0);
+        k.extend_from_slice(p.as_bytes());
+    }
+    k
+}
+
+/// One write of a batch: family, key, and the value (`None` deletes).
+type Op = (&'static str, Vec<u8>, Option<Vec<u8>>);
+
+/// A key and its value, as stored.
+type Record = (Vec<u8>, Vec<u8>);
+
+/// Several private-registry writes applied atomically (see [`MetaStore::write`]).
+#[derive(Default)]
+pub struct Batch {
+    ops: Vec<Op>,
+}
+
+impl Batch {
+    pub fn put_repo(&mut self, repo: &str, now_ms: u64) -> &mut Self {
+        self.ops.push((
+            CF_REPOS,
+            repo.as_bytes().to_vec(),
+            Some(now_ms.to_be_bytes().to_vec()),
+        ));
+        self
+    }
+
+    pub fn put_manifest(&mut self, digest: &Digest, record: &ManifestRecord) -> &mut Self {
+        self.ops.push((
+            CF_MANIFESTS,
+            digest.to_string().into_bytes(),
+            Some(record.encode()),
+        ));
+        self
+    }
+
+    pub fn link_manifest(&mut self, repo: &str, digest: &Digest, link: RepoLink) -> &mut Self {
+        self.ops.push((
+            CF_REPO_MANIFESTS,
+            repo_key(repo, &[&digest.to_string()]),
+            Some(link.encode()),
+        ));
+        self
+    }
+
+    pub fn unlink_manifest(&mut self, repo: &str, digest: &Digest) -> &mut Self {
+        self.ops.push((
+            CF_REPO_MANIFESTS,
+            repo_key(repo, &[&digest.to_string()]),
+            None,
+        ));
+        self
+    }
+
+    pub fn link_blob(&mut self, repo: &str, digest: &Digest, link: RepoLink) -> &mut Self {
+        self.ops.push((
+            CF_REPO_BLOBS,
+            repo_key(repo, &[&digest.to_string()]),
+            Some(link.encode()),
+        ));
+        self
+    }
+
+    pub fn unlink_blob(&mut self, repo: &str, digest: &Digest) -> &mut Self {
+        self.ops
+            .push((CF_REPO_BLOBS, repo_key(repo, &[&digest.to_string()]), None));
+        self
+    }
+
+    pub fn put_tag(&mut self, repo: &str, tag: &str, record: &RepoTag) -> &mut Self {
+        self.ops
+            .push((CF_REPO_TAGS, repo_key(repo, &[tag]), Some(record.encode())));
+        self
+    }
+
+    pub fn delete_tag(&mut self, repo: &str, tag: &str) -> &mut Self {
+        self.ops.push((CF_REPO_TAGS, repo_key(repo, &[tag]), None));
+        self
+    }
+
+    pub fn put_referrer(
+        &mut self,
+        repo: &str,
+        subject: &Digest,
+        referrer: &Digest,
+        descriptor: Bytes,
+    ) -> &mut Self {
+        self.ops.push((
+            CF_REFERRERS,
+            repo_key(repo, &[&subject.to_string(), &referrer.to_string()]),
+            Some(descriptor.to_vec()),
+        ));
+        self
+    }
+
+    pub fn delete_referrer(
+        &mut self,
+        repo: &str,
+        subject: &Digest,
+        referrer: &Digest,
+    ) -> &mut Self {
+        self.ops.push((
+            CF_REFERRERS,
+            repo_key(repo, &[&subject.to_string(), &referrer.to_string()]),
+            None,
+        ));
+        self
+    }
+}
+
 /// How many repositories a blob record remembers; older ones are dropped first.
 const MAX_BLOB_REPOS: usize = 64;
 
@@ -241,7 +452,7 @@ impl MetaStore {
         opts.create_missing_column_families(true);
         opts.set_max_open_files(256);
         opts.set_keep_log_file_num(4);
-        let cfs = [CF_TAGS, CF_MANIFESTS, CF_BLOBS]
+        let cfs = FAMILIES
             .into_iter()
             .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(db_err)?;
@@ -295,6 +506,10 @@ impl MetaStore {
         self.put(CF_MANIFESTS, &digest.to_string(), record)
     }
 
+    pub fn delete_manifest(&self, digest: &Digest) -> Result<(), StoreError> {
+        self.delete(CF_MANIFESTS, digest.to_string().as_bytes())
+    }
+
     pub fn get_blob(&self, digest: &Digest) -> Result<Option<BlobRecord>, StoreError> {
         self.get(CF_BLOBS, &digest.to_string())
     }
@@ -321,6 +536,148 @@ impl MetaStore {
             record.repos.push(repo.to_owned());
         }
         self.put(CF_BLOBS, &digest.to_string(), &record)
+    }
+
+    /// Applies `batch` atomically.
+    pub fn write(&self, batch: Batch) -> Result<(), StoreError> {
+        let mut wb = rocksdb::WriteBatch::default();
+        for (cf, key, value) in batch.ops {
+            let handle = self.db.cf_handle(cf).expect("column family opened");
+            match value {
+                Some(v) => wb.put_cf(&handle, key, v),
+                None => wb.delete_cf(&handle, key),
+            }
+        }
+        self.db.write(wb).map_err(db_err)
+    }
+
+    pub fn repo_exists(&self, repo: &str) -> Result<bool, StoreError> {
+        let handle = self.db.cf_handle(CF_REPOS).expect("column family opened");
+        Ok(self
+            .db
+            .get_pinned_cf(&handle, repo.as_bytes())
+            .map_err(db_err)?
+            .is_some())
+    }
+
+    pub fn repo_tag(&self, repo: &str, tag: &str) -> Result<Option<RepoTag>, StoreError> {
+        self.get(CF_REPO_TAGS, &repo_key(repo, &[tag]))
+    }
+
+    pub fn repo_manifest(
+        &self,
+        repo: &str,
+        digest: &Digest,
+    ) -> Result<Option<RepoLink>, StoreError> {
+        self.get(CF_REPO_MANIFESTS, &repo_key(repo, &[&digest.to_string()]))
+    }
+
+    pub fn repo_blob(&self, repo: &str, digest: &Digest) -> Result<Option<RepoLink>, StoreError> {
+        self.get(CF_REPO_BLOBS, &repo_key(repo, &[&digest.to_string()]))
+    }
+
+    /// Up to `limit` tags of `repo` in lexical order, after `last` if given.
+    pub fn repo_tags(
+        &self,
+        repo: &str,
+        last: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(String, RepoTag)>, StoreError> {
+        let prefix = repo_key(repo, &[""]);
+        self.scan(
+            CF_REPO_TAGS,
+            &prefix,
+            last.map(|l| repo_key(repo, &[l])),
+            limit,
+        )?
+        .into_iter()
+        .map(|(k, v)| {
+            let tag = String::from_utf8(k).map_err(|_| corrupt("tag key"))?;
+            Ok((tag, RepoTag::decode(&v)?))
+        })
+        .collect()
+    }
+
+    /// Every tag of `repo` that points at `digest`.
+    pub fn repo_tags_of(&self, repo: &str, digest: &Digest) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .repo_tags(repo, None, usize::MAX)?
+            .into_iter()
+            .filter(|(_, t)| t.digest == *digest)
+            .map(|(tag, _)| tag)
+            .collect())
+    }
+
+    /// Up to `limit` private repositories in lexical order, after `last` if given.
+    pub fn repos(&self, last: Option<&str>, limit: usize) -> Result<Vec<String>, StoreError> {
+        self.scan(CF_REPOS, b"", last.map(|l| l.as_bytes().to_vec()), limit)?
+            .into_iter()
+            .map(|(k, _)| String::from_utf8(k).map_err(|_| corrupt("repository key")))
+            .collect()
+    }
+
+    /// The descriptors of the manifests in `repo` whose subject is `subject`.
+    pub fn referrers(&self, repo: &str, subject: &Digest) -> Result<Vec<Bytes>, StoreError> {
+        let prefix = repo_key(repo, &[&subject.to_string(), ""]);
+        Ok(self
+            .scan(CF_REFERRERS, &prefix, None, usize::MAX)?
+            .into_iter()
+            .map(|(_, v)| Bytes::from(v))
+            .collect())
+    }
+
+    /// Every `(repo, digest, link)` of the private repositories' blob links.
+    pub fn all_blob_links(&self) -> Result<Vec<(String, Digest, RepoLink)>, StoreError> {
+        self.all_links(CF_REPO_BLOBS)
+    }
+
+    /// Every `(repo, digest, link)` of the private repositories' manifests.
+    pub fn all_manifest_links(&self) -> Result<Vec<(String, Digest, RepoLink)>, StoreError> {
+        self.all_links(CF_REPO_MANIFESTS)
+    }
+
+    fn all_links(&self, cf: &'static str) -> Result<Vec<(String, Digest, RepoLink)>, StoreError> {
+        self.scan(cf, b"", None, usize::MAX)?
+            .into_iter()
+            .map(|(k, v)| {
+                let k = String::from_utf8(k).map_err(|_| corrupt("link key"))?;
+                let (repo, digest) = k.rsplit_once('\0').ok_or_else(|| corrupt("link key"))?;
+                let digest = digest.parse().map_err(|_| corrupt("link key"))?;
+                Ok((repo.to_owned(), digest, RepoLink::decode(&v)?))
+            })
+            .collect()
+    }
+
+    /// Up to `limit` records of `cf` whose keys start with `prefix`, in key order,
+    /// strictly after `after` if given; keys are returned without the prefix.
+    fn scan(
+        &self,
+        cf: &'static str,
+        prefix: &[u8],
+        after: Option<Vec<u8>>,
+        limit: usize,
+    ) -> Result<Vec<Record>, StoreError> {
+        let handle = self.db.cf_handle(cf).expect("column family opened");
+        let start = after.clone().unwrap_or_else(|| prefix.to_vec());
+        let iter = self.db.iterator_cf(
+            &handle,
+            rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
+        );
+        let mut out = Vec::new();
+        for item in iter {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(db_err)?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            if after.as_deref() == Some(&k[..]) {
+                continue;
+            }
+            out.push((k[prefix.len()..].to_vec(), v.to_vec()));
+        }
+        Ok(out)
     }
 
     /// How many blob records the index holds (an estimate from RocksDB's statistics).

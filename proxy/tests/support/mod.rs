@@ -652,6 +652,10 @@ impl Registry {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
     pub fn pusher(&self, token: Option<String>) -> Pusher {
         Pusher::new(&self.url(), token)
     }
@@ -1633,6 +1637,17 @@ pub fn header_str<'a>(h: &'a reqwest::header::HeaderMap, name: &str) -> Option<&
 /// Copies `src` (with `--all` if asked) into a skopeo `dir:` layout; panics with skopeo's
 /// output if it fails.
 pub async fn skopeo_copy(src: &str, dest: &Path, all: bool) {
+    skopeo(
+        &format!("docker://{src}"),
+        &format!("dir:{}", dest.display()),
+        all,
+    )
+    .await;
+}
+
+/// `skopeo copy` from `src` to `dest` (any transports), anonymous and over plain HTTP,
+/// keeping digests; asserts that it succeeded.
+pub async fn skopeo(src: &str, dest: &str, all: bool) {
     require_tool("skopeo");
     let mut cmd = tokio::process::Command::new("skopeo");
     cmd.args([
@@ -1642,23 +1657,65 @@ pub async fn skopeo_copy(src: &str, dest: &Path, all: bool) {
         "0",
         "--preserve-digests",
         "--src-tls-verify=false",
+        "--dest-tls-verify=false",
         "--src-no-creds",
+        "--dest-no-creds",
     ]);
     if all {
         cmd.arg("--all");
     }
-    cmd.arg(format!("docker://{src}"))
-        .arg(format!("dir:{}", dest.display()))
+    cmd.arg(src)
+        .arg(dest)
         .stdin(Stdio::null())
         .kill_on_drop(true);
-    let out = within(180, &format!("skopeo copy {src}"), cmd.output())
+    let out = within(180, &format!("skopeo copy {src} {dest}"), cmd.output())
         .await
         .expect("run skopeo");
     assert!(
         out.status.success(),
-        "skopeo copy {src} failed:\n{}",
+        "skopeo copy {src} {dest} failed:\n{}",
         output_text(&out)
     );
+}
+
+/// Checks an OCI image layout written by skopeo: its index names `top` (by digest), and
+/// `top`, every one of `children` and every one of `blobs` is in `blobs/` byte for byte.
+pub fn assert_oci_layout(dir: &Path, top: &Bytes, children: &[&Image], blobs: &[&Blob]) {
+    let index: serde_json::Value =
+        serde_json::from_slice(&fs::read(dir.join("index.json")).expect("index.json")).unwrap();
+    let top_digest = digest_of(top);
+    assert!(
+        index["manifests"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|m| m["digest"] == top_digest.as_str()),
+        "the layout's index.json does not name {top_digest}: {index}"
+    );
+    let blob_path = |digest: &str| {
+        dir.join("blobs/sha256")
+            .join(digest.trim_start_matches("sha256:"))
+    };
+    let read = |digest: &str| {
+        fs::read(blob_path(digest))
+            .unwrap_or_else(|e| panic!("{digest} missing from the layout: {e}"))
+    };
+    assert_eq!(
+        Bytes::from(read(&top_digest)),
+        *top,
+        "the top manifest's bytes"
+    );
+    for child in children {
+        assert_eq!(
+            Bytes::from(read(&child.digest)),
+            child.manifest,
+            "{}",
+            child.digest
+        );
+    }
+    for blob in blobs {
+        assert_eq!(digest_of(&read(&blob.digest)), blob.digest);
+    }
 }
 
 /// Checks a skopeo `dir:` copy: `manifest.json` is `top`, each `<hex>.manifest.json` is

@@ -1,0 +1,382 @@
+use super::*;
+use berth_store::oci::{OCI_INDEX, OCI_MANIFEST};
+
+fn registry() -> (tempfile::TempDir, Registry) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    (dir, Registry::new(store, Options::default()))
+}
+
+async fn push_blob(r: &Registry, repo: &str, bytes: &[u8]) -> Digest {
+    let d = Digest::sha256_of(bytes);
+    let upload = r.start_upload(repo).unwrap();
+    let mut u = upload.lock().await;
+    u.write(bytes).unwrap();
+    r.finish_upload(&mut u, &d, None).unwrap();
+    d
+}
+
+fn image_manifest(config: &Digest, config_len: usize, layer: &Digest, layer_len: usize) -> Bytes {
+    Bytes::from(format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config}","size":{config_len}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{layer}","size":{layer_len}}}]}}"#
+    ))
+}
+
+fn tmp_is_empty(dir: &tempfile::TempDir) -> bool {
+    std::fs::read_dir(dir.path().join("tmp"))
+        .unwrap()
+        .next()
+        .is_none()
+}
+
+#[tokio::test]
+async fn chunks_upload_in_order_and_publish_only_the_right_digest() {
+    let (dir, r) = registry();
+    let upload = r.start_upload("team/app").unwrap();
+    let id = upload.lock().await.id().to_owned();
+    {
+        let got = r.upload("team/app", &id).unwrap();
+        let mut u = got.lock().await;
+        u.check_chunk_start(0).unwrap();
+        u.write(b"hello ").unwrap();
+        assert!(matches!(
+            u.check_chunk_start(3),
+            Err(RegistryError::ChunkOutOfOrder {
+                expected: 6,
+                got: 3
+            })
+        ));
+        u.write(b"world").unwrap();
+        assert_eq!(u.offset(), 11);
+    }
+    assert!(matches!(
+        r.upload("other/repo", &id),
+        Err(RegistryError::UploadUnknown(_))
+    ));
+    let mut u = upload.lock().await;
+    let wrong = Digest::sha256_of(b"hello");
+    assert!(matches!(
+        r.finish_upload(&mut u, &wrong, None),
+        Err(RegistryError::DigestInvalid(_))
+    ));
+    assert!(r.store.blobs.stat(&wrong).unwrap().is_none());
+    assert!(
+        tmp_is_empty(&dir),
+        "a rejected upload left its bytes behind"
+    );
+    assert!(matches!(
+        r.upload("team/app", &id),
+        Err(RegistryError::UploadUnknown(_))
+    ));
+
+    let d = push_blob(&r, "team/app", b"hello world").await;
+    assert_eq!(r.blob_size("team/app", &d).unwrap(), 11);
+    assert!(matches!(
+        r.blob("team/other", &d),
+        Err(RegistryError::BlobUnknown(_))
+    ));
+}
+
+#[tokio::test]
+async fn mounts_need_the_blob_in_the_source_repository() {
+    let (_dir, r) = registry();
+    let d = push_blob(&r, "a/src", b"layer").await;
+    assert!(!r.mount("a/dst", &d, "a/nothing").unwrap());
+    assert!(r.blob("a/dst", &d).is_err());
+    assert!(r.mount("a/dst", &d, "a/src").unwrap());
+    assert_eq!(r.blob_size("a/dst", &d).unwrap(), 5);
+}
+
+#[tokio::test]
+async fn manifests_are_validated_stored_exactly_and_tagged() {
+    let (_dir, r) = registry();
+    let config = push_blob(&r, "t/app", b"{}").await;
+    let layer = push_blob(&r, "t/app", b"layer bytes").await;
+    let body = image_manifest(&config, 2, &layer, 11);
+    let tag = Reference::Tag("v1".into());
+
+    // A layer of another repository does not count.
+    let foreign = push_blob(&r, "t/other", b"elsewhere").await;
+    let bad = image_manifest(&config, 2, &foreign, 9);
+    assert!(matches!(
+        r.put_manifest("t/app", &tag, &[], OCI_MANIFEST, bad),
+        Err(RegistryError::ManifestBlobUnknown(d)) if d == foreign
+    ));
+    let wrong_size = image_manifest(&config, 2, &layer, 12);
+    assert!(matches!(
+        r.put_manifest("t/app", &tag, &[], OCI_MANIFEST, wrong_size),
+        Err(RegistryError::ManifestInvalid(_))
+    ));
+    let by_wrong_digest = Reference::Digest(Digest::sha256_of(b"x"));
+    assert!(matches!(
+        r.put_manifest("t/app", &by_wrong_digest, &[], OCI_MANIFEST, body.clone()),
+        Err(RegistryError::DigestInvalid(_))
+    ));
+    let huge = Bytes::from(vec![b' '; MAX_MANIFEST_BYTES + 1]);
+    assert!(matches!(
+        r.put_manifest("t/app", &tag, &[], OCI_MANIFEST, huge),
+        Err(RegistryError::ManifestTooLarge { .. })
+    ));
+
+    let pushed = r
+        .put_manifest(
+            "t/app",
+            &tag,
+            &["latest".into()],
+            OCI_MANIFEST,
+            body.clone(),
+        )
+        .unwrap();
+    assert_eq!(pushed.digest, Digest::sha256_of(&body));
+    for reference in [
+        tag.clone(),
+        Reference::Tag("latest".into()),
+        Reference::Digest(pushed.digest.clone()),
+    ] {
+        let m = r.manifest("t/app", &reference).unwrap();
+        assert_eq!(
+            (m.body, m.media_type.as_str()),
+            (body.clone(), OCI_MANIFEST)
+        );
+    }
+    assert!(r.manifest("t/other", &tag).is_err());
+
+    // An index needs its children in the repository.
+    let index = Bytes::from(format!(
+        r#"{{"schemaVersion":2,"mediaType":"{OCI_INDEX}","manifests":[{{"mediaType":"{OCI_MANIFEST}","digest":"{}","size":{}}}]}}"#,
+        pushed.digest,
+        body.len()
+    ));
+    assert!(matches!(
+        r.put_manifest("t/other", &tag, &[], OCI_INDEX, index.clone()),
+        Err(RegistryError::ManifestBlobUnknown(_))
+    ));
+    r.put_manifest(
+        "t/app",
+        &Reference::Tag("multi".into()),
+        &[],
+        OCI_INDEX,
+        index,
+    )
+    .unwrap();
+
+    // Deleting a tag leaves the manifest; deleting the manifest takes its tags.
+    r.delete_manifest("t/app", &Reference::Tag("latest".into()))
+        .unwrap();
+    assert!(r
+        .manifest("t/app", &Reference::Tag("latest".into()))
+        .is_err());
+    assert!(r.manifest("t/app", &tag).is_ok());
+    r.delete_manifest("t/app", &Reference::Digest(pushed.digest.clone()))
+        .unwrap();
+    assert!(r.manifest("t/app", &tag).is_err());
+    assert!(r
+        .manifest("t/app", &Reference::Digest(pushed.digest.clone()))
+        .is_err());
+    assert!(matches!(
+        r.delete_manifest("t/app", &tag),
+        Err(RegistryError::ManifestUnknown(_))
+    ));
+}
+
+#[tokio::test]
+async fn tags_and_repositories_page_in_lexical_order() {
+    let (_dir, r) = registry();
+    let config = push_blob(&r, "p/app", b"{}").await;
+    let layer = push_blob(&r, "p/app", b"l").await;
+    let body = image_manifest(&config, 2, &layer, 1);
+    for t in ["b", "a", "c", "a1"] {
+        r.put_manifest(
+            "p/app",
+            &Reference::Tag(t.into()),
+            &[],
+            OCI_MANIFEST,
+            body.clone(),
+        )
+        .unwrap();
+    }
+    let page = r.tags("p/app", Some(2), None).unwrap();
+    assert_eq!(
+        (page.items.clone(), page.more),
+        (vec!["a".to_owned(), "a1".to_owned()], true)
+    );
+    let page = r.tags("p/app", Some(2), Some("a1")).unwrap();
+    assert_eq!(
+        (page.items.clone(), page.more),
+        (vec!["b".to_owned(), "c".to_owned()], false)
+    );
+    assert_eq!(r.tags("p/app", None, Some("c")).unwrap().items.len(), 0);
+    assert!(matches!(
+        r.tags("p/none", None, None),
+        Err(RegistryError::NameUnknown(_))
+    ));
+
+    push_blob(&r, "p/app2", b"x").await;
+    push_blob(&r, "o/first", b"x").await;
+    let page = r.catalog(Some(2), None).unwrap();
+    assert_eq!(page.items, vec!["o/first", "p/app"]);
+    assert!(page.more);
+    assert_eq!(
+        r.catalog(None, Some("p/app")).unwrap().items,
+        vec!["p/app2"]
+    );
+}
+
+#[tokio::test]
+async fn referrers_list_manifests_with_a_subject_and_filter_by_artifact_type() {
+    let (_dir, r) = registry();
+    let config = push_blob(&r, "s/app", b"{}").await;
+    let layer = push_blob(&r, "s/app", b"l").await;
+    let image = r
+        .put_manifest(
+            "s/app",
+            &Reference::Tag("v1".into()),
+            &[],
+            OCI_MANIFEST,
+            image_manifest(&config, 2, &layer, 1),
+        )
+        .unwrap();
+    let empty = r.referrers("s/app", &image.digest, None).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&empty).unwrap();
+    assert_eq!(v["manifests"].as_array().unwrap().len(), 0);
+    assert_eq!(v["mediaType"], OCI_INDEX);
+
+    let mut referrers = Vec::new();
+    for kind in ["application/x.sig", "application/x.sbom"] {
+        let body = Bytes::from(format!(
+            r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","artifactType":"{kind}","config":{{"mediaType":"application/vnd.oci.empty.v1+json","digest":"{config}","size":2}},"layers":[],"subject":{{"mediaType":"{OCI_MANIFEST}","digest":"{}","size":1}},"annotations":{{"kind":"{kind}"}}}}"#,
+            image.digest
+        ));
+        let pushed = r
+            .put_manifest(
+                "s/app",
+                &Reference::Digest(Digest::sha256_of(&body)),
+                &[],
+                OCI_MANIFEST,
+                body,
+            )
+            .unwrap();
+        assert_eq!(pushed.subject.as_ref(), Some(&image.digest));
+        referrers.push(pushed.digest);
+    }
+    let all: serde_json::Value =
+        serde_json::from_slice(&r.referrers("s/app", &image.digest, None).unwrap()).unwrap();
+    assert_eq!(all["manifests"].as_array().unwrap().len(), 2);
+    let sigs: serde_json::Value = serde_json::from_slice(
+        &r.referrers("s/app", &image.digest, Some("application/x.sig"))
+            .unwrap(),
+    )
+    .unwrap();
+    let sigs = sigs["manifests"].as_array().unwrap();
+    assert_eq!(sigs.len(), 1);
+    assert_eq!(sigs[0]["digest"], referrers[0].to_string());
+    assert_eq!(sigs[0]["annotations"]["kind"], "application/x.sig");
+    // Not visible through another repository.
+    let other: serde_json::Value =
+        serde_json::from_slice(&r.referrers("s/other", &image.digest, None).unwrap()).unwrap();
+    assert_eq!(other["manifests"].as_array().unwrap().len(), 0);
+    // Deleting a referrer removes it from the list.
+    r.delete_manifest("s/app", &Reference::Digest(referrers[1].clone()))
+        .unwrap();
+    let left: serde_json::Value =
+        serde_json::from_slice(&r.referrers("s/app", &image.digest, None).unwrap()).unwrap();
+    assert_eq!(left["manifests"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn idle_uploads_expire_and_take_their_bytes_with_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let r = Registry::new(
+        store,
+        Options {
+            upload_timeout: Duration::from_millis(50),
+        },
+    );
+    let upload = r.start_upload("e/app").unwrap();
+    upload.lock().await.write(b"partial").unwrap();
+    let id = upload.lock().await.id().to_owned();
+    drop(upload);
+    assert_eq!(r.expire_uploads(), 0);
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    assert_eq!(r.expire_uploads(), 1);
+    assert!(matches!(
+        r.upload("e/app", &id),
+        Err(RegistryError::UploadUnknown(_))
+    ));
+    assert!(tmp_is_empty(&dir));
+}
+
+#[tokio::test]
+async fn garbage_collection_frees_exactly_the_unreferenced_blobs() {
+    let (_dir, r) = registry();
+    let config = push_blob(&r, "g/app", b"{}").await;
+    let kept = push_blob(&r, "g/app", b"kept layer").await;
+    let dropped = push_blob(&r, "g/app", b"dropped layer").await;
+    let orphan = push_blob(&r, "g/app", b"never referenced").await;
+    let shared = push_blob(&r, "g/other", b"dropped layer").await;
+    assert_eq!(shared, dropped);
+    let cached = Digest::sha256_of(b"pulled through");
+    {
+        let mut w = r.store.blobs.writer(&cached).unwrap();
+        w.write(b"pulled through").unwrap();
+        w.commit(None).unwrap();
+        r.store
+            .meta
+            .record_blob(&cached, 14, "docker.io/library/x", 1)
+            .unwrap();
+    }
+    let keep = r
+        .put_manifest(
+            "g/app",
+            &Reference::Tag("keep".into()),
+            &[],
+            OCI_MANIFEST,
+            image_manifest(&config, 2, &kept, 10),
+        )
+        .unwrap();
+    let drop = r
+        .put_manifest(
+            "g/app",
+            &Reference::Tag("drop".into()),
+            &[],
+            OCI_MANIFEST,
+            image_manifest(&config, 2, &dropped, 13),
+        )
+        .unwrap();
+    r.delete_manifest("g/app", &Reference::Digest(drop.digest))
+        .unwrap();
+
+    // Within the grace period nothing goes: a push may be about to reference it.
+    assert_eq!(
+        r.collect_garbage(Duration::from_secs(3600)).unwrap(),
+        GcReport::default()
+    );
+
+    let report = r.collect_garbage(Duration::ZERO).unwrap();
+    // g/app loses its links to the dropped layer and the orphan; g/other's link to the
+    // dropped layer is unreferenced too.
+    assert_eq!(report.links_removed, 3);
+    assert_eq!((report.blobs_removed, report.bytes_freed), (2, 13 + 16));
+    for gone in [&dropped, &orphan] {
+        assert!(
+            r.store.blobs.stat(gone).unwrap().is_none(),
+            "{gone} survived"
+        );
+    }
+    for (repo, d) in [("g/app", &config), ("g/app", &kept)] {
+        assert!(
+            r.blob(repo, d).is_ok(),
+            "{d} went although {repo} references it"
+        );
+    }
+    assert!(
+        r.store.blobs.stat(&cached).unwrap().is_some(),
+        "a pulled-through blob went"
+    );
+    assert!(r.manifest("g/app", &Reference::Digest(keep.digest)).is_ok());
+    assert_eq!(
+        r.collect_garbage(Duration::ZERO).unwrap(),
+        GcReport::default()
+    );
+}
