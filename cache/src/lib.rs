@@ -497,6 +497,16 @@ impl Cache {
         Ok(m)
     }
 
+    /// A stored blob this cache fetched from an upstream. The store also holds blobs
+    /// pushed to private repositories; those are not readable through an upstream
+    /// namespace (the upstream must serve it once, which also proves it has it).
+    fn cached_blob(&self, digest: &Digest) -> Result<Option<StoredBlob>, CacheError> {
+        if self.store.meta.get_blob(digest)?.is_none() {
+            return Ok(None);
+        }
+        Ok(self.store.blobs.open_blob(digest)?)
+    }
+
     /// The size of a blob: from the store, a fill in progress, or an upstream `HEAD`.
     pub async fn blob_size(
         self: &Arc<Self>,
@@ -504,8 +514,8 @@ impl Cache {
         repo: &str,
         digest: &Digest,
     ) -> Result<(u64, Outcome), CacheError> {
-        if let Some(size) = self.store.blobs.stat(digest)? {
-            return Ok((size, Outcome::Hit));
+        if let Some(blob) = self.cached_blob(digest)? {
+            return Ok((blob.size(), Outcome::Hit));
         }
         let client = self.client(namespace)?;
         let resp = client
@@ -536,7 +546,7 @@ impl Cache {
         repo: &str,
         digest: &Digest,
     ) -> Result<(BlobSource, Outcome), CacheError> {
-        if let Some(blob) = self.store.blobs.open_blob(digest)? {
+        if let Some(blob) = self.cached_blob(digest)? {
             return Ok((BlobSource::Stored { blob }, Outcome::Hit));
         }
         let client = self.client(namespace)?;
@@ -585,7 +595,7 @@ impl Cache {
         progress: &FillProgress,
     ) -> Result<u64, CacheError> {
         // Published while this fill was being registered: serve that.
-        if let Some(blob) = self.store.blobs.open_blob(digest)? {
+        if let Some(blob) = self.cached_blob(digest)? {
             let size = blob.size();
             progress.streaming(size, blob.into_file());
             return Ok(size);

@@ -132,8 +132,8 @@ fn gc(store: Option<PathBuf>, grace: &str) -> i32 {
     match registry.collect_garbage(grace) {
         Ok(r) => {
             println!(
-                "berth gc: removed {} blob links and {} blobs ({} bytes)",
-                r.links_removed, r.blobs_removed, r.bytes_freed
+                "berth gc: removed {} manifests, {} blob links and {} blobs ({} bytes)",
+                r.manifests_removed, r.links_removed, r.blobs_removed, r.bytes_freed
             );
             0
         }

@@ -58,10 +58,8 @@ impl App {
             }
             (Endpoint::Upload(id), "PUT") => {
                 let digest = digest_param(req)?;
-                let mut upload = self.receive_chunk(session, req, repo, id).await?;
-                self.registry
-                    .finish_upload(&mut upload, &digest, None)
-                    .map_err(api)?;
+                let upload = self.receive_chunk(session, req, repo, id).await?;
+                self.finish(upload, &digest).await?;
                 Ok(blob_created(session, repo, &digest).await)
             }
             (Endpoint::Upload(id), "DELETE") => {
@@ -105,13 +103,43 @@ impl App {
     ) -> Result<tokio::sync::OwnedMutexGuard<berth_registry::Upload>, ApiError> {
         let upload = self.registry.upload(repo, id).map_err(api)?;
         let mut upload = upload.lock_owned().await;
-        if let Some(start) = content_range_start(req)? {
+        let range = content_range(req)?;
+        if let Some((start, _)) = range {
             upload
                 .check_chunk_start(start)
                 .map_err(|e| chunk_error(e, repo, id))?;
         }
         read_body_into(session, &mut upload).await?;
+        if let Some((start, end)) = range {
+            if upload.offset() != end + 1 {
+                let e = ApiError::new(
+                    Code::ChunkOutOfOrder,
+                    format!(
+                        "Content-Range {start}-{end} announced {} bytes, but {} came",
+                        end + 1 - start,
+                        upload.offset() - start
+                    ),
+                );
+                return Err(e.with_headers(upload_headers(repo, id, upload.offset())));
+            }
+        }
         Ok(upload)
+    }
+
+    /// Completes an upload as `digest`, on the blocking pool (it syncs the file to disk,
+    /// and a digest other than sha256 reads it again).
+    async fn finish(
+        &self,
+        mut upload: tokio::sync::OwnedMutexGuard<berth_registry::Upload>,
+        digest: &Digest,
+    ) -> Result<(), ApiError> {
+        let registry = self.registry.clone();
+        let digest = digest.clone();
+        tokio::task::spawn_blocking(move || registry.finish_upload(&mut upload, &digest, None))
+            .await
+            .map_err(|e| ApiError::new(Code::Internal, format!("the upload task failed: {e}")))?
+            .map(|_| ())
+            .map_err(api)
     }
 
     /// `GET /v2/_catalog`: the private repositories.
@@ -240,18 +268,23 @@ impl App {
             }
             // Otherwise an ordinary upload, as the specification says.
         }
+        let digest = query_param(query, "digest")
+            .map(|d| parse_digest(&d))
+            .transpose()?;
         let upload = self.registry.start_upload(repo).map_err(api)?;
-        let mut upload = upload.lock().await;
-        if let Some(digest) = query_param(query, "digest") {
-            let digest = parse_digest(&digest)?;
-            read_body_into(session, &mut upload).await?;
-            self.registry
-                .finish_upload(&mut upload, &digest, None)
-                .map_err(api)?;
-            return Ok(blob_created(session, repo, &digest).await);
+        let mut upload = upload.lock_owned().await;
+        let Some(digest) = digest else {
+            let headers = upload_headers(repo, upload.id(), 0);
+            return Ok(send_head(session, 202, headers, 0, None).await);
+        };
+        // Monolithic: the client has no Location for this upload, so it must not
+        // outlive this request.
+        if let Err(e) = read_body_into(session, &mut upload).await {
+            self.registry.cancel_upload(&mut upload);
+            return Err(e);
         }
-        let headers = upload_headers(repo, upload.id(), 0);
-        Ok(send_head(session, 202, headers, 0, None).await)
+        self.finish(upload, &digest).await?;
+        Ok(blob_created(session, repo, &digest).await)
     }
 }
 
@@ -269,6 +302,7 @@ pub(crate) fn api(e: RegistryError) -> ApiError {
         RegistryError::ManifestBlobUnknown(_) => Code::ManifestBlobUnknown,
         RegistryError::ManifestTooLarge { .. } => Code::ManifestTooLarge,
         RegistryError::NameUnknown(_) => Code::NameUnknown,
+        RegistryError::TooManyUploads { .. } => Code::TooManyRequests,
         RegistryError::Store(_) => Code::Internal,
     };
     if code == Code::Internal {
@@ -331,25 +365,25 @@ fn digest_param(req: &Request) -> Result<Digest, ApiError> {
     parse_digest(&d)
 }
 
-/// The first byte of `Content-Range: <start>-<end>` (a chunk of an upload), if given.
-fn content_range_start(req: &Request) -> Result<Option<u64>, ApiError> {
+/// `Content-Range: <first>-<last>` of an upload chunk, if given.
+fn content_range(req: &Request) -> Result<Option<(u64, u64)>, ApiError> {
     let Some(v) = req.content_range.as_deref() else {
         return Ok(None);
     };
     let v = v.trim().strip_prefix("bytes ").unwrap_or(v.trim());
-    let start = v
+    let range = v
         .split_once('-')
         .and_then(|(s, e)| {
             let (s, e) = (s.parse::<u64>().ok()?, e.parse::<u64>().ok()?);
-            (s <= e).then_some(s)
+            (s <= e).then_some((s, e))
         })
         .ok_or_else(|| {
             ApiError::new(
-                Code::ChunkOutOfOrder,
+                Code::BlobUploadInvalid,
                 format!("Content-Range {v:?} is not <first byte>-<last byte>"),
             )
         })?;
-    Ok(Some(start))
+    Ok(Some(range))
 }
 
 /// `?n=` and `?last=` of a listing.

@@ -124,6 +124,14 @@ pub fn parse(path: &str, query: Option<&str>, config: &Config) -> Result<Route, 
             target,
             digest: blob_digest(last)?,
         }),
+        // A 404 sends OCI 1.1 clients to the referrers tag schema, which is proxied.
+        "referrers" => Err(ApiError::new(
+            Code::NotFound,
+            format!(
+                "the referrers API is not proxied for the upstream namespace {}; clients fall back to the referrers tag schema",
+                target.upstream
+            ),
+        )),
         _ => Err(read_only(&target)),
     }
 }

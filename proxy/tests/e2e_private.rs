@@ -139,14 +139,23 @@ async fn chunked_uploads_resume_and_refuse_what_does_not_fit() {
             let (code, msg) = oci_error(&r.bytes().await.unwrap(), "out-of-order chunk");
             assert_eq!(code, "BLOB_UPLOAD_INVALID");
             assert!(msg.contains("100000"), "{msg}");
+            // A chunk shorter than its Content-Range says.
+            let r = patch(
+                loc.clone(),
+                "100000-100009".into(),
+                bytes[100_000..100_005].to_vec(),
+            )
+            .await;
+            assert_eq!(r.status().as_u16(), 416);
+            assert_eq!(header_str(r.headers(), "range"), Some("0-100004"));
             // Resume: ask, then send from there.
             let r = http.get(url(&loc)).send().await.unwrap();
             assert_eq!(r.status().as_u16(), 204);
-            assert_eq!(header_str(r.headers(), "range"), Some("0-99999"));
+            assert_eq!(header_str(r.headers(), "range"), Some("0-100004"));
             let r = patch(
                 loc.clone(),
-                "100000-199999".into(),
-                bytes[100_000..200_000].to_vec(),
+                "100005-199999".into(),
+                bytes[100_005..200_000].to_vec(),
             )
             .await;
             assert_eq!(r.status().as_u16(), 202);
@@ -342,6 +351,37 @@ async fn upstream_namespaces_stay_read_only_and_content_is_stored_once() {
                 1,
                 "the layer is stored more than once: {files:?}"
             );
+
+            // Private content is not readable through an upstream namespace: berth asks
+            // the upstream, which does not have it.
+            let secret = make_single(22, 10_000);
+            Pusher::new(&berth.url(), None)
+                .image("team/secret", Some("v1"), &secret)
+                .await;
+            for path in [
+                format!(
+                    "/v2/docker.io/library/cached/blobs/{}",
+                    secret.layers[0].blob.digest
+                ),
+                format!(
+                    "/v2/library/cached/blobs/{}?ns=docker.io",
+                    secret.config.digest
+                ),
+                format!("/v2/docker.io/library/cached/manifests/{}", secret.digest),
+            ] {
+                let (status, _, body) = berth.fetch(&path, &[("Accept", ACCEPT_ALL)]).await;
+                assert_eq!(status, 404, "GET {path} served private content: {body:?}");
+                let r = berth.head(&path, &[("Accept", ACCEPT_ALL)]).await;
+                assert_eq!(r.status().as_u16(), 404, "HEAD {path}");
+            }
+            // The referrers API is not proxied: a 404 sends clients to the tag schema.
+            let r = berth
+                .get(
+                    &format!("/v2/docker.io/library/cached/referrers/{}", image.digest),
+                    &[],
+                )
+                .await;
+            assert_eq!(r.status().as_u16(), 404);
         },
     )
     .await;
@@ -573,7 +613,7 @@ async fn garbage_collection_after_deletes_frees_exactly_the_unreferenced() {
             let freed: Vec<&Blob> = drop.blobs().into_iter().chain([&orphan]).collect();
             let bytes: usize = freed.iter().map(|b| b.bytes.len()).sum();
             let want = format!(
-                "removed {n} blob links and {n} blobs ({bytes} bytes)",
+                "removed 1 manifests, {n} blob links and {n} blobs ({bytes} bytes)",
                 n = freed.len()
             );
             assert!(

@@ -29,6 +29,10 @@ pub enum RegistryError {
         limit: usize,
     },
     NameUnknown(String),
+    /// Too many uploads are in progress.
+    TooManyUploads {
+        limit: usize,
+    },
     Store(StoreError),
 }
 
@@ -56,6 +60,10 @@ impl std::fmt::Display for RegistryError {
             RegistryError::ManifestTooLarge { limit } => {
                 write!(f, "the manifest is larger than the limit of {limit} bytes")
             }
+            RegistryError::TooManyUploads { limit } => write!(
+                f,
+                "{limit} uploads are already in progress: finish or cancel some, or retry later"
+            ),
             RegistryError::Store(e) => e.fmt(f),
         }
     }

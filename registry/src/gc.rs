@@ -18,6 +18,8 @@ use crate::{manifest, now_ms, Registry, RegistryError};
 /// What a collection did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct GcReport {
+    /// Manifests no repository holds any more.
+    pub manifests_removed: usize,
     /// Blob links removed from repositories.
     pub links_removed: usize,
     /// Blob files deleted.
@@ -33,8 +35,10 @@ impl Registry {
         let cutoff_ms = now_ms().saturating_sub(grace.as_millis() as u64);
         // Mark: what each repository's manifests reference.
         let mut referenced: HashSet<(String, Digest)> = HashSet::new();
+        let mut linked_manifests: HashSet<Digest> = HashSet::new();
         for (repo, digest, _) in meta.all_manifest_links()? {
-            let Some(rec) = meta.get_manifest(&digest)? else {
+            linked_manifests.insert(digest.clone());
+            let Some(rec) = meta.get_private_manifest(&digest)? else {
                 continue;
             };
             if let Ok(parsed) = manifest::parse(&rec.media_type, &rec.body) {
@@ -43,8 +47,15 @@ impl Registry {
                 }
             }
         }
-        // Sweep links.
+        // Sweep manifests no repository has any more.
         let mut report = GcReport::default();
+        for digest in meta.private_manifest_digests()? {
+            if !linked_manifests.contains(&digest) {
+                meta.delete_private_manifest(&digest)?;
+                report.manifests_removed += 1;
+            }
+        }
+        // Sweep links.
         let mut linked: HashSet<Digest> = HashSet::new();
         let mut batch = Batch::default();
         for (repo, digest, link) in meta.all_blob_links()? {
@@ -70,6 +81,7 @@ impl Registry {
             report.bytes_freed += size;
         }
         tracing::info!(
+            manifests_removed = report.manifests_removed,
             links_removed = report.links_removed,
             blobs_removed = report.blobs_removed,
             bytes_freed = report.bytes_freed,

@@ -34,12 +34,15 @@ pub use upload::{SharedUpload, Upload};
 pub struct Options {
     /// An upload with no activity for this long is removed.
     pub upload_timeout: Duration,
+    /// At most this many uploads are in progress at once.
+    pub max_uploads: usize,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Options {
             upload_timeout: Duration::from_secs(3600),
+            max_uploads: 1024,
         }
     }
 }
@@ -164,12 +167,13 @@ impl Registry {
     /// The digest a reference names in `repo`.
     fn resolve(&self, repo: &str, reference: &Reference) -> Result<Digest, RegistryError> {
         match reference {
-            Reference::Tag(tag) => self
-                .store
-                .meta
-                .repo_tag(repo, tag)?
-                .map(|t| t.digest)
-                .ok_or_else(|| self.manifest_unknown(repo, reference)),
+            Reference::Tag(tag) => match self.store.meta.repo_tag(repo, tag)? {
+                // A tag counts only while its manifest is in the repository.
+                Some(t) if self.store.meta.repo_manifest(repo, &t.digest)?.is_some() => {
+                    Ok(t.digest)
+                }
+                _ => Err(self.manifest_unknown(repo, reference)),
+            },
             Reference::Digest(d) => match self.store.meta.repo_manifest(repo, d)? {
                 Some(_) => Ok(d.clone()),
                 None => Err(self.manifest_unknown(repo, reference)),
@@ -189,7 +193,7 @@ impl Registry {
         let rec = self
             .store
             .meta
-            .get_manifest(&digest)?
+            .get_private_manifest(&digest)?
             .ok_or_else(|| self.manifest_unknown(repo, reference))?;
         Ok(Manifest {
             digest,
@@ -253,7 +257,7 @@ impl Registry {
         let now = now_ms();
         let mut b = Batch::default();
         b.put_repo(repo, now)
-            .put_manifest(
+            .put_private_manifest(
                 &digest,
                 &ManifestRecord {
                     media_type: media_type.to_owned(),
@@ -307,7 +311,7 @@ impl Registry {
                     b.delete_tag(repo, &tag);
                 }
                 b.unlink_manifest(repo, d);
-                if let Some(rec) = self.store.meta.get_manifest(d)? {
+                if let Some(rec) = self.store.meta.get_private_manifest(d)? {
                     if let Ok(parsed) = manifest::parse(&rec.media_type, &rec.body) {
                         if let Some(subject) = parsed.subject {
                             b.delete_referrer(repo, &subject.digest, &digest);

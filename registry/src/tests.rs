@@ -291,10 +291,17 @@ async fn idle_uploads_expire_and_take_their_bytes_with_them() {
         store,
         Options {
             upload_timeout: Duration::from_millis(50),
+            max_uploads: 2,
         },
     );
     let upload = r.start_upload("e/app").unwrap();
     upload.lock().await.write(b"partial").unwrap();
+    let second = r.start_upload("e/app").unwrap();
+    assert!(matches!(
+        r.start_upload("e/app"),
+        Err(RegistryError::TooManyUploads { limit: 2 })
+    ));
+    r.cancel_upload(&mut *second.lock().await);
     let id = upload.lock().await.id().to_owned();
     drop(upload);
     assert_eq!(r.expire_uploads(), 0);
@@ -347,10 +354,14 @@ async fn garbage_collection_frees_exactly_the_unreferenced_blobs() {
     r.delete_manifest("g/app", &Reference::Digest(drop.digest))
         .unwrap();
 
-    // Within the grace period nothing goes: a push may be about to reference it.
+    // Within the grace period no blob goes: a push may be about to reference it. The
+    // deleted manifest does.
     assert_eq!(
         r.collect_garbage(Duration::from_secs(3600)).unwrap(),
-        GcReport::default()
+        GcReport {
+            manifests_removed: 1,
+            ..GcReport::default()
+        }
     );
 
     let report = r.collect_garbage(Duration::ZERO).unwrap();

@@ -42,7 +42,12 @@ impl Upload {
             .writer
             .as_mut()
             .ok_or_else(|| RegistryError::UploadUnknown(self.id.clone()))?;
-        writer.write(bytes)?;
+        if let Err(e) = writer.write(bytes) {
+            // Part of the chunk may be in the file but not in the hash: the upload cannot
+            // go on, and its file goes with it.
+            self.writer = None;
+            return Err(e.into());
+        }
         Ok(())
     }
 
@@ -73,6 +78,10 @@ fn valid_id(id: &str) -> bool {
 impl Registry {
     /// Starts an upload into `repo`.
     pub fn start_upload(&self, repo: &str) -> Result<SharedUpload, RegistryError> {
+        let limit = self.options.max_uploads;
+        if self.uploads_in_progress() >= limit {
+            return Err(RegistryError::TooManyUploads { limit });
+        }
         let id = new_id()?;
         let upload = Arc::new(tokio::sync::Mutex::new(Upload {
             id: id.clone(),

@@ -19,9 +19,11 @@
 //! | `repo_manifests` | `repo \0 digest`           | [`RepoLink`]: when it was pushed           |
 //! | `repo_blobs`     | `repo \0 digest`           | [`RepoLink`]: when it was linked, its size |
 //! | `referrers`      | `repo \0 subject \0 digest` | the referrer's descriptor (JSON)          |
+//! | `private_manifests` | digest                  | [`ManifestRecord`]: media type and bytes   |
 //!
-//! Manifest bytes live in `manifests` and blob bytes in the blob store, one copy each
-//! whether pulled through or pushed.
+//! Pushed manifests are kept apart from pulled-through ones (`manifests`), so neither
+//! side can serve or change the other's. Blob bytes are in the blob store, one copy
+//! whether pulled through or pushed; `blobs` records which ones the cache fetched.
 //!
 //! Every value starts with a format version byte; decoding garbage yields
 //! [`StoreError::Corrupt`], never a panic.
@@ -42,7 +44,8 @@ const CF_REPO_TAGS: &str = "repo_tags";
 const CF_REPO_MANIFESTS: &str = "repo_manifests";
 const CF_REPO_BLOBS: &str = "repo_blobs";
 const CF_REFERRERS: &str = "referrers";
-const FAMILIES: [&str; 8] = [
+const CF_PRIVATE_MANIFESTS: &str = "private_manifests";
+const FAMILIES: [&str; 9] = [
     CF_TAGS,
     CF_MANIFESTS,
     CF_BLOBS,
@@ -51,6 +54,7 @@ const FAMILIES: [&str; 8] = [
     CF_REPO_MANIFESTS,
     CF_REPO_BLOBS,
     CF_REFERRERS,
+    CF_PRIVATE_MANIFESTS,
 ];
 const VERSION: u8 = 1;
 
@@ -347,9 +351,9 @@ impl Batch {
         self
     }
 
-    pub fn put_manifest(&mut self, digest: &Digest, record: &ManifestRecord) -> &mut Self {
+    pub fn put_private_manifest(&mut self, digest: &Digest, record: &ManifestRecord) -> &mut Self {
         self.ops.push((
-            CF_MANIFESTS,
+            CF_PRIVATE_MANIFESTS,
             digest.to_string().into_bytes(),
             Some(record.encode()),
         ));
@@ -506,8 +510,28 @@ impl MetaStore {
         self.put(CF_MANIFESTS, &digest.to_string(), record)
     }
 
-    pub fn delete_manifest(&self, digest: &Digest) -> Result<(), StoreError> {
-        self.delete(CF_MANIFESTS, digest.to_string().as_bytes())
+    pub fn get_private_manifest(
+        &self,
+        digest: &Digest,
+    ) -> Result<Option<ManifestRecord>, StoreError> {
+        self.get(CF_PRIVATE_MANIFESTS, &digest.to_string())
+    }
+
+    pub fn delete_private_manifest(&self, digest: &Digest) -> Result<(), StoreError> {
+        self.delete(CF_PRIVATE_MANIFESTS, digest.to_string().as_bytes())
+    }
+
+    /// The digests of every stored private manifest.
+    pub fn private_manifest_digests(&self) -> Result<Vec<Digest>, StoreError> {
+        self.scan(CF_PRIVATE_MANIFESTS, b"", None, usize::MAX)?
+            .into_iter()
+            .map(|(k, _)| {
+                std::str::from_utf8(&k)
+                    .ok()
+                    .and_then(|k| k.parse().ok())
+                    .ok_or_else(|| corrupt("private manifest key"))
+            })
+            .collect()
     }
 
     pub fn get_blob(&self, digest: &Digest) -> Result<Option<BlobRecord>, StoreError> {
