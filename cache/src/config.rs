@@ -35,6 +35,12 @@ pub struct ServerConfig {
     /// `upload_timeout`: how long a push's upload may sit idle before it is removed.
     /// Default `1h`.
     pub upload_timeout: Option<Duration>,
+    /// `gc_interval`: how often private content nothing references is collected; `"0s"`
+    /// turns it off. Default `24h`.
+    pub gc_interval: Option<Duration>,
+    /// `gc_grace`: content younger than this is never collected (a push uploads its
+    /// blobs before the manifest that references them). Default `1h`.
+    pub gc_grace: Option<Duration>,
 }
 
 /// `[[upstream]]`: one upstream registry.
@@ -235,6 +241,8 @@ fn parse_server(v: &Value, p: &mut Problems) -> ServerConfig {
             "store" => s.store = string(&path, value, p).map(PathBuf::from),
             "drain" => s.drain = duration(&path, value, p),
             "upload_timeout" => s.upload_timeout = duration(&path, value, p),
+            "gc_interval" => s.gc_interval = duration(&path, value, p),
+            "gc_grace" => s.gc_grace = duration(&path, value, p),
             _ => p.add(&path, "unknown key"),
         }
     }

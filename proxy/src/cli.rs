@@ -15,11 +15,13 @@ use berth_registry::Registry;
 use berth_store::Store;
 
 use crate::metrics::Metrics;
-use crate::private::UploadJanitor;
+use crate::private::Maintenance;
 use crate::server::App;
 
 const DEFAULT_LISTEN: &str = "127.0.0.1:5000";
 const DEFAULT_DRAIN: Duration = Duration::from_secs(5);
+const DEFAULT_GC_INTERVAL: Duration = Duration::from_secs(24 * 3600);
+const DEFAULT_GC_GRACE: Duration = Duration::from_secs(3600);
 
 /// berth: a pull-through caching proxy for OCI container images.
 ///
@@ -258,12 +260,21 @@ fn serve(args: ServeArgs) -> i32 {
         registry,
         metrics,
     };
-    let janitor = UploadJanitor(app.registry.clone());
+    let maintenance = Maintenance {
+        registry: app.registry.clone(),
+        gc_interval: match app.config.server.gc_interval {
+            Some(d) if d.is_zero() => None,
+            Some(d) => Some(d),
+            None => Some(DEFAULT_GC_INTERVAL),
+        },
+        gc_grace: app.config.server.gc_grace.unwrap_or(DEFAULT_GC_GRACE),
+    };
     let mut service = Service::new("berth".to_owned(), app);
     service.add_tcp(&listen);
     server.add_service(service);
     server.add_service(pingora::services::background::background_service(
-        "uploads", janitor,
+        "maintenance",
+        maintenance,
     ));
     server.run_forever()
 }

@@ -198,7 +198,12 @@ impl App {
                     .collect()
             })
             .unwrap_or_default();
-        if let Some(bad) = tags.iter().find(|t| !berth_store::oci::is_valid_tag(t)) {
+        let main_tag = match reference {
+            Reference::Tag(t) => Some(t),
+            Reference::Digest(_) => None,
+        };
+        let mut all_tags = tags.iter().chain(main_tag);
+        if let Some(bad) = all_tags.find(|t| !berth_store::oci::is_valid_tag(t)) {
             return Err(ApiError::new(
                 Code::TagInvalid,
                 format!("{bad:?} is not a valid tag"),
@@ -480,27 +485,57 @@ async fn next_chunk(session: &mut ServerSession) -> Result<Option<Bytes>, ApiErr
     }
 }
 
-/// Removes abandoned uploads: every minute (or every upload timeout, if shorter), the
-/// uploads idle for longer than the timeout.
-pub struct UploadJanitor(pub std::sync::Arc<berth_registry::Registry>);
+/// Private-registry upkeep in the background: removes abandoned uploads (checked every
+/// minute, or every upload timeout if shorter) and, every `gc_interval`, collects
+/// garbage older than `gc_grace`.
+pub struct Maintenance {
+    pub registry: std::sync::Arc<berth_registry::Registry>,
+    pub gc_interval: Option<std::time::Duration>,
+    pub gc_grace: std::time::Duration,
+}
 
 #[async_trait::async_trait]
-impl pingora::services::background::BackgroundService for UploadJanitor {
+impl pingora::services::background::BackgroundService for Maintenance {
     async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
-        let period = self
-            .0
+        use std::time::Duration;
+        let sweep = self
+            .registry
             .options()
             .upload_timeout
-            .min(std::time::Duration::from_secs(60))
-            .max(std::time::Duration::from_millis(100));
+            .clamp(Duration::from_millis(100), Duration::from_secs(60));
+        let mut uploads = tokio::time::interval(sweep);
+        uploads.tick().await;
+        let mut gc = self.gc_interval.map(tokio::time::interval);
+        if let Some(gc) = gc.as_mut() {
+            gc.tick().await;
+        }
         loop {
+            let gc_due = async {
+                match gc.as_mut() {
+                    Some(gc) => {
+                        gc.tick().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
             tokio::select! {
-                _ = tokio::time::sleep(period) => {}
+                _ = uploads.tick() => {
+                    let removed = self.registry.expire_uploads();
+                    if removed > 0 {
+                        tracing::info!(removed, "abandoned uploads removed");
+                    }
+                }
+                _ = gc_due => {
+                    let registry = self.registry.clone();
+                    let grace = self.gc_grace;
+                    let result = tokio::task::spawn_blocking(move || registry.collect_garbage(grace)).await;
+                    match result {
+                        Ok(Ok(_)) => {}
+                        Ok(Err(e)) => tracing::error!(error = %e, "garbage collection failed"),
+                        Err(e) => tracing::error!(error = %e, "garbage collection task failed"),
+                    }
+                }
                 _ = shutdown.changed() => return,
-            }
-            let removed = self.0.expire_uploads();
-            if removed > 0 {
-                tracing::info!(removed, "abandoned uploads removed");
             }
         }
     }

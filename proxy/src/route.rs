@@ -166,6 +166,11 @@ fn private(name: &str, kind: &str, last: &str) -> Result<Route, ApiError> {
     }
     let endpoint = match kind {
         "tags" => Endpoint::Tags,
+        // An invalid tag is left for the handler: a push of it is TAG_INVALID, a pull
+        // MANIFEST_UNKNOWN.
+        "manifests" if !last.contains(':') && !last.is_empty() => {
+            Endpoint::Manifest(Reference::Tag(last.to_owned()))
+        }
         "manifests" => Endpoint::Manifest(reference(last)?),
         "blobs" => Endpoint::Blob(blob_digest(last)?),
         "upload" if last.is_empty() => Endpoint::Uploads,

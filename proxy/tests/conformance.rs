@@ -293,10 +293,10 @@ async fn every_endpoint_with_its_success_and_failure_codes() {
                 .body(vec![b' '; (4 << 20) + 1])
                 .run(&http, &base)
                 .await;
-            check("end-7 invalid tag", "PUT", manifest("-bad"), 404)
+            check("end-7 invalid tag", "PUT", manifest("-bad"), 400)
                 .header("Content-Type", OCI_MANIFEST)
                 .body(image.manifest.clone())
-                .code("MANIFEST_UNKNOWN")
+                .code("TAG_INVALID")
                 .run(&http, &base)
                 .await;
 
@@ -309,6 +309,10 @@ async fn every_endpoint_with_its_success_and_failure_codes() {
                     .run(&http, &base)
                     .await;
             }
+            check("end-3 invalid tag", "GET", manifest("-bad"), 404)
+                .code("MANIFEST_UNKNOWN")
+                .run(&http, &base)
+                .await;
             check("end-3 unknown", "GET", manifest("nope"), 404)
                 .code("MANIFEST_UNKNOWN")
                 .run(&http, &base)

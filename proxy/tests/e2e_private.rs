@@ -641,3 +641,77 @@ async fn garbage_collection_after_deletes_frees_exactly_the_unreferenced() {
     )
     .await;
 }
+
+/// With `gc_interval` set, berth collects garbage while it runs: after a delete, the
+/// blobs only the deleted manifest used go once they are older than `gc_grace`, and a
+/// push in progress (younger than the grace period) is untouched.
+#[tokio::test(flavor = "multi_thread")]
+async fn garbage_is_collected_while_berth_runs() {
+    within(120, "garbage_is_collected_while_berth_runs", async {
+        let config = "[server]\ngc_interval = \"300ms\"\ngc_grace = \"2s\"\n";
+        let berth = Berth::start_with_config(config, &[]).await;
+        let push = Pusher::new(&berth.url(), None);
+        let keep = make_single(61, 20_000);
+        let drop = make_single(62, 20_000);
+        push.image("team/live", Some("keep"), &keep).await;
+        push.image("team/live", Some("drop"), &drop).await;
+        let r = reqwest::Client::new()
+            .delete(format!(
+                "{}/v2/team/live/manifests/{}",
+                berth.url(),
+                drop.digest
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 202);
+        // A blob pushed now, with no manifest yet, stays for the grace period.
+        let pending = Blob::new("application/octet-stream", random_bytes(63, 1_000));
+        push.blob("team/live", &pending).await;
+        let layer = &drop.layers[0].blob;
+        let path = format!("/v2/team/live/blobs/{}", layer.digest);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let (status, _, _) = berth.fetch(&path, &[]).await;
+            if status == 404 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{path} was never collected"
+            );
+            let (status, _, _) = berth
+                .fetch(&format!("/v2/team/live/blobs/{}", pending.digest), &[])
+                .await;
+            assert_eq!(
+                status, 200,
+                "a blob younger than the grace period was collected"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        let hex = layer.hex();
+        let file = berth
+            .store_dir()
+            .join("blobs/sha256")
+            .join(&hex[..2])
+            .join(hex);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while file.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} was not deleted",
+                file.display()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        let out = tempdir();
+        skopeo(
+            &format!("docker://{}/team/live:keep", berth.host()),
+            &format!("oci:{}:keep", out.path().display()),
+            false,
+        )
+        .await;
+        assert_oci_layout(out.path(), &keep.manifest, &[], &keep.blobs());
+    })
+    .await;
+}

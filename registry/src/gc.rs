@@ -20,6 +20,8 @@ use crate::{manifest, now_ms, Registry, RegistryError};
 pub struct GcReport {
     /// Manifests no repository holds any more.
     pub manifests_removed: usize,
+    /// Repositories left empty, removed from the catalog.
+    pub repos_removed: usize,
     /// Blob links removed from repositories.
     pub links_removed: usize,
     /// Blob files deleted.
@@ -30,6 +32,9 @@ pub struct GcReport {
 impl Registry {
     /// Collects garbage older than `grace`.
     pub fn collect_garbage(&self, grace: Duration) -> Result<GcReport, RegistryError> {
+        // Listed before the lock: a blob published after this is younger than the grace
+        // period, or not in the list at all.
+        let files = self.store.blobs.list()?;
         let _exclusive = self.gc_lock.write().expect("gc lock");
         let meta = &self.store.meta;
         let cutoff_ms = now_ms().saturating_sub(grace.as_millis() as u64);
@@ -57,14 +62,27 @@ impl Registry {
         }
         // Sweep links.
         let mut linked: HashSet<Digest> = HashSet::new();
+        let mut live_repos: HashSet<String> = meta
+            .all_manifest_links()?
+            .into_iter()
+            .map(|(repo, _, _)| repo)
+            .collect();
         let mut batch = Batch::default();
         for (repo, digest, link) in meta.all_blob_links()? {
             let key = (repo, digest);
             if referenced.contains(&key) || link.linked_ms > cutoff_ms {
                 linked.insert(key.1);
+                live_repos.insert(key.0);
             } else {
                 batch.unlink_blob(&key.0, &key.1);
                 report.links_removed += 1;
+            }
+        }
+        // Repositories left with nothing leave the catalog.
+        for repo in meta.repos(None, usize::MAX)? {
+            if !live_repos.contains(&repo) {
+                batch.delete_repo(&repo);
+                report.repos_removed += 1;
             }
         }
         meta.write(batch)?;
@@ -72,7 +90,7 @@ impl Registry {
         let cutoff = SystemTime::now()
             .checked_sub(grace)
             .unwrap_or(SystemTime::UNIX_EPOCH);
-        for (digest, size, published) in self.store.blobs.list()? {
+        for (digest, size, published) in files {
             if linked.contains(&digest) || published > cutoff || meta.get_blob(&digest)?.is_some() {
                 continue;
             }

@@ -386,6 +386,8 @@ async fn garbage_collection_frees_exactly_the_unreferenced_blobs() {
         "a pulled-through blob went"
     );
     assert!(r.manifest("g/app", &Reference::Digest(keep.digest)).is_ok());
+    assert_eq!(report.repos_removed, 1, "g/other was left with nothing");
+    assert_eq!(r.catalog(None, None).unwrap().items, vec!["g/app"]);
     assert_eq!(
         r.collect_garbage(Duration::ZERO).unwrap(),
         GcReport::default()

@@ -351,6 +351,11 @@ impl Batch {
         self
     }
 
+    pub fn delete_repo(&mut self, repo: &str) -> &mut Self {
+        self.ops.push((CF_REPOS, repo.as_bytes().to_vec(), None));
+        self
+    }
+
     pub fn put_private_manifest(&mut self, digest: &Digest, record: &ManifestRecord) -> &mut Self {
         self.ops.push((
             CF_PRIVATE_MANIFESTS,

@@ -1266,8 +1266,13 @@ impl Berth {
     }
 
     pub async fn start_with_env(upstreams: &[Upstream], env: &[(&str, &str)]) -> Berth {
+        Self::start_with_config(&berth_config(upstreams), env).await
+    }
+
+    /// Starts berth with the configuration file `config`.
+    pub async fn start_with_config(config: &str, env: &[(&str, &str)]) -> Berth {
         let dir = tempdir();
-        fs::write(dir.path().join("berth.toml"), berth_config(upstreams)).unwrap();
+        fs::write(dir.path().join("berth.toml"), config).unwrap();
         let log = dir.path().join("berth.log");
         let env: Vec<(String, String)> = env
             .iter()
