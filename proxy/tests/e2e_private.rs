@@ -715,3 +715,60 @@ async fn garbage_is_collected_while_berth_runs() {
     })
     .await;
 }
+
+/// An upload nobody finishes is removed after `upload_timeout`, with its bytes.
+#[tokio::test(flavor = "multi_thread")]
+async fn abandoned_uploads_are_removed_after_the_upload_timeout() {
+    within(
+        60,
+        "abandoned_uploads_are_removed_after_the_upload_timeout",
+        async {
+            let config = "[server]\nupload_timeout = \"1s\"\n";
+            let berth = Berth::start_with_config(config, &[]).await;
+            let http = reqwest::Client::new();
+            let r = http
+                .post(format!("{}/v2/team/abandoned/blobs/uploads/", berth.url()))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 202);
+            let loc = format!(
+                "{}{}",
+                berth.url(),
+                header_str(r.headers(), "location").unwrap()
+            );
+            let r = http
+                .patch(&loc)
+                .body(vec![7u8; 50_000])
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 202);
+            let tmp = berth.store_dir().join("tmp");
+            assert_eq!(
+                std::fs::read_dir(&tmp).unwrap().count(),
+                1,
+                "the upload's file"
+            );
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            loop {
+                let status = http.get(&loc).send().await.unwrap().status().as_u16();
+                if status == 404 {
+                    break;
+                }
+                assert_eq!(status, 204);
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the upload was never removed"
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+            assert_eq!(
+                std::fs::read_dir(&tmp).unwrap().count(),
+                0,
+                "its file stayed"
+            );
+        },
+    )
+    .await;
+}
