@@ -230,6 +230,26 @@ if wants resilience; then
     log "SIGTERM with nothing in flight"
     t0=$(date +%s%N); stop_pid "$BERTH_PID"; sigterm_ms=$(ms_since "$t0")
 
+    # SIGTERM with a pull in flight: one that finishes within the drain time (the big
+    # layer at 100 MiB/s) and one that cannot (at 20 MiB/s). The layer is cached first.
+    sigterm_pull() { # rate -> "exit_ms bytes_received"
+        start_berth
+        local url="http://127.0.0.1:$BERTH_PORT/v2/docker.io/library/bench/blobs/sha256:$BIG"
+        curl -sf -o /dev/null "$url"
+        curl -s --limit-rate "$1" -o /dev/null -w '%{size_download}' "$url" > "$WORK/pull.bytes" &
+        local curl_pid=$!
+        sleep 1
+        local t0; t0=$(date +%s%N)
+        stop_pid "$BERTH_PID"
+        local ms; ms=$(ms_since "$t0")
+        wait "$curl_pid" 2>/dev/null || true
+        echo "$ms $(cat "$WORK/pull.bytes")"
+    }
+    log "SIGTERM with a pull in flight that fits in the drain time"
+    read -r sigterm_fits_ms sigterm_fits_bytes < <(sigterm_pull 100M)
+    log "SIGTERM with a pull in flight that outlasts the drain time"
+    read -r sigterm_cut_ms sigterm_cut_bytes < <(sigterm_pull 20M)
+
     log "a cached tag with the upstream hung"
     # Last in the script: the upstream itself is stopped and its port taken over.
     HUNG_PORT=$UP_PORT
@@ -257,6 +277,8 @@ while True: conns.append(s.accept()[0])' "$HUNG_PORT" &
     stop_pid "$BERTH_PID"
     cat > "$OUT/resilience.extra" <<EOF
 {"restart_1m_blobs_ms": $restart_ms, "sigterm_idle_ms": $sigterm_ms,
+ "sigterm_fits_ms": $sigterm_fits_ms, "sigterm_fits_bytes": $sigterm_fits_bytes,
+ "sigterm_cut_ms": $sigterm_cut_ms, "sigterm_cut_bytes": $sigterm_cut_bytes, "layer_bytes": $BIG_SIZE,
  "hung_status": $hung_status, "hung_ms": $hung_ms, "hung_warning": $hung_warning,
  "hung_again_ms": $hung_again_ms, "read_timeout_ms": 3000, "drain_ms": 5000}
 EOF

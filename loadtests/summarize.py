@@ -165,6 +165,17 @@ def main():
         lines.append("|---|---|---|")
         lines.append(f"| restart with 1,000,000 indexed blobs: start to serving `/v2/` | {res['restart_1m_blobs_ms']} ms | 2,000 ms |")
         lines.append(f"| SIGTERM to exit, nothing in flight | {res['sigterm_idle_ms']} ms | drain {res['drain_ms']} ms |")
+        if "sigterm_fits_ms" in res:
+            whole = "whole" if res["sigterm_fits_bytes"] == res["layer_bytes"] else "cut"
+            lines.append(
+                f"| SIGTERM to exit, a pull of the layer in flight at 100 MiB/s (it got the {whole} layer) "
+                f"| {res['sigterm_fits_ms']:,} ms | drain {res['drain_ms']:,} ms |"
+            )
+            got = res["sigterm_cut_bytes"] / res["layer_bytes"] * 100
+            lines.append(
+                f"| SIGTERM to exit, a pull in flight at 20 MiB/s, too slow for the drain (it got {got:.0f}%) "
+                f"| {res['sigterm_cut_ms']:,} ms | drain {res['drain_ms']:,} ms + 1 s |"
+            )
         lines.append(
             f"| cached tag, upstream hung (accepts, never answers): status {res['hung_status']}, "
             f"Warning 110 {'present' if res['hung_warning'] else 'MISSING'} | {res['hung_ms']} ms | "

@@ -174,6 +174,19 @@ pub struct Manifest {
     pub digest: Digest,
     pub media_type: String,
     pub body: Bytes,
+    /// `digest` as text, made once: it goes into every response.
+    pub digest_text: String,
+}
+
+impl Manifest {
+    pub fn new(digest: Digest, media_type: String, body: Bytes) -> Self {
+        Manifest {
+            digest_text: digest.to_string(),
+            digest,
+            media_type,
+            body,
+        }
+    }
 }
 
 /// Where a blob's bytes come from.
@@ -265,11 +278,7 @@ impl Cache {
         let Some(rec) = self.store.meta.get_manifest(digest)? else {
             return Ok(None);
         };
-        let m = Arc::new(Manifest {
-            digest: digest.clone(),
-            media_type: rec.media_type,
-            body: rec.body,
-        });
+        let m = Arc::new(Manifest::new(digest.clone(), rec.media_type, rec.body));
         self.hot_manifests.insert(digest.clone(), m.clone()).await;
         Ok(Some(m))
     }
@@ -488,11 +497,7 @@ impl Cache {
                 body: body.clone(),
             },
         )?;
-        let m = Arc::new(Manifest {
-            digest: digest.clone(),
-            media_type,
-            body,
-        });
+        let m = Arc::new(Manifest::new(digest.clone(), media_type, body));
         self.hot_manifests.insert(digest, m.clone()).await;
         Ok(m)
     }

@@ -14,6 +14,7 @@ use berth_cache::Cache;
 use berth_registry::Registry;
 use berth_store::Store;
 
+use crate::drain::{Drain, InFlight};
 use crate::metrics::Metrics;
 use crate::private::Maintenance;
 use crate::server::App;
@@ -243,8 +244,10 @@ fn serve(args: ServeArgs) -> i32 {
         .unwrap_or(2);
     let mut conf = ServerConf {
         threads,
-        grace_period_seconds: Some(0),
-        graceful_shutdown_timeout_seconds: Some(drain.as_secs().max(1)),
+        // Requests in flight get the drain time (see drain.rs, which exits as soon as
+        // none is left); then the runtimes get one more second.
+        grace_period_seconds: Some(drain.as_secs() + u64::from(drain.subsec_nanos() > 0)),
+        graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };
     conf.pid_file = std::env::temp_dir()
@@ -254,7 +257,9 @@ fn serve(args: ServeArgs) -> i32 {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     let registry = Arc::new(Registry::new(store_for_registry, registry_options));
+    let in_flight = InFlight::default();
     let app = App {
+        in_flight: in_flight.clone(),
         config: Arc::new(config),
         cache,
         registry,
@@ -272,6 +277,10 @@ fn serve(args: ServeArgs) -> i32 {
     let mut service = Service::new("berth".to_owned(), app);
     service.add_tcp(&listen);
     server.add_service(service);
+    server.add_service(pingora::services::background::background_service(
+        "drain",
+        Drain { in_flight, drain },
+    ));
     server.add_service(pingora::services::background::background_service(
         "maintenance",
         maintenance,

@@ -14,6 +14,7 @@
 //! ```
 
 pub mod cli;
+mod drain;
 pub mod errors;
 pub mod metrics;
 pub mod private;

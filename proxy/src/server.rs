@@ -38,6 +38,8 @@ const CLIENT_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs
 
 /// berth's HTTP application.
 pub struct App {
+    /// Requests being served, for draining on SIGTERM.
+    pub in_flight: crate::drain::InFlight,
     pub config: Arc<Config>,
     pub cache: Arc<Cache>,
     pub registry: Arc<Registry>,
@@ -119,6 +121,7 @@ impl HttpServerApp for App {
             Ok(true) => {}
             _ => return None,
         }
+        let _serving = self.in_flight.enter();
         session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
         // A client that stops reading does not hold its connection (and the blob it was
         // being sent) forever.
@@ -131,10 +134,11 @@ impl HttpServerApp for App {
             Ok(r) => (route_kind(r), route_upstream(r)),
             Err(_) => ("invalid", None),
         };
+        let elapsed = started.elapsed();
         self.metrics.observe(
             &RequestLabels::new(kind, upstream, served.outcome, served.status),
             served.bytes,
-            started.elapsed(),
+            elapsed,
         );
         tracing::info!(
             target: "berth::access",
@@ -145,7 +149,7 @@ impl HttpServerApp for App {
             bytes = served.bytes,
             outcome = served.outcome.map(Outcome::as_str).unwrap_or("-"),
             complete = served.complete,
-            ms = started.elapsed().as_millis() as u64,
+            ms = elapsed.as_millis() as u64,
             "request"
         );
         if !served.complete {
@@ -316,8 +320,8 @@ impl App {
             })?;
         let mut headers = vec![
             ("Content-Type", m.media_type.clone()),
-            ("Docker-Content-Digest", m.digest.to_string()),
-            ("ETag", format!("\"{}\"", m.digest)),
+            ("Docker-Content-Digest", m.digest_text.clone()),
+            ("ETag", ["\"", &m.digest_text, "\""].concat()),
         ];
         ns_header(&mut headers, target);
         if outcome == Outcome::Stale {
