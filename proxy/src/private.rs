@@ -40,7 +40,10 @@ impl App {
             }
             (Endpoint::Tags, "GET" | "HEAD") => {
                 let (n, last) = pagination(req)?;
-                let page = self.registry.tags(repo, n, last.as_deref()).map_err(api)?;
+                let page = self
+                    .registry
+                    .tags(repo, Some(n), last.as_deref())
+                    .map_err(api)?;
                 let body = serde_json::json!({"name": repo, "tags": page.items});
                 let link = format!("/v2/{repo}/tags/list");
                 Ok(send_page(session, req, body, &link, n, &page).await)
@@ -149,7 +152,10 @@ impl App {
         req: &Request,
     ) -> Result<Served, ApiError> {
         let (n, last) = pagination(req)?;
-        let page = self.registry.catalog(n, last.as_deref()).map_err(api)?;
+        let page = self
+            .registry
+            .catalog(Some(n), last.as_deref())
+            .map_err(api)?;
         let body = serde_json::json!({"repositories": page.items});
         Ok(send_page(session, req, body, "/v2/_catalog", n, &page).await)
     }
@@ -392,16 +398,19 @@ fn content_range(req: &Request) -> Result<Option<(u64, u64)>, ApiError> {
 }
 
 /// `?n=` and `?last=` of a listing.
-fn pagination(req: &Request) -> Result<(Option<usize>, Option<String>), ApiError> {
+/// Without `?n=`, a listing page holds at most this many (and links to the next).
+const DEFAULT_PAGE: usize = 1000;
+
+fn pagination(req: &Request) -> Result<(usize, Option<String>), ApiError> {
     let q = req.query.as_deref().unwrap_or("");
     let n = match query_param(q, "n") {
-        None => None,
-        Some(n) => Some(n.parse::<usize>().map_err(|_| {
+        None => DEFAULT_PAGE,
+        Some(n) => n.parse::<usize>().map_err(|_| {
             ApiError::new(
                 Code::PaginationInvalid,
                 format!("n={n:?} is not a number of results"),
             )
-        })?),
+        })?,
     };
     Ok((n, query_param(q, "last")))
 }
@@ -412,11 +421,11 @@ async fn send_page(
     req: &Request,
     body: serde_json::Value,
     path: &str,
-    n: Option<usize>,
+    n: usize,
     page: &Page,
 ) -> Served {
     let mut headers = vec![("Content-Type", "application/json".to_owned())];
-    if let (true, Some(n), Some(last)) = (page.more, n, page.items.last()) {
+    if let (true, Some(last)) = (page.more, page.items.last()) {
         headers.push((
             "Link",
             format!("<{path}?n={n}&last={}>; rel=\"next\"", percent_encode(last)),
