@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use toml::{Table, Value};
 
+use crate::access::AccessConfig;
 use crate::glob::Glob;
 
 /// The configuration shipped with berth and embedded in the binary.
@@ -20,6 +21,8 @@ pub const DEFAULT_CONFIG: &str = include_str!("../../upstreams.toml");
 pub struct Config {
     pub server: ServerConfig,
     pub upstreams: Vec<UpstreamConfig>,
+    /// `[auth]` and `[access]`; `None` when neither is given (everything is allowed).
+    pub access: Option<AccessConfig>,
 }
 
 /// `[server]`: where berth listens and keeps its store.
@@ -120,8 +123,11 @@ impl Config {
         let mut p = Problems(Vec::new());
         let mut server = ServerConfig::default();
         let mut upstreams = Vec::new();
+        let mut access = AccessConfig::default();
         for (key, value) in &table {
             match key.as_str() {
+                "auth" => crate::access::parse_auth(value, &mut access, &mut p),
+                "access" => crate::access::parse_access(value, &mut access, &mut p),
                 "server" => server = parse_server(value, &mut p),
                 "upstream" => match value.as_array() {
                     Some(items) => {
@@ -146,8 +152,19 @@ impl Config {
                 );
             }
         }
+        let has_access = table.contains_key("access");
+        if table.contains_key("auth") && !has_access {
+            p.add(
+                "access",
+                "is required with [auth]: without it berth would let everyone do everything",
+            );
+        }
         if p.0.is_empty() {
-            Ok(Config { server, upstreams })
+            Ok(Config {
+                server,
+                upstreams,
+                access: has_access.then_some(access),
+            })
         } else {
             Err(ConfigErrors(p.0))
         }
@@ -159,10 +176,10 @@ impl Config {
     }
 }
 
-struct Problems(Vec<String>);
+pub(crate) struct Problems(Vec<String>);
 
 impl Problems {
-    fn add(&mut self, path: &str, msg: &str) {
+    pub(crate) fn add(&mut self, path: &str, msg: &str) {
         self.0.push(format!("{path}: {msg}"));
     }
 }

@@ -56,6 +56,14 @@ impl Glob {
         })
     }
 
+    /// How specific the pattern is, for choosing among several that match: more literal
+    /// characters first, then fewer wildcards.
+    pub fn specificity(&self) -> (usize, std::cmp::Reverse<usize>) {
+        let stars = self.text.matches('*').count();
+        let literal = self.text.chars().filter(|&c| c != '*' && c != '/').count();
+        (literal, std::cmp::Reverse(stars))
+    }
+
     pub fn as_str(&self) -> &str {
         &self.text
     }

@@ -16,6 +16,7 @@
 //! call [`Cache::manifest`], [`Cache::blob`], [`Cache::blob_size`] and
 //! [`Cache::tags_list`] with a configured upstream namespace and a validated repository.
 
+pub mod access;
 pub mod config;
 pub mod fill;
 pub mod glob;

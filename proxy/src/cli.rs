@@ -259,6 +259,7 @@ fn serve(args: ServeArgs) -> i32 {
     let registry = Arc::new(Registry::new(store_for_registry, registry_options));
     let in_flight = InFlight::default();
     let app = App {
+        auth: crate::auth::Auth::new(config.access.clone()),
         in_flight: in_flight.clone(),
         config: Arc::new(config),
         cache,

@@ -14,6 +14,8 @@ pub enum Code {
     NameInvalid,
     NameUnknown,
     Denied,
+    /// No or bad credentials where they are needed.
+    Unauthorized,
     Unsupported,
     TooManyRequests,
     /// The range asked for lies outside the blob.
@@ -46,6 +48,7 @@ const TABLE: &[(Code, &str, u16)] = &[
     (Code::NameInvalid, "NAME_INVALID", 400),
     (Code::NameUnknown, "NAME_UNKNOWN", 404),
     (Code::Denied, "DENIED", 403),
+    (Code::Unauthorized, "UNAUTHORIZED", 401),
     (Code::Unsupported, "UNSUPPORTED", 405),
     (Code::TooManyRequests, "TOOMANYREQUESTS", 429),
     (Code::RangeInvalid, "BLOB_UNKNOWN", 416),

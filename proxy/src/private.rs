@@ -8,9 +8,12 @@ use berth_cache::BlobSource;
 use berth_registry::{Page, RegistryError, MAX_MANIFEST_BYTES};
 use berth_store::oci::{Digest, Reference, OCI_INDEX};
 
+use berth_cache::access::Action;
+
+use crate::auth::Identity;
 use crate::errors::{ApiError, Code};
 use crate::route::{query_param, Endpoint};
-use crate::server::{send_bytes, send_head, App, Headers, Request, Served};
+use crate::server::{deny, send_bytes, send_head, App, Headers, Request, Served};
 
 /// How often a request body is read before it counts as stalled.
 const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
@@ -20,6 +23,7 @@ impl App {
         &self,
         session: &mut ServerSession,
         req: &Request,
+        who: &Identity,
         repo: &str,
         endpoint: &Endpoint,
     ) -> Result<Served, ApiError> {
@@ -28,7 +32,7 @@ impl App {
             (Endpoint::Manifest(r), "GET" | "HEAD") => {
                 self.get_manifest(session, req, repo, r).await
             }
-            (Endpoint::Manifest(r), "PUT") => self.put_manifest(session, req, repo, r).await,
+            (Endpoint::Manifest(r), "PUT") => self.put_manifest(session, req, who, repo, r).await,
             (Endpoint::Manifest(r), "DELETE") => {
                 self.registry.delete_manifest(repo, r).map_err(api)?;
                 Ok(accepted(session).await)
@@ -48,7 +52,7 @@ impl App {
                 let link = format!("/v2/{repo}/tags/list");
                 Ok(send_page(session, req, body, &link, n, &page).await)
             }
-            (Endpoint::Uploads, "POST") => self.post_upload(session, req, repo).await,
+            (Endpoint::Uploads, "POST") => self.post_upload(session, req, who, repo).await,
             (Endpoint::Upload(id), "GET") => {
                 let upload = self.registry.upload(repo, id).map_err(api)?;
                 let offset = upload.lock().await.offset();
@@ -150,12 +154,16 @@ impl App {
         &self,
         session: &mut ServerSession,
         req: &Request,
+        who: &Identity,
     ) -> Result<Served, ApiError> {
         let (n, last) = pagination(req)?;
-        let page = self
+        let mut page = self
             .registry
             .catalog(Some(n), last.as_deref())
             .map_err(api)?;
+        // Only what the caller may read is listed (a page may come out short).
+        page.items
+            .retain(|repo| self.auth.allows(who, repo, Action::Read));
         let body = serde_json::json!({"repositories": page.items});
         Ok(send_page(session, req, body, "/v2/_catalog", n, &page).await)
     }
@@ -180,6 +188,7 @@ impl App {
         &self,
         session: &mut ServerSession,
         req: &Request,
+        who: &Identity,
         repo: &str,
         reference: &Reference,
     ) -> Result<Served, ApiError> {
@@ -214,6 +223,21 @@ impl App {
                 Code::TagInvalid,
                 format!("{bad:?} is not a valid tag"),
             ));
+        }
+        // Moving a tag to another manifest needs update as well as create.
+        let digest = match reference {
+            Reference::Digest(d) => d.clone(),
+            Reference::Tag(_) => Digest::sha256_of(&body),
+        };
+        for tag in tags.iter().chain(main_tag) {
+            let moved = self
+                .registry
+                .tag_target(repo, tag)
+                .map_err(api)?
+                .is_some_and(|d| d != digest);
+            if moved && !self.auth.allows(who, repo, Action::Update) {
+                return Err(deny(who, &format!("update (move tag {tag}) on {repo}")));
+            }
         }
         let pushed = self
             .registry
@@ -266,13 +290,17 @@ impl App {
         &self,
         session: &mut ServerSession,
         req: &Request,
+        who: &Identity,
         repo: &str,
     ) -> Result<Served, ApiError> {
         let query = req.query.as_deref().unwrap_or("");
         if let (Some(mount), Some(from)) = (query_param(query, "mount"), query_param(query, "from"))
         {
             let digest = parse_digest(&mount)?;
+            // A mount from a repository the caller may not read is an ordinary upload:
+            // it must not reveal what that repository holds.
             if crate::route::is_private_name(&from, &self.config)
+                && self.auth.allows(who, &from, Action::Read)
                 && self.registry.mount(repo, &digest, &from).map_err(api)?
             {
                 return Ok(blob_created(session, repo, &digest).await);

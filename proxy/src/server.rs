@@ -20,11 +20,13 @@ use berth_registry::Registry;
 use berth_store::oci::Reference;
 use berth_store::StoredBlob;
 
+use crate::auth::Identity;
 use crate::errors::{ApiError, Code, Subject};
 use crate::metrics::{Metrics, RequestLabels};
 use crate::range::{parse_range, ByteRange};
 use crate::route::{self, Endpoint, Route, Target};
 use crate::sendfile::Socket;
+use berth_cache::access::Action;
 
 /// How much of a stored blob is handed to the connection per write.
 const SERVE_CHUNK: u64 = 1024 * 1024;
@@ -38,6 +40,7 @@ const CLIENT_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs
 
 /// berth's HTTP application.
 pub struct App {
+    pub auth: crate::auth::Auth,
     /// Requests being served, for draining on SIGTERM.
     pub in_flight: crate::drain::InFlight,
     pub config: Arc<Config>,
@@ -56,6 +59,8 @@ pub(crate) struct Request {
     pub range: Option<String>,
     pub content_type: Option<String>,
     pub content_range: Option<String>,
+    /// Never logged.
+    pub authorization: Option<String>,
 }
 
 impl Request {
@@ -75,6 +80,7 @@ impl Request {
             range: header_value(h, "range"),
             content_type: header_value(h, "content-type"),
             content_range: header_value(h, "content-range"),
+            authorization: header_value(h, "authorization"),
         }
     }
 
@@ -129,7 +135,8 @@ impl HttpServerApp for App {
         let started = Instant::now();
         let req = Request::from_session(&session);
         let route = route::parse(&req.path, req.query.as_deref(), &self.config);
-        let served = self.serve(&mut session, &req, &route).await;
+        let who = self.auth.authenticate(req.authorization.as_deref());
+        let served = self.serve(&mut session, &req, &route, &who).await;
         let (kind, upstream) = match &route {
             Ok(r) => (route_kind(r), route_upstream(r)),
             Err(_) => ("invalid", None),
@@ -143,6 +150,7 @@ impl HttpServerApp for App {
         tracing::info!(
             target: "berth::access",
             method = %req.method,
+            user = %who.as_ref().map(Identity::name).unwrap_or("(refused)"),
             path = %req.path,
             ns = req.query.as_deref().and_then(|q| route::query_param(q, "ns")).as_deref().unwrap_or(""),
             status = served.status,
@@ -216,6 +224,7 @@ impl App {
         session: &mut ServerSession,
         req: &Request,
         route: &Result<Route, ApiError>,
+        who: &Result<Identity, crate::auth::AuthError>,
     ) -> Served {
         let route = match route {
             Ok(r) => r,
@@ -227,8 +236,28 @@ impl App {
                 return send_error(session, e, req.is_head()).await;
             }
         };
+        let who = match who {
+            Ok(who) => who,
+            Err(_) => {
+                if req.method != "GET" && req.method != "HEAD" {
+                    session.set_keepalive(None);
+                }
+                let e = ApiError::new(
+                    Code::Unauthorized,
+                    "the credentials were not accepted: check the user name and password",
+                )
+                .with_headers(challenge());
+                return send_error(session, &e, req.is_head()).await;
+            }
+        };
+        if let Err(e) = self.authorize(who, req, route) {
+            if req.method != "GET" && req.method != "HEAD" {
+                session.set_keepalive(None);
+            }
+            return send_error(session, &e, req.is_head()).await;
+        }
         if let Route::Private { repo, endpoint } = route {
-            return match self.private(session, req, repo, endpoint).await {
+            return match self.private(session, req, who, repo, endpoint).await {
                 Ok(s) => s,
                 Err(e) => send_error(session, &e, req.is_head()).await,
             };
@@ -283,7 +312,7 @@ impl App {
                 self.manifest(session, req, target, reference).await
             }
             Route::Blob { target, digest } => self.blob(session, req, target, digest).await,
-            Route::Catalog => self.catalog(session, req).await,
+            Route::Catalog => self.catalog(session, req, who).await,
             Route::Private { .. } => unreachable!("served above"),
             Route::TagsList { target, query } => {
                 self.tags(session, req, target, query.as_deref()).await
@@ -292,6 +321,56 @@ impl App {
         match result {
             Ok(s) => s,
             Err(e) => send_error(session, &e, req.is_head()).await,
+        }
+    }
+
+    /// Checks that `who` may do what `req` asks of `route`: 401 with a challenge for a
+    /// request without (valid) credentials, 403 for a user the policies do not allow.
+    fn authorize(&self, who: &Identity, req: &Request, route: &Route) -> Result<(), ApiError> {
+        if !self.auth.enabled() {
+            return Ok(());
+        }
+        let write = req.method != "GET" && req.method != "HEAD";
+        let (path, action) = match route {
+            Route::Health | Route::Catalog => return Ok(()),
+            Route::Base => {
+                // Clients log in when /v2/ asks them to.
+                if *who == Identity::Anonymous && !self.auth.anonymous_can_do_anything() {
+                    return Err(deny(who, "the registry"));
+                }
+                return Ok(());
+            }
+            Route::Metrics => {
+                return if self.auth.allows_metrics(who) {
+                    Ok(())
+                } else {
+                    Err(deny(who, "/metrics"))
+                };
+            }
+            Route::Manifest { target, .. }
+            | Route::Blob { target, .. }
+            | Route::TagsList { target, .. } => {
+                if write {
+                    // Refused as read-only by the caller.
+                    return Ok(());
+                }
+                (format!("{}/{}", target.upstream, target.repo), Action::Read)
+            }
+            Route::Private { repo, endpoint } => {
+                let action = match (endpoint, req.method.as_str()) {
+                    (_, "GET" | "HEAD") if !matches!(endpoint, Endpoint::Upload(_)) => Action::Read,
+                    (Endpoint::Manifest(_) | Endpoint::Blob(_), "DELETE") => Action::Delete,
+                    // Uploads and manifest pushes; moving a tag also needs update, checked
+                    // once the pushed manifest's digest is known.
+                    _ => Action::Create,
+                };
+                (repo.clone(), action)
+            }
+        };
+        if self.auth.allows(who, &path, action) {
+            Ok(())
+        } else {
+            Err(deny(who, &format!("{} on {path}", action.as_str())))
         }
     }
 
@@ -583,6 +662,25 @@ fn ns_header(headers: &mut Headers, target: &Target) {
     if target.via_ns {
         headers.push(("OCI-Namespace", target.upstream.clone()));
     }
+}
+
+/// The refusal of `what`: 401 with a challenge when the request had no credentials (so
+/// that clients log in), 403 for a user who may not.
+pub(crate) fn deny(who: &Identity, what: &str) -> ApiError {
+    match who {
+        Identity::Anonymous => ApiError::new(
+            Code::Unauthorized,
+            format!("authentication is required for {what}"),
+        )
+        .with_headers(challenge()),
+        Identity::User { name, .. } => {
+            ApiError::new(Code::Denied, format!("user {name} is not allowed {what}"))
+        }
+    }
+}
+
+fn challenge() -> Headers {
+    vec![("WWW-Authenticate", "Basic realm=\"berth\"".to_owned())]
 }
 
 /// How a blob response's body is sent.

@@ -28,6 +28,27 @@ typo = true
 "#;
 
 #[test]
+fn check_accepts_the_example_access_configurations() {
+    for name in [
+        "no-anonymous",
+        "anonymous-read",
+        "immutable-ci",
+        "workspaces",
+    ] {
+        let path = format!(
+            "{}/../examples/auth/{name}.toml",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let out = berth().args(["check", &path]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
 fn check_accepts_the_shipped_configuration() {
     let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/../upstreams.toml");
     let out = berth().args(["check", shipped]).output().unwrap();

@@ -187,6 +187,15 @@ impl Registry {
         ))
     }
 
+    /// The manifest a tag of `repo` points at, if the tag exists.
+    pub fn tag_target(&self, repo: &str, tag: &str) -> Result<Option<Digest>, RegistryError> {
+        match self.resolve(repo, &Reference::Tag(tag.to_owned())) {
+            Ok(d) => Ok(Some(d)),
+            Err(RegistryError::ManifestUnknown(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// A manifest of `repo`, by tag or digest.
     pub fn manifest(&self, repo: &str, reference: &Reference) -> Result<Manifest, RegistryError> {
         let digest = self.resolve(repo, reference)?;

@@ -1347,7 +1347,8 @@ impl Berth {
                     .send()
                     .await
                 {
-                    if r.status().as_u16() == 200 {
+                    // 401: serving, and asking for credentials.
+                    if matches!(r.status().as_u16(), 200 | 401) {
                         return (proc, port);
                     }
                 }

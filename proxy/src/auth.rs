@@ -1,0 +1,307 @@
+//! Who a request comes from (Basic credentials checked against an htpasswd file), and
+//! whether the access policies let it do what it asks.
+//!
+//! The htpasswd file is read again when it changes (checked at most once a second), so
+//! users are added and removed without a restart. bcrypt is slow on purpose; a
+//! successful check is remembered (as a hash of the credentials, per version of the
+//! file) so that a client's every request does not pay it again.
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant, SystemTime};
+
+use berth_cache::access::{AccessConfig, Action};
+use sha2::{Digest as _, Sha256};
+
+/// Who a request is from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Identity {
+    Anonymous,
+    User { name: String, groups: Vec<String> },
+}
+
+impl Identity {
+    fn as_user(&self) -> Option<(&str, &[String])> {
+        match self {
+            Identity::Anonymous => None,
+            Identity::User { name, groups } => Some((name, groups)),
+        }
+    }
+
+    /// The user name for the access log.
+    pub fn name(&self) -> &str {
+        match self {
+            Identity::Anonymous => "-",
+            Identity::User { name, .. } => name,
+        }
+    }
+}
+
+/// Why credentials were refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum AuthError {
+    /// Malformed, unknown user, or wrong password.
+    BadCredentials,
+}
+
+/// Authentication and access control; `None` inside means everything is allowed.
+pub struct Auth {
+    access: Option<AccessConfig>,
+    users: Option<Htpasswd>,
+}
+
+impl Auth {
+    pub fn new(access: Option<AccessConfig>) -> Self {
+        let users = access
+            .as_ref()
+            .and_then(|a| a.htpasswd.clone())
+            .map(Htpasswd::new);
+        Auth { access, users }
+    }
+
+    /// Whether requests are checked at all.
+    pub fn enabled(&self) -> bool {
+        self.access.is_some()
+    }
+
+    /// The identity of a request with this `Authorization` header.
+    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Identity, AuthError> {
+        let Some(header) = authorization else {
+            return Ok(Identity::Anonymous);
+        };
+        let (Some(access), Some(users)) = (&self.access, &self.users) else {
+            // Nobody can log in; credentials sent anyway are ignored when access is open.
+            return if self.access.is_none() {
+                Ok(Identity::Anonymous)
+            } else {
+                Err(AuthError::BadCredentials)
+            };
+        };
+        let (user, password) = parse_basic(header).ok_or(AuthError::BadCredentials)?;
+        if !users.verify(&user, &password) {
+            return Err(AuthError::BadCredentials);
+        }
+        let groups = access.groups_of(&user);
+        Ok(Identity::User { name: user, groups })
+    }
+
+    /// Whether `who` may do `action` on the repository at `path`.
+    pub fn allows(&self, who: &Identity, path: &str, action: Action) -> bool {
+        match &self.access {
+            None => true,
+            Some(a) => a.allows(who.as_user(), path, action),
+        }
+    }
+
+    pub fn allows_metrics(&self, who: &Identity) -> bool {
+        match &self.access {
+            None => true,
+            Some(a) => a.allows_metrics(who.as_user()),
+        }
+    }
+
+    /// Whether a request without credentials may do anything.
+    pub fn anonymous_can_do_anything(&self) -> bool {
+        self.access
+            .as_ref()
+            .is_none_or(AccessConfig::anonymous_can_do_anything)
+    }
+}
+
+/// `Basic base64(user:password)`.
+fn parse_basic(header: &str) -> Option<(String, String)> {
+    let (scheme, rest) = header.trim().split_once(' ')?;
+    if !scheme.eq_ignore_ascii_case("basic") {
+        return None;
+    }
+    let decoded = base64_decode(rest.trim())?;
+    let text = String::from_utf8(decoded).ok()?;
+    let (user, password) = text.split_once(':')?;
+    Some((user.to_owned(), password.to_owned()))
+}
+
+fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let value = |c: u8| -> Option<u32> {
+        Some(match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' => 62,
+            b'/' => 63,
+            _ => return None,
+        } as u32)
+    };
+    let bytes = s.trim_end_matches('=').as_bytes();
+    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
+    for chunk in bytes.chunks(4) {
+        let mut acc = 0u32;
+        for &c in chunk {
+            acc = (acc << 6) | value(c)?;
+        }
+        match chunk.len() {
+            4 => out.extend_from_slice(&[(acc >> 16) as u8, (acc >> 8) as u8, acc as u8]),
+            3 => out.extend_from_slice(&[(acc >> 10) as u8, (acc >> 2) as u8]),
+            2 => out.push((acc >> 4) as u8),
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+/// Users from an htpasswd file, re-read when it changes.
+struct Htpasswd {
+    path: PathBuf,
+    state: Mutex<HtpasswdState>,
+}
+
+#[derive(Default)]
+struct HtpasswdState {
+    modified: Option<SystemTime>,
+    checked: Option<Instant>,
+    hashes: HashMap<String, String>,
+    /// sha256 of `user:password` for credentials verified against this version.
+    verified: HashSet<[u8; 32]>,
+}
+
+/// How often the file's modification time is looked at.
+const RELOAD_CHECK: Duration = Duration::from_secs(1);
+
+impl Htpasswd {
+    fn new(path: PathBuf) -> Self {
+        let h = Htpasswd {
+            path,
+            state: Mutex::new(HtpasswdState::default()),
+        };
+        h.refresh(&mut h.state.lock().expect("htpasswd"));
+        h
+    }
+
+    fn refresh(&self, state: &mut HtpasswdState) {
+        if state.checked.is_some_and(|t| t.elapsed() < RELOAD_CHECK) {
+            return;
+        }
+        state.checked = Some(Instant::now());
+        let modified = std::fs::metadata(&self.path)
+            .and_then(|m| m.modified())
+            .ok();
+        if modified.is_some() && modified == state.modified {
+            return;
+        }
+        match read_htpasswd(&self.path) {
+            Ok(hashes) => {
+                tracing::info!(path = %self.path.display(), users = hashes.len(), "htpasswd loaded");
+                *state = HtpasswdState {
+                    modified,
+                    checked: state.checked,
+                    hashes,
+                    verified: HashSet::new(),
+                };
+            }
+            Err(e) => {
+                tracing::error!(path = %self.path.display(), error = %e,
+                    "cannot read the htpasswd file; keeping the users loaded before");
+            }
+        }
+    }
+
+    fn verify(&self, user: &str, password: &str) -> bool {
+        let key: [u8; 32] = Sha256::digest(format!("{user}:{password}").as_bytes()).into();
+        let hash = {
+            let mut state = self.state.lock().expect("htpasswd");
+            self.refresh(&mut state);
+            if state.verified.contains(&key) {
+                return true;
+            }
+            state.hashes.get(user).cloned()
+        };
+        // An unknown user costs a bcrypt check too, so timing does not tell users apart.
+        let hash = hash.unwrap_or_else(|| DUMMY_HASH.to_owned());
+        let ok = bcrypt::verify(password, &hash).unwrap_or(false) && hash != DUMMY_HASH;
+        if ok {
+            self.state.lock().expect("htpasswd").verified.insert(key);
+        }
+        ok
+    }
+}
+
+/// A bcrypt hash no password is checked against successfully (see `verify`).
+const DUMMY_HASH: &str = "$2y$05$CCCCCCCCCCCCCCCCCCCCC.E5YPO9kmyuRGyh0XouQYb4YMJKvyOeW";
+
+/// `user:hash` lines; blank lines and `#` comments are skipped. Only bcrypt hashes are
+/// accepted: berth refuses to check passwords against weaker ones.
+fn read_htpasswd(path: &Path) -> Result<HashMap<String, String>, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| e.to_string())?;
+    let mut users = HashMap::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (user, hash) = line
+            .split_once(':')
+            .ok_or_else(|| format!("line {}: not user:hash", i + 1))?;
+        if !(hash.starts_with("$2y$") || hash.starts_with("$2b$") || hash.starts_with("$2a$")) {
+            return Err(format!(
+                "line {}: user {user:?} does not have a bcrypt hash (write it with htpasswd -B)",
+                i + 1
+            ));
+        }
+        users.insert(user.to_owned(), hash.to_owned());
+    }
+    Ok(users)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basic_credentials_decode() {
+        // "alice:s3cr:et" — a password may contain ':'.
+        assert_eq!(
+            parse_basic("Basic YWxpY2U6czNjcjpldA=="),
+            Some(("alice".into(), "s3cr:et".into()))
+        );
+        assert_eq!(parse_basic("basic YTpi"), Some(("a".into(), "b".into())));
+        assert_eq!(parse_basic("Bearer abc"), None);
+        assert_eq!(parse_basic("Basic !!!"), None);
+        assert_eq!(parse_basic("Basic YWJj"), None, "no ':'");
+    }
+
+    #[test]
+    fn htpasswd_users_verify_and_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("htpasswd");
+        let hash = bcrypt::hash("pw1", 4).unwrap();
+        std::fs::write(&path, format!("# users\nalice:{hash}\n")).unwrap();
+        let h = Htpasswd::new(path.clone());
+        assert!(h.verify("alice", "pw1"));
+        assert!(h.verify("alice", "pw1"), "remembered");
+        assert!(!h.verify("alice", "pw2"));
+        assert!(!h.verify("bob", "pw1"));
+        // Replaced: alice's old password stops working once the change is seen.
+        std::thread::sleep(Duration::from_millis(20));
+        let bob = bcrypt::hash("pw3", 4).unwrap();
+        std::fs::write(&path, format!("bob:{bob}\n")).unwrap();
+        let later = SystemTime::now() + Duration::from_secs(5);
+        std::fs::File::options()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_modified(later)
+            .unwrap();
+        h.state.lock().unwrap().checked = None;
+        assert!(!h.verify("alice", "pw1"));
+        assert!(h.verify("bob", "pw3"));
+    }
+
+    #[test]
+    fn weak_hashes_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("htpasswd");
+        std::fs::write(&path, "alice:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=\n").unwrap();
+        let e = read_htpasswd(&path).unwrap_err();
+        assert!(e.contains("htpasswd -B"), "{e}");
+    }
+}
