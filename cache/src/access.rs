@@ -82,11 +82,27 @@ pub struct RepositoryRule {
     pub policies: Vec<(Principals, Vec<Action>)>,
 }
 
+/// `[auth.token]`: berth issues Docker registry tokens itself.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenConfig {
+    /// The signing key file (at least 32 bytes; HMAC-SHA256). The same key across
+    /// restarts keeps issued tokens valid.
+    pub key: PathBuf,
+    /// The `service` (token audience). Default `berth`.
+    pub service: String,
+    /// The token endpoint's URL as clients reach it. Default: `http://<Host>/token`.
+    pub realm: Option<String>,
+    /// How long a token is valid. Default 5 minutes.
+    pub lifetime: std::time::Duration,
+}
+
 /// `[auth]` and `[access]` together.
 #[derive(Clone, Debug, Default)]
 pub struct AccessConfig {
     /// The htpasswd file (bcrypt entries).
     pub htpasswd: Option<PathBuf>,
+    /// The token service, when clients log in with the Docker token flow.
+    pub token: Option<TokenConfig>,
     /// Group → members.
     pub groups: HashMap<String, Vec<String>>,
     pub admin: Principals,
@@ -170,6 +186,7 @@ pub(crate) fn parse_auth(v: &Value, access: &mut AccessConfig, p: &mut Problems)
                 Some(s) if !s.is_empty() => access.htpasswd = Some(PathBuf::from(s)),
                 _ => p.add(&path, "must be the path of an htpasswd file"),
             },
+            "token" => access.token = token(&path, value, p),
             "groups" => match value.as_table() {
                 Some(groups) => {
                     for (name, members) in groups {
@@ -225,6 +242,45 @@ pub(crate) fn parse_access(v: &Value, access: &mut AccessConfig, p: &mut Problem
             _ => p.add(&path, "unknown key"),
         }
     }
+}
+
+fn token(path: &str, v: &Value, p: &mut Problems) -> Option<TokenConfig> {
+    let Some(t) = v.as_table() else {
+        p.add(path, "must be a table { key, service, realm, lifetime }");
+        return None;
+    };
+    let mut cfg = TokenConfig {
+        key: PathBuf::new(),
+        service: "berth".into(),
+        realm: None,
+        lifetime: std::time::Duration::from_secs(300),
+    };
+    for (key, value) in t {
+        let kpath = format!("{path}.{key}");
+        let text = value.as_str().filter(|s| !s.is_empty());
+        match (key.as_str(), text) {
+            ("key", Some(s)) => cfg.key = PathBuf::from(s),
+            ("service", Some(s)) => cfg.service = s.to_owned(),
+            ("realm", Some(s)) if s.starts_with("http://") || s.starts_with("https://") => {
+                cfg.realm = Some(s.to_owned())
+            }
+            ("realm", _) => p.add(
+                &kpath,
+                "must be the token endpoint's URL, http(s)://…/token",
+            ),
+            ("lifetime", Some(s)) => match crate::config::parse_duration(s) {
+                Ok(d) if !d.is_zero() => cfg.lifetime = d,
+                _ => p.add(&kpath, "must be a duration such as \"5m\""),
+            },
+            ("key" | "service" | "lifetime", None) => p.add(&kpath, "must be a non-empty string"),
+            _ => p.add(&kpath, "unknown key"),
+        }
+    }
+    if cfg.key.as_os_str().is_empty() {
+        p.add(&format!("{path}.key"), "is required: the signing key file");
+        return None;
+    }
+    Some(cfg)
 }
 
 fn repository(path: &str, v: &Value, p: &mut Problems) -> Option<RepositoryRule> {

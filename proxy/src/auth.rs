@@ -14,18 +14,25 @@ use std::time::{Duration, Instant, SystemTime};
 use berth_cache::access::{AccessConfig, Action};
 use sha2::{Digest as _, Sha256};
 
+use crate::token::{Grant, Tokens};
+
 /// Who a request is from.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Identity {
     Anonymous,
-    User { name: String, groups: Vec<String> },
+    User {
+        name: String,
+        groups: Vec<String>,
+        /// With a token: what it was granted; nothing else is allowed with it.
+        grants: Option<Vec<Grant>>,
+    },
 }
 
 impl Identity {
     fn as_user(&self) -> Option<(&str, &[String])> {
         match self {
             Identity::Anonymous => None,
-            Identity::User { name, groups } => Some((name, groups)),
+            Identity::User { name, groups, .. } => Some((name, groups)),
         }
     }
 
@@ -49,15 +56,60 @@ pub enum AuthError {
 pub struct Auth {
     access: Option<AccessConfig>,
     users: Option<Htpasswd>,
+    tokens: Option<Tokens>,
 }
 
 impl Auth {
-    pub fn new(access: Option<AccessConfig>) -> Self {
+    pub fn new(access: Option<AccessConfig>) -> Result<Self, String> {
         let users = access
             .as_ref()
             .and_then(|a| a.htpasswd.clone())
             .map(Htpasswd::new);
-        Auth { access, users }
+        let tokens = match access.as_ref().and_then(|a| a.token.as_ref()) {
+            Some(t) => Some(Tokens::load(&t.key, &t.service, t.lifetime)?),
+            None => None,
+        };
+        Ok(Auth {
+            access,
+            users,
+            tokens,
+        })
+    }
+
+    /// The token service, when configured.
+    pub fn tokens(&self) -> Option<&Tokens> {
+        self.tokens.as_ref()
+    }
+
+    /// The `WWW-Authenticate` challenge for a refused request to `host`, naming the
+    /// scope it needs (`repository:team/app:pull`) when there is one.
+    pub fn challenge(&self, host: Option<&str>, scope: Option<&str>) -> String {
+        let Some(tokens) = &self.tokens else {
+            return "Basic realm=\"berth\"".to_owned();
+        };
+        let realm = self
+            .access
+            .as_ref()
+            .and_then(|a| a.token.as_ref())
+            .and_then(|t| t.realm.clone())
+            .unwrap_or_else(|| format!("http://{}/token", host.unwrap_or("localhost")));
+        let mut c = format!("Bearer realm=\"{realm}\",service=\"{}\"", tokens.service());
+        if let Some(scope) = scope {
+            c.push_str(&format!(",scope=\"{scope}\""));
+        }
+        c
+    }
+
+    /// The user named by Basic credentials (for the token service): `Ok(None)` without
+    /// credentials.
+    pub fn login(&self, authorization: Option<&str>) -> Result<Option<Identity>, AuthError> {
+        match authorization {
+            None => Ok(None),
+            Some(h) if h.trim_start().to_ascii_lowercase().starts_with("basic ") => {
+                self.authenticate(Some(h)).map(Some)
+            }
+            Some(_) => Err(AuthError::BadCredentials),
+        }
     }
 
     /// Whether requests are checked at all.
@@ -70,28 +122,59 @@ impl Auth {
         let Some(header) = authorization else {
             return Ok(Identity::Anonymous);
         };
-        let (Some(access), Some(users)) = (&self.access, &self.users) else {
-            // Nobody can log in; credentials sent anyway are ignored when access is open.
-            return if self.access.is_none() {
-                Ok(Identity::Anonymous)
-            } else {
-                Err(AuthError::BadCredentials)
-            };
+        let Some(access) = &self.access else {
+            // Access is open: credentials sent anyway are ignored.
+            return Ok(Identity::Anonymous);
         };
+        if let Some(token) = header.trim().strip_prefix("Bearer ") {
+            let tokens = self.tokens.as_ref().ok_or(AuthError::BadCredentials)?;
+            let claims = tokens
+                .verify(token.trim())
+                .map_err(|_| AuthError::BadCredentials)?;
+            return Ok(match claims.subject {
+                None => Identity::Anonymous,
+                Some(name) => Identity::User {
+                    groups: access.groups_of(&name),
+                    name,
+                    grants: Some(claims.access),
+                },
+            });
+        }
         let (user, password) = parse_basic(header).ok_or(AuthError::BadCredentials)?;
+        let users = self.users.as_ref().ok_or(AuthError::BadCredentials)?;
         if !users.verify(&user, &password) {
             return Err(AuthError::BadCredentials);
         }
         let groups = access.groups_of(&user);
-        Ok(Identity::User { name: user, groups })
+        Ok(Identity::User {
+            name: user,
+            groups,
+            grants: None,
+        })
     }
 
     /// Whether `who` may do `action` on the repository at `path`.
     pub fn allows(&self, who: &Identity, path: &str, action: Action) -> bool {
-        match &self.access {
-            None => true,
-            Some(a) => a.allows(who.as_user(), path, action),
+        let Some(a) = &self.access else {
+            return true;
+        };
+        if let Identity::User {
+            grants: Some(grants),
+            ..
+        } = who
+        {
+            // A token opens only what it names (the policies still decide within that).
+            let needed = token_action(action);
+            let granted = grants.iter().any(|g| {
+                g.kind == "repository"
+                    && g.name == path
+                    && g.actions.iter().any(|x| x == needed || x == "*")
+            });
+            if !granted {
+                return false;
+            }
         }
+        a.allows(who.as_user(), path, action)
     }
 
     pub fn allows_metrics(&self, who: &Identity) -> bool {
@@ -106,6 +189,15 @@ impl Auth {
         self.access
             .as_ref()
             .is_none_or(AccessConfig::anonymous_can_do_anything)
+    }
+}
+
+/// The token action that covers `action`.
+pub fn token_action(action: Action) -> &'static str {
+    match action {
+        Action::Read => "pull",
+        Action::Create | Action::Update => "push",
+        Action::Delete => "delete",
     }
 }
 

@@ -257,9 +257,16 @@ fn serve(args: ServeArgs) -> i32 {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     let registry = Arc::new(Registry::new(store_for_registry, registry_options));
+    let auth = match crate::auth::Auth::new(config.access.clone()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("berth: {e}");
+            return 2;
+        }
+    };
     let in_flight = InFlight::default();
     let app = App {
-        auth: crate::auth::Auth::new(config.access.clone()),
+        auth,
         in_flight: in_flight.clone(),
         config: Arc::new(config),
         cache,

@@ -23,3 +23,5 @@ pub mod range;
 pub mod route;
 mod sendfile;
 pub mod server;
+mod token;
+mod token_service;

@@ -13,7 +13,7 @@ use berth_cache::access::Action;
 use crate::auth::Identity;
 use crate::errors::{ApiError, Code};
 use crate::route::{query_param, Endpoint};
-use crate::server::{deny, send_bytes, send_head, App, Headers, Request, Served};
+use crate::server::{send_bytes, send_head, App, Headers, Request, Served};
 
 /// How often a request body is read before it counts as stalled.
 const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
@@ -236,7 +236,13 @@ impl App {
                 .map_err(api)?
                 .is_some_and(|d| d != digest);
             if moved && !self.auth.allows(who, repo, Action::Update) {
-                return Err(deny(who, &format!("update (move tag {tag}) on {repo}")));
+                let scope = format!("repository:{repo}:pull,push");
+                return Err(self.deny(
+                    req,
+                    who,
+                    &format!("update (move tag {tag}) on {repo}"),
+                    Some(scope),
+                ));
             }
         }
         let pushed = self

@@ -57,6 +57,8 @@ pub enum Route {
     Metrics,
     /// `/healthz`.
     Health,
+    /// `/token`: the Docker token service, when configured.
+    Token,
 }
 
 /// The endpoints of a private repository (`/v2/<repo>/…`).
@@ -83,6 +85,7 @@ pub fn parse(path: &str, query: Option<&str>, config: &Config) -> Result<Route, 
         "/v2" | "/v2/" => return Ok(Route::Base),
         "/metrics" => return Ok(Route::Metrics),
         "/healthz" => return Ok(Route::Health),
+        "/token" => return Ok(Route::Token),
         _ => {}
     }
     let Some(rest) = path.strip_prefix("/v2/") else {

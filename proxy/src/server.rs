@@ -61,6 +61,7 @@ pub(crate) struct Request {
     pub content_range: Option<String>,
     /// Never logged.
     pub authorization: Option<String>,
+    pub host: Option<String>,
 }
 
 impl Request {
@@ -81,6 +82,7 @@ impl Request {
             content_type: header_value(h, "content-type"),
             content_range: header_value(h, "content-range"),
             authorization: header_value(h, "authorization"),
+            host: header_value(h, "host"),
         }
     }
 
@@ -180,6 +182,7 @@ fn route_kind(r: &Route) -> &'static str {
         Route::Metrics => "metrics",
         Route::Health => "health",
         Route::Catalog => "catalog",
+        Route::Token => "token",
         Route::Private { endpoint, .. } => match endpoint {
             Endpoint::Manifest(_) => "private_manifest",
             Endpoint::Blob(_) => "private_blob",
@@ -244,9 +247,12 @@ impl App {
                 }
                 let e = ApiError::new(
                     Code::Unauthorized,
-                    "the credentials were not accepted: check the user name and password",
+                    "the credentials were not accepted: check the user name and password, or log in again for a new token",
                 )
-                .with_headers(challenge());
+                .with_headers(vec![(
+                    "WWW-Authenticate",
+                    self.auth.challenge(req.host.as_deref(), None),
+                )]);
                 return send_error(session, &e, req.is_head()).await;
             }
         };
@@ -313,6 +319,7 @@ impl App {
             }
             Route::Blob { target, digest } => self.blob(session, req, target, digest).await,
             Route::Catalog => self.catalog(session, req, who).await,
+            Route::Token => self.token(session, req).await,
             Route::Private { .. } => unreachable!("served above"),
             Route::TagsList { target, query } => {
                 self.tags(session, req, target, query.as_deref()).await
@@ -332,11 +339,11 @@ impl App {
         }
         let write = req.method != "GET" && req.method != "HEAD";
         let (path, action) = match route {
-            Route::Health | Route::Catalog => return Ok(()),
+            Route::Health | Route::Catalog | Route::Token => return Ok(()),
             Route::Base => {
                 // Clients log in when /v2/ asks them to.
                 if *who == Identity::Anonymous && !self.auth.anonymous_can_do_anything() {
-                    return Err(deny(who, "the registry"));
+                    return Err(self.deny(req, who, "the registry", None));
                 }
                 return Ok(());
             }
@@ -344,7 +351,7 @@ impl App {
                 return if self.auth.allows_metrics(who) {
                     Ok(())
                 } else {
-                    Err(deny(who, "/metrics"))
+                    Err(self.deny(req, who, "/metrics", None))
                 };
             }
             Route::Manifest { target, .. }
@@ -370,7 +377,13 @@ impl App {
         if self.auth.allows(who, &path, action) {
             Ok(())
         } else {
-            Err(deny(who, &format!("{} on {path}", action.as_str())))
+            let scope = format!("repository:{path}:{}", scope_actions(action));
+            Err(self.deny(
+                req,
+                who,
+                &format!("{} on {path}", action.as_str()),
+                Some(scope),
+            ))
         }
     }
 
@@ -664,23 +677,51 @@ fn ns_header(headers: &mut Headers, target: &Target) {
     }
 }
 
-/// The refusal of `what`: 401 with a challenge when the request had no credentials (so
-/// that clients log in), 403 for a user who may not.
-pub(crate) fn deny(who: &Identity, what: &str) -> ApiError {
-    match who {
-        Identity::Anonymous => ApiError::new(
-            Code::Unauthorized,
-            format!("authentication is required for {what}"),
-        )
-        .with_headers(challenge()),
-        Identity::User { name, .. } => {
-            ApiError::new(Code::Denied, format!("user {name} is not allowed {what}"))
-        }
+/// The actions a client should ask a token for, to do `action`.
+pub(crate) fn scope_actions(action: Action) -> &'static str {
+    match action {
+        Action::Read => "pull",
+        Action::Create | Action::Update => "pull,push",
+        Action::Delete => "delete",
     }
 }
 
-fn challenge() -> Headers {
-    vec![("WWW-Authenticate", "Basic realm=\"berth\"".to_owned())]
+impl App {
+    /// The refusal of `what`: 401 with a challenge when the request had no credentials
+    /// (so that clients log in, for `scope` when given), 403 for a user who may not.
+    pub(crate) fn deny(
+        &self,
+        req: &Request,
+        who: &Identity,
+        what: &str,
+        scope: Option<String>,
+    ) -> ApiError {
+        match who {
+            Identity::Anonymous => ApiError::new(
+                Code::Unauthorized,
+                format!("authentication is required for {what}"),
+            )
+            .with_headers(vec![(
+                "WWW-Authenticate",
+                self.auth.challenge(req.host.as_deref(), scope.as_deref()),
+            )]),
+            // A token that does not cover the request: the client asks for another, for
+            // this scope (the token service grants only what the policies allow).
+            Identity::User {
+                grants: Some(_), ..
+            } => ApiError::new(
+                Code::Unauthorized,
+                format!("the token does not grant {what}"),
+            )
+            .with_headers(vec![(
+                "WWW-Authenticate",
+                self.auth.challenge(req.host.as_deref(), scope.as_deref()),
+            )]),
+            Identity::User { name, .. } => {
+                ApiError::new(Code::Denied, format!("user {name} is not allowed {what}"))
+            }
+        }
+    }
 }
 
 /// How a blob response's body is sent.

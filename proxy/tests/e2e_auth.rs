@@ -388,3 +388,268 @@ async fn per_workspace_isolation() {
     })
     .await;
 }
+
+/// A berth that issues its own tokens: the no-anonymous policies plus `[auth.token]`.
+async fn start_with_tokens(dir: &std::path::Path, service: &str, lifetime: &str) -> Berth {
+    let htpasswd = dir.join("htpasswd");
+    if !htpasswd.exists() {
+        let lines: String = ["builder", "reader"]
+            .iter()
+            .map(|u| format!("{u}:{}\n", bcrypt::hash(PASSWORD, 4).unwrap()))
+            .collect();
+        std::fs::write(&htpasswd, lines).unwrap();
+        std::fs::write(dir.join("token.key"), random_bytes(99, 32)).unwrap();
+    }
+    let config = format!(
+        r#"[auth]
+htpasswd = "{}"
+token = {{ key = "{}", service = "{service}", lifetime = "{lifetime}" }}
+[access]
+[[access.repository]]
+pattern = "**"
+policies = [
+  {{ users = ["builder"], actions = ["read", "create", "update", "delete"] }},
+  {{ users = ["reader"], actions = ["read"] }},
+]
+"#,
+        htpasswd.display(),
+        dir.join("token.key").display()
+    );
+    Berth::start_with_config(&config, &[]).await
+}
+
+/// `GET /token` for `scope` with `user`'s credentials (or none); the token.
+async fn token(berth: &Berth, user: Option<&str>, scope: &str) -> String {
+    let mut rb =
+        reqwest::Client::new().get(format!("{}/token?service=berth&scope={scope}", berth.url()));
+    if let Some(u) = user {
+        rb = rb.basic_auth(u, Some(PASSWORD));
+    }
+    let r = rb.send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200, "token for {user:?} {scope}");
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["token"], v["access_token"]);
+    assert!(v["expires_in"].as_u64().unwrap() > 0);
+    assert!(v["issued_at"].as_str().unwrap().ends_with('Z'));
+    v["token"].as_str().unwrap().to_owned()
+}
+
+async fn with_token(berth: &Berth, token: &str, path: &str) -> u16 {
+    reqwest::Client::new()
+        .get(format!("{}{path}", berth.url()))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+/// The Docker token flow: berth challenges with `Bearer`, serves `/token`, and enforces
+/// each token's signature, audience, lifetime and scope; skopeo and containerd log in
+/// through it unchanged; tokens survive a restart with the same key.
+#[tokio::test(flavor = "multi_thread")]
+async fn token_flow_with_skopeo_and_containerd() {
+    within(240, "token_flow_with_skopeo_and_containerd", async {
+        let dir = tempdir();
+        let mut berth = start_with_tokens(dir.path(), "berth", "5m").await;
+        let image = make_single(81, 30_000);
+
+        // The challenge names the realm, the service and the scope.
+        let r = reqwest::get(format!("{}/v2/team/app/manifests/v1", berth.url()))
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 401);
+        let want = format!(
+            "Bearer realm=\"http://{}/token\",service=\"berth\",scope=\"repository:team/app:pull\"",
+            berth.host()
+        );
+        assert_eq!(
+            header_str(r.headers(), "www-authenticate"),
+            Some(want.as_str())
+        );
+
+        // skopeo pushes and pulls through the token flow.
+        let layout = tempdir();
+        let src = layout.path().join("src");
+        std::fs::create_dir_all(src.join("blobs/sha256")).unwrap();
+        std::fs::write(src.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+        for b in image.blobs() {
+            std::fs::write(src.join("blobs/sha256").join(b.hex()), &b.bytes).unwrap();
+        }
+        std::fs::write(
+            src.join("blobs/sha256")
+                .join(image.digest.trim_start_matches("sha256:")),
+            &image.manifest,
+        )
+        .unwrap();
+        std::fs::write(
+            src.join("index.json"),
+            serde_json::to_vec(&serde_json::json!({
+                "schemaVersion": 2,
+                "manifests": [{"mediaType": OCI_MANIFEST, "digest": image.digest,
+                    "size": image.manifest.len(),
+                    "annotations": {"org.opencontainers.image.ref.name": "v1"}}]
+            }))
+            .unwrap(),
+        )
+        .unwrap();
+        let creds = format!("builder:{PASSWORD}");
+        skopeo_with(
+            &format!("oci:{}:v1", src.display()),
+            &format!("docker://{}/team/app:v1", berth.host()),
+            &["--dest-creds", &creds],
+        )
+        .await;
+        let out = layout.path().join("out");
+        let reader = format!("reader:{PASSWORD}");
+        skopeo_with(
+            &format!("docker://{}/team/app:v1", berth.host()),
+            &format!("oci:{}:v1", out.display()),
+            &["--src-creds", &reader],
+        )
+        .await;
+        assert_oci_layout(&out, &image.manifest, &[], &image.blobs());
+        assert!(
+            berth.log().contains("path=/token"),
+            "skopeo did not use the token flow"
+        );
+
+        // containerd too.
+        let containerd = Containerd::start().await;
+        let ref_ = format!("{}/team/app:v1", berth.host());
+        let pulled = containerd
+            .ctr(
+                "berth-token",
+                &[
+                    "images",
+                    "pull",
+                    "--snapshotter",
+                    "native",
+                    "--plain-http",
+                    "--user",
+                    &reader,
+                    &ref_,
+                ],
+            )
+            .await;
+        assert!(
+            pulled.status.success(),
+            "ctr pull: {}",
+            output_text(&pulled)
+        );
+
+        // A token is for its scope only: team/app's does not open team/other.
+        let app = token(&berth, Some("reader"), "repository:team/app:pull").await;
+        assert_eq!(
+            with_token(&berth, &app, "/v2/team/app/manifests/v1").await,
+            200
+        );
+        let r = reqwest::Client::new()
+            .get(format!("{}/v2/team/other/manifests/v1", berth.url()))
+            .bearer_auth(&app)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 401);
+        assert!(header_str(r.headers(), "www-authenticate")
+            .unwrap()
+            .contains("scope=\"repository:team/other:pull\""));
+        // Asking for more than the policies allow grants only what they allow.
+        let pull_only = token(&berth, Some("reader"), "repository:team/app:pull,push").await;
+        let r = reqwest::Client::new()
+            .post(format!("{}/v2/team/app/blobs/uploads/", berth.url()))
+            .bearer_auth(&pull_only)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 401, "a pull-only token pushed");
+        // Anonymous tokens carry the anonymous policy: nothing here.
+        let anonymous = token(&berth, None, "repository:team/app:pull").await;
+        assert_eq!(
+            with_token(&berth, &anonymous, "/v2/team/app/manifests/v1").await,
+            401
+        );
+        // Wrong credentials at the token service.
+        let r = reqwest::Client::new()
+            .get(format!(
+                "{}/token?service=berth&scope=repository:team/app:pull",
+                berth.url()
+            ))
+            .basic_auth("reader", Some("wrong"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 401);
+
+        // Tampered: one character of the signature changed.
+        let mut tampered = app.clone().into_bytes();
+        let last = tampered.len() - 2;
+        tampered[last] = if tampered[last] == b'A' { b'B' } else { b'A' };
+        let tampered = String::from_utf8(tampered).unwrap();
+        assert_eq!(
+            with_token(&berth, &tampered, "/v2/team/app/manifests/v1").await,
+            401
+        );
+
+        // Wrong audience: a token from a berth with the same key but another service.
+        let other_dir = tempdir();
+        for f in ["htpasswd", "token.key"] {
+            std::fs::copy(dir.path().join(f), other_dir.path().join(f)).unwrap();
+        }
+        let other = start_with_tokens(other_dir.path(), "elsewhere", "5m").await;
+        let foreign = {
+            let r = reqwest::Client::new()
+                .get(format!(
+                    "{}/token?scope=repository:team/app:pull",
+                    other.url()
+                ))
+                .basic_auth("reader", Some(PASSWORD))
+                .send()
+                .await
+                .unwrap();
+            let v: serde_json::Value = r.json().await.unwrap();
+            v["token"].as_str().unwrap().to_owned()
+        };
+        assert_eq!(
+            with_token(&berth, &foreign, "/v2/team/app/manifests/v1").await,
+            401
+        );
+
+        // A restart with the same key keeps issued tokens valid.
+        berth.stop().await;
+        berth.restart().await;
+        assert_eq!(
+            with_token(&berth, &app, "/v2/team/app/manifests/v1").await,
+            200
+        );
+        // The log never holds a token or a password.
+        let log = berth.log();
+        assert!(
+            !log.contains(&app[..40]) && !log.contains(PASSWORD),
+            "{log}"
+        );
+    })
+    .await;
+}
+
+/// An expired token is refused (beyond the few seconds of clock skew allowed).
+#[tokio::test(flavor = "multi_thread")]
+async fn expired_tokens_are_refused() {
+    within(60, "expired_tokens_are_refused", async {
+        let dir = tempdir();
+        let berth = start_with_tokens(dir.path(), "berth", "1s").await;
+        let t = token(&berth, Some("reader"), "repository:team/app:pull").await;
+        // Valid now (404: nothing pushed), refused once expired.
+        assert_eq!(
+            with_token(&berth, &t, "/v2/team/app/manifests/v1").await,
+            404
+        );
+        tokio::time::sleep(std::time::Duration::from_secs(7)).await;
+        assert_eq!(
+            with_token(&berth, &t, "/v2/team/app/manifests/v1").await,
+            401
+        );
+    })
+    .await;
+}

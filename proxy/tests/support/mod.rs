@@ -1654,6 +1654,20 @@ pub async fn skopeo_copy(src: &str, dest: &Path, all: bool) {
 /// `skopeo copy` from `src` to `dest` (any transports), anonymous and over plain HTTP,
 /// keeping digests; asserts that it succeeded.
 pub async fn skopeo(src: &str, dest: &str, all: bool) {
+    skopeo_with(
+        src,
+        dest,
+        if all {
+            &["--all", "--src-no-creds", "--dest-no-creds"]
+        } else {
+            &["--src-no-creds", "--dest-no-creds"]
+        },
+    )
+    .await;
+}
+
+/// `skopeo copy` over plain HTTP keeping digests, with `extra` options (credentials).
+pub async fn skopeo_with(src: &str, dest: &str, extra: &[&str]) {
     require_tool("skopeo");
     let mut cmd = tokio::process::Command::new("skopeo");
     cmd.args([
@@ -1664,12 +1678,8 @@ pub async fn skopeo(src: &str, dest: &str, all: bool) {
         "--preserve-digests",
         "--src-tls-verify=false",
         "--dest-tls-verify=false",
-        "--src-no-creds",
-        "--dest-no-creds",
     ]);
-    if all {
-        cmd.arg("--all");
-    }
+    cmd.args(extra);
     cmd.arg(src)
         .arg(dest)
         .stdin(Stdio::null())
