@@ -50,6 +50,8 @@ impl Identity {
 pub enum AuthError {
     /// Malformed, unknown user, or wrong password.
     BadCredentials,
+    /// Too many failed logins from this address just now.
+    TooManyFailures,
 }
 
 /// Authentication and access control; `None` inside means everything is allowed.
@@ -189,6 +191,52 @@ impl Auth {
         self.access
             .as_ref()
             .is_none_or(AccessConfig::anonymous_can_do_anything)
+    }
+}
+
+/// Failed logins per client address: each costs a delay, and more than
+/// [`MAX_FAILURES`] within [`FAILURE_WINDOW`] block that address's credentials until the
+/// window ends (`429 TOOMANYREQUESTS`), so passwords cannot be guessed at speed.
+pub struct LoginLimiter {
+    failures: Mutex<HashMap<std::net::IpAddr, (Instant, u32)>>,
+}
+
+/// Failed logins an address may make per window.
+pub const MAX_FAILURES: u32 = 10;
+/// The window of [`MAX_FAILURES`].
+pub const FAILURE_WINDOW: Duration = Duration::from_secs(60);
+/// How long a failed login waits before its answer.
+pub const FAILURE_DELAY: Duration = Duration::from_millis(250);
+/// Addresses remembered at most (the oldest windows are dropped first).
+const MAX_TRACKED: usize = 10_000;
+
+impl Default for LoginLimiter {
+    fn default() -> Self {
+        LoginLimiter {
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl LoginLimiter {
+    /// Whether `ip` is blocked now.
+    pub fn blocked(&self, ip: std::net::IpAddr) -> bool {
+        let map = self.failures.lock().expect("login limiter");
+        map.get(&ip)
+            .is_some_and(|(start, n)| start.elapsed() < FAILURE_WINDOW && *n >= MAX_FAILURES)
+    }
+
+    /// Records a failed login from `ip`.
+    pub fn failed(&self, ip: std::net::IpAddr) {
+        let mut map = self.failures.lock().expect("login limiter");
+        if map.len() >= MAX_TRACKED {
+            map.retain(|_, (start, _)| start.elapsed() < FAILURE_WINDOW);
+        }
+        let entry = map.entry(ip).or_insert((Instant::now(), 0));
+        if entry.0.elapsed() >= FAILURE_WINDOW {
+            *entry = (Instant::now(), 0);
+        }
+        entry.1 += 1;
     }
 }
 

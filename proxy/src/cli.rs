@@ -267,6 +267,7 @@ fn serve(args: ServeArgs) -> i32 {
     let in_flight = InFlight::default();
     let app = App {
         auth,
+        logins: Default::default(),
         in_flight: in_flight.clone(),
         config: Arc::new(config),
         cache,

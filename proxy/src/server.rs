@@ -20,7 +20,7 @@ use berth_registry::Registry;
 use berth_store::oci::Reference;
 use berth_store::StoredBlob;
 
-use crate::auth::Identity;
+use crate::auth::{AuthError, Identity};
 use crate::errors::{ApiError, Code, Subject};
 use crate::metrics::{Metrics, RequestLabels};
 use crate::range::{parse_range, ByteRange};
@@ -41,6 +41,7 @@ const CLIENT_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs
 /// berth's HTTP application.
 pub struct App {
     pub auth: crate::auth::Auth,
+    pub logins: crate::auth::LoginLimiter,
     /// Requests being served, for draining on SIGTERM.
     pub in_flight: crate::drain::InFlight,
     pub config: Arc<Config>,
@@ -137,7 +138,11 @@ impl HttpServerApp for App {
         let started = Instant::now();
         let req = Request::from_session(&session);
         let route = route::parse(&req.path, req.query.as_deref(), &self.config);
-        let who = self.auth.authenticate(req.authorization.as_deref());
+        let client_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let who = self.authenticate(&req, client_ip).await;
         let served = self.serve(&mut session, &req, &route, &who).await;
         let (kind, upstream) = match &route {
             Ok(r) => (route_kind(r), route_upstream(r)),
@@ -227,7 +232,7 @@ impl App {
         session: &mut ServerSession,
         req: &Request,
         route: &Result<Route, ApiError>,
-        who: &Result<Identity, crate::auth::AuthError>,
+        who: &Result<Identity, AuthError>,
     ) -> Served {
         let route = match route {
             Ok(r) => r,
@@ -241,7 +246,18 @@ impl App {
         };
         let who = match who {
             Ok(who) => who,
-            Err(_) => {
+            Err(AuthError::TooManyFailures) => {
+                session.set_keepalive(None);
+                let e = ApiError::new(
+                    Code::TooManyRequests,
+                    format!(
+                        "too many failed logins from this address: try again in {} s",
+                        crate::auth::FAILURE_WINDOW.as_secs()
+                    ),
+                );
+                return send_error(session, &e, req.is_head()).await;
+            }
+            Err(AuthError::BadCredentials) => {
                 if req.method != "GET" && req.method != "HEAD" {
                     session.set_keepalive(None);
                 }
@@ -329,6 +345,28 @@ impl App {
             Ok(s) => s,
             Err(e) => send_error(session, &e, req.is_head()).await,
         }
+    }
+
+    /// The request's identity, slowing and then refusing an address's failed logins.
+    pub(crate) async fn authenticate(
+        &self,
+        req: &Request,
+        client_ip: Option<std::net::IpAddr>,
+    ) -> Result<Identity, AuthError> {
+        if req.authorization.is_none() {
+            return self.auth.authenticate(None);
+        }
+        if client_ip.is_some_and(|ip| self.logins.blocked(ip)) {
+            return Err(AuthError::TooManyFailures);
+        }
+        let result = self.auth.authenticate(req.authorization.as_deref());
+        if result.is_err() {
+            if let Some(ip) = client_ip {
+                self.logins.failed(ip);
+            }
+            tokio::time::sleep(crate::auth::FAILURE_DELAY).await;
+        }
+        result
     }
 
     /// Checks that `who` may do what `req` asks of `route`: 401 with a challenge for a

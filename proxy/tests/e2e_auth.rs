@@ -653,3 +653,42 @@ async fn expired_tokens_are_refused() {
     })
     .await;
 }
+
+/// Guessing passwords: each failure waits, and after ten from one address its
+/// credentials are refused with 429 TOOMANYREQUESTS, even the right ones, for a minute;
+/// requests without credentials are not affected.
+#[tokio::test(flavor = "multi_thread")]
+async fn brute_force_attempts_hit_the_limit() {
+    within(60, "brute_force_attempts_hit_the_limit", async {
+        let (berth, _dir) = start("anonymous-read.toml", &["admin"]).await;
+        let http = reqwest::Client::new();
+        let url = format!("{}/v2/team/app/tags/list", berth.url());
+        let t0 = std::time::Instant::now();
+        for i in 0..10 {
+            let r = http
+                .get(&url)
+                .basic_auth("admin", Some(format!("guess-{i}")))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 401, "attempt {i}");
+        }
+        assert!(
+            t0.elapsed() >= std::time::Duration::from_millis(2000),
+            "failed logins were not slowed: 10 took {:?}",
+            t0.elapsed()
+        );
+        let r = http
+            .get(&url)
+            .basic_auth("admin", Some(PASSWORD))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 429);
+        let (code, _) = oci_error(&r.bytes().await.unwrap(), "blocked login");
+        assert_eq!(code, "TOOMANYREQUESTS");
+        // Anonymous reads still work (404: the repository is empty).
+        assert_eq!(http.get(&url).send().await.unwrap().status().as_u16(), 404);
+    })
+    .await;
+}
