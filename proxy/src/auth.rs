@@ -59,10 +59,15 @@ pub struct Auth {
     access: Option<AccessConfig>,
     users: Option<Htpasswd>,
     tokens: Option<Tokens>,
+    /// Where API keys are kept.
+    store: Option<std::sync::Arc<berth_store::Store>>,
 }
 
 impl Auth {
-    pub fn new(access: Option<AccessConfig>) -> Result<Self, String> {
+    pub fn new(
+        access: Option<AccessConfig>,
+        store: Option<std::sync::Arc<berth_store::Store>>,
+    ) -> Result<Self, String> {
         let users = access
             .as_ref()
             .and_then(|a| a.htpasswd.clone())
@@ -75,6 +80,7 @@ impl Auth {
             access,
             users,
             tokens,
+            store,
         })
     }
 
@@ -143,8 +149,13 @@ impl Auth {
             });
         }
         let (user, password) = parse_basic(header).ok_or(AuthError::BadCredentials)?;
-        let users = self.users.as_ref().ok_or(AuthError::BadCredentials)?;
-        if !users.verify(&user, &password) {
+        let valid = if password.starts_with(API_KEY_PREFIX) {
+            self.verify_api_key(&user, &password)
+        } else {
+            let users = self.users.as_ref().ok_or(AuthError::BadCredentials)?;
+            users.verify(&user, &password)
+        };
+        if !valid {
             return Err(AuthError::BadCredentials);
         }
         let groups = access.groups_of(&user);
@@ -153,6 +164,87 @@ impl Auth {
             groups,
             grants: None,
         })
+    }
+
+    /// Whether `who` is an administrator.
+    pub fn is_admin(&self, who: &Identity) -> bool {
+        match (&self.access, who.as_user()) {
+            (None, _) => true,
+            (Some(a), Some((name, groups))) => a.admin.includes(name, groups),
+            (Some(_), None) => false,
+        }
+    }
+
+    /// Whether `key` (`berth_<id>_<secret>`) is a live API key of `user`.
+    fn verify_api_key(&self, user: &str, key: &str) -> bool {
+        let Some(store) = &self.store else {
+            return false;
+        };
+        let Some((id, secret)) = key
+            .strip_prefix(API_KEY_PREFIX)
+            .and_then(|rest| rest.split_once('_'))
+        else {
+            return false;
+        };
+        let Ok(Some(record)) = store.meta.get_api_key(id) else {
+            return false;
+        };
+        let hash: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
+        let same = hash
+            .iter()
+            .zip(record.secret_sha256.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+        same && record.owner == user && berth_registry::now_ms() < record.expires_ms
+    }
+
+    /// Makes an API key for `owner`; returns its id and the key (shown once).
+    pub fn create_api_key(
+        &self,
+        owner: &str,
+        name: &str,
+        lifetime: Duration,
+    ) -> Result<(String, String, berth_store::ApiKeyRecord), String> {
+        let store = self.store.as_ref().ok_or("no store for API keys")?;
+        let id = random_hex(8)?;
+        let secret = random_hex(32)?;
+        let now = berth_registry::now_ms();
+        let record = berth_store::ApiKeyRecord {
+            owner: owner.to_owned(),
+            name: name.to_owned(),
+            secret_sha256: Sha256::digest(secret.as_bytes()).into(),
+            created_ms: now,
+            expires_ms: now.saturating_add(lifetime.as_millis() as u64),
+        };
+        store
+            .meta
+            .put_api_key(&id, &record)
+            .map_err(|e| e.to_string())?;
+        Ok((id.clone(), format!("{API_KEY_PREFIX}{id}_{secret}"), record))
+    }
+
+    /// The API keys `who` may see: their own, or every key for an administrator.
+    pub fn api_keys(
+        &self,
+        who: &Identity,
+    ) -> Result<Vec<(String, berth_store::ApiKeyRecord)>, String> {
+        let store = self.store.as_ref().ok_or("no store for API keys")?;
+        let all = store.meta.api_keys().map_err(|e| e.to_string())?;
+        let admin = self.is_admin(who);
+        Ok(all
+            .into_iter()
+            .filter(|(_, r)| admin || Some(r.owner.as_str()) == who.as_user().map(|u| u.0))
+            .collect())
+    }
+
+    /// Revokes key `id` if `who` may see it; returns whether it did.
+    pub fn revoke_api_key(&self, who: &Identity, id: &str) -> Result<bool, String> {
+        if !self.api_keys(who)?.iter().any(|(k, _)| k == id) {
+            return Ok(false);
+        }
+        let store = self.store.as_ref().ok_or("no store for API keys")?;
+        store.meta.delete_api_key(id).map_err(|e| e.to_string())?;
+        Ok(true)
     }
 
     /// Whether `who` may do `action` on the repository at `path`.
@@ -238,6 +330,18 @@ impl LoginLimiter {
         }
         entry.1 += 1;
     }
+}
+
+/// How an API key starts: `berth_<id>_<secret>`.
+pub const API_KEY_PREFIX: &str = "berth_";
+
+fn random_hex(bytes: usize) -> Result<String, String> {
+    use ring::rand::SecureRandom;
+    let mut b = vec![0u8; bytes];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| "no system randomness".to_owned())?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
 /// The token action that covers `action`.

@@ -256,8 +256,9 @@ fn serve(args: ServeArgs) -> i32 {
         .to_string();
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
-    let registry = Arc::new(Registry::new(store_for_registry, registry_options));
-    let auth = match crate::auth::Auth::new(config.access.clone()) {
+    let registry = Arc::new(Registry::new(store_for_registry.clone(), registry_options));
+    let auth = match crate::auth::Auth::new(config.access.clone(), Some(store_for_registry.clone()))
+    {
         Ok(a) => a,
         Err(e) => {
             eprintln!("berth: {e}");

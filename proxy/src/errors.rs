@@ -22,6 +22,8 @@ pub enum Code {
     RangeInvalid,
     /// The path is not part of the API.
     NotFound,
+    /// A malformed request to berth's own API (not the distribution API).
+    BadRequest,
     BlobUploadUnknown,
     BlobUploadInvalid,
     /// A chunk that does not continue its upload.
@@ -53,6 +55,7 @@ const TABLE: &[(Code, &str, u16)] = &[
     (Code::TooManyRequests, "TOOMANYREQUESTS", 429),
     (Code::RangeInvalid, "BLOB_UNKNOWN", 416),
     (Code::NotFound, "NOT_FOUND", 404),
+    (Code::BadRequest, "BAD_REQUEST", 400),
     (Code::BlobUploadUnknown, "BLOB_UPLOAD_UNKNOWN", 404),
     (Code::BlobUploadInvalid, "BLOB_UPLOAD_INVALID", 400),
     (Code::ChunkOutOfOrder, "BLOB_UPLOAD_INVALID", 416),

@@ -481,7 +481,10 @@ fn percent_encode(s: &str) -> String {
 }
 
 /// Reads the whole request body, refusing one over `limit` bytes.
-async fn read_body(session: &mut ServerSession, limit: usize) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(
+    session: &mut ServerSession,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
     let mut body = BytesMut::new();
     while let Some(chunk) = next_chunk(session).await? {
         if body.len() + chunk.len() > limit {

@@ -59,6 +59,10 @@ pub enum Route {
     Health,
     /// `/token`: the Docker token service, when configured.
     Token,
+    /// `/api/keys[/<id>]`: API keys of the authenticated user.
+    ApiKeys {
+        id: Option<String>,
+    },
 }
 
 /// The endpoints of a private repository (`/v2/<repo>/…`).
@@ -86,7 +90,15 @@ pub fn parse(path: &str, query: Option<&str>, config: &Config) -> Result<Route, 
         "/metrics" => return Ok(Route::Metrics),
         "/healthz" => return Ok(Route::Health),
         "/token" => return Ok(Route::Token),
+        "/api/keys" => return Ok(Route::ApiKeys { id: None }),
         _ => {}
+    }
+    if let Some(id) = path.strip_prefix("/api/keys/") {
+        if !id.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Ok(Route::ApiKeys {
+                id: Some(id.to_owned()),
+            });
+        }
     }
     let Some(rest) = path.strip_prefix("/v2/") else {
         return Err(not_found(path));

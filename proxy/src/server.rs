@@ -188,6 +188,7 @@ fn route_kind(r: &Route) -> &'static str {
         Route::Health => "health",
         Route::Catalog => "catalog",
         Route::Token => "token",
+        Route::ApiKeys { .. } => "api_keys",
         Route::Private { endpoint, .. } => match endpoint {
             Endpoint::Manifest(_) => "private_manifest",
             Endpoint::Blob(_) => "private_blob",
@@ -278,6 +279,18 @@ impl App {
             }
             return send_error(session, &e, req.is_head()).await;
         }
+        if let Route::ApiKeys { id } = route {
+            let result = self.api_keys(session, req, who, id.as_deref()).await;
+            return match result {
+                Ok(s) => s,
+                Err(e) => {
+                    if req.method != "GET" && req.method != "HEAD" {
+                        session.set_keepalive(None);
+                    }
+                    send_error(session, &e, req.is_head()).await
+                }
+            };
+        }
         if let Route::Private { repo, endpoint } = route {
             return match self.private(session, req, who, repo, endpoint).await {
                 Ok(s) => s,
@@ -336,6 +349,7 @@ impl App {
             Route::Blob { target, digest } => self.blob(session, req, target, digest).await,
             Route::Catalog => self.catalog(session, req, who).await,
             Route::Token => self.token(session, req).await,
+            Route::ApiKeys { .. } => unreachable!("served above"),
             Route::Private { .. } => unreachable!("served above"),
             Route::TagsList { target, query } => {
                 self.tags(session, req, target, query.as_deref()).await
@@ -377,7 +391,7 @@ impl App {
         }
         let write = req.method != "GET" && req.method != "HEAD";
         let (path, action) = match route {
-            Route::Health | Route::Catalog | Route::Token => return Ok(()),
+            Route::Health | Route::Catalog | Route::Token | Route::ApiKeys { .. } => return Ok(()),
             Route::Base => {
                 // Clients log in when /v2/ asks them to.
                 if *who == Identity::Anonymous && !self.auth.anonymous_can_do_anything() {

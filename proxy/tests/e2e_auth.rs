@@ -301,6 +301,117 @@ async fn immutable_ci_pushes() {
         let c = Client::new(&berth, None);
         assert_eq!(c.status(c.req("GET", "/metrics")).await, 200);
         let _ = &s.one;
+
+        // The CI robot as it really runs: with an API key an administrator made for it.
+        let http = reqwest::Client::new();
+        let keys = format!("{}/api/keys", berth.url());
+        let r = http
+            .post(&keys)
+            .basic_auth("bob", Some(PASSWORD))
+            .body(r#"{"name": "ci", "owner": "ci-robot"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 403, "bob made a key for someone else");
+        assert_eq!(
+            http.post(&keys).send().await.unwrap().status().as_u16(),
+            401
+        );
+        let r = http
+            .post(&keys)
+            .basic_auth("alice", Some(PASSWORD))
+            .body(r#"{"name": "ci", "owner": "ci-robot", "expires_in": "720h"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 201);
+        let made: serde_json::Value = r.json().await.unwrap();
+        let key = made["key"].as_str().unwrap().to_owned();
+        let id = made["id"].as_str().unwrap().to_owned();
+        assert!(key.starts_with("berth_"), "{key}");
+        let with_key = |method: &str, path: &str, user: &str| {
+            http.request(method.parse().unwrap(), format!("{}{path}", berth.url()))
+                .basic_auth(user, Some(&key))
+        };
+        let pushed = make_single(75, 4_000);
+        for b in pushed.blobs() {
+            let r = with_key(
+                "POST",
+                &format!("/v2/team/app/blobs/uploads/?digest={}", b.digest),
+                "ci-robot",
+            )
+            .body(b.bytes.clone())
+            .send()
+            .await
+            .unwrap();
+            assert_eq!(r.status().as_u16(), 201);
+        }
+        let put = |tag: &str, user: &str| {
+            with_key("PUT", &format!("/v2/team/app/manifests/{tag}"), user)
+                .header("Content-Type", OCI_MANIFEST)
+                .body(pushed.manifest.clone())
+                .send()
+        };
+        assert_eq!(
+            put("from-key", "ci-robot").await.unwrap().status().as_u16(),
+            201
+        );
+        assert_eq!(
+            put("v1", "ci-robot").await.unwrap().status().as_u16(),
+            403,
+            "moved a tag"
+        );
+        assert_eq!(
+            put("other", "bob").await.unwrap().status().as_u16(),
+            401,
+            "another user's key"
+        );
+        // Listed (without the secret) for its owner; revoked by the administrator.
+        let listed: serde_json::Value = with_key("GET", "/api/keys", "ci-robot")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(listed["keys"][0]["id"], id.as_str());
+        assert!(
+            !listed.to_string().contains(&key[10..]),
+            "the list shows the secret"
+        );
+        let r = http
+            .delete(format!("{keys}/{id}"))
+            .basic_auth("alice", Some(PASSWORD))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 204);
+        assert_eq!(
+            put("after-revoke", "ci-robot")
+                .await
+                .unwrap()
+                .status()
+                .as_u16(),
+            401
+        );
+        // The store holds only the key's hash.
+        let secret = key.rsplit('_').next().unwrap();
+        let mut dirs = vec![berth.store_dir().join("meta")];
+        while let Some(d) = dirs.pop() {
+            for e in std::fs::read_dir(d).unwrap() {
+                let p = e.unwrap().path();
+                if p.is_dir() {
+                    dirs.push(p);
+                } else {
+                    let bytes = std::fs::read(&p).unwrap();
+                    assert!(
+                        !bytes.windows(secret.len()).any(|w| w == secret.as_bytes()),
+                        "{} holds the key's secret",
+                        p.display()
+                    );
+                }
+            }
+        }
     })
     .await;
 }

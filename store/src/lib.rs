@@ -29,7 +29,8 @@ use std::path::Path;
 
 pub use blobs::{BlobStore, BlobWriter, StoredBlob};
 pub use meta::{
-    Batch, BlobRecord, ManifestRecord, MetaStore, RepoLink, RepoTag, TagKey, TagRecord,
+    ApiKeyRecord, Batch, BlobRecord, ManifestRecord, MetaStore, RepoLink, RepoTag, TagKey,
+    TagRecord,
 };
 
 use oci::Digest;

@@ -20,6 +20,7 @@
 //! | `repo_blobs`     | `repo \0 digest`           | [`RepoLink`]: when it was linked, its size |
 //! | `referrers`      | `repo \0 subject \0 digest` | the referrer's descriptor (JSON)          |
 //! | `private_manifests` | digest                  | [`ManifestRecord`]: media type and bytes   |
+//! | `api_keys`       | key id                     | [`ApiKeyRecord`]: owner, name, hash, times |
 //!
 //! Pushed manifests are kept apart from pulled-through ones (`manifests`), so neither
 //! side can serve or change the other's. Blob bytes are in the blob store, one copy
@@ -45,7 +46,8 @@ const CF_REPO_MANIFESTS: &str = "repo_manifests";
 const CF_REPO_BLOBS: &str = "repo_blobs";
 const CF_REFERRERS: &str = "referrers";
 const CF_PRIVATE_MANIFESTS: &str = "private_manifests";
-const FAMILIES: [&str; 9] = [
+const CF_API_KEYS: &str = "api_keys";
+const FAMILIES: [&str; 10] = [
     CF_TAGS,
     CF_MANIFESTS,
     CF_BLOBS,
@@ -55,6 +57,7 @@ const FAMILIES: [&str; 9] = [
     CF_REPO_BLOBS,
     CF_REFERRERS,
     CF_PRIVATE_MANIFESTS,
+    CF_API_KEYS,
 ];
 const VERSION: u8 = 1;
 
@@ -101,6 +104,17 @@ pub struct RepoTag {
     pub digest: Digest,
     /// Milliseconds since the Unix epoch.
     pub updated_ms: u64,
+}
+
+/// An API key: its secret is kept only as a SHA-256 hash.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApiKeyRecord {
+    pub owner: String,
+    pub name: String,
+    pub secret_sha256: [u8; 32],
+    /// Milliseconds since the Unix epoch.
+    pub created_ms: u64,
+    pub expires_ms: u64,
 }
 
 /// A manifest or blob linked into a private repository: readable through it.
@@ -305,6 +319,43 @@ impl Codec for RepoLink {
             return Err(corrupt("link"));
         }
         Ok(RepoLink { linked_ms, size })
+    }
+}
+
+impl Codec for ApiKeyRecord {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = vec![VERSION];
+        v.extend_from_slice(&self.created_ms.to_be_bytes());
+        v.extend_from_slice(&self.expires_ms.to_be_bytes());
+        v.extend_from_slice(&self.secret_sha256);
+        for s in [&self.owner, &self.name] {
+            let b = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+            v.extend_from_slice(&(b.len() as u16).to_be_bytes());
+            v.extend_from_slice(b);
+        }
+        v
+    }
+
+    fn decode(bytes: &[u8]) -> Result<Self, StoreError> {
+        let mut r = Reader(bytes);
+        r.version("api key")?;
+        let created_ms = r.u64("api key")?;
+        let expires_ms = r.u64("api key")?;
+        let secret_sha256: [u8; 32] = r.take(32, "api key")?.try_into().expect("32 bytes");
+        let len = r.u16("api key")? as usize;
+        let owner = r.str(len, "api key")?.to_owned();
+        let len = r.u16("api key")? as usize;
+        let name = r.str(len, "api key")?.to_owned();
+        if !r.0.is_empty() {
+            return Err(corrupt("api key"));
+        }
+        Ok(ApiKeyRecord {
+            owner,
+            name,
+            secret_sha256,
+            created_ms,
+            expires_ms,
+        })
     }
 }
 
@@ -513,6 +564,29 @@ impl MetaStore {
 
     pub fn put_manifest(&self, digest: &Digest, record: &ManifestRecord) -> Result<(), StoreError> {
         self.put(CF_MANIFESTS, &digest.to_string(), record)
+    }
+
+    pub fn get_api_key(&self, id: &str) -> Result<Option<ApiKeyRecord>, StoreError> {
+        self.get(CF_API_KEYS, id.as_bytes())
+    }
+
+    pub fn put_api_key(&self, id: &str, record: &ApiKeyRecord) -> Result<(), StoreError> {
+        self.put(CF_API_KEYS, id.as_bytes(), record)
+    }
+
+    pub fn delete_api_key(&self, id: &str) -> Result<(), StoreError> {
+        self.delete(CF_API_KEYS, id.as_bytes())
+    }
+
+    /// Every API key, by id.
+    pub fn api_keys(&self) -> Result<Vec<(String, ApiKeyRecord)>, StoreError> {
+        self.scan(CF_API_KEYS, b"", None, usize::MAX)?
+            .into_iter()
+            .map(|(k, v)| {
+                let id = String::from_utf8(k).map_err(|_| corrupt("api key id"))?;
+                Ok((id, ApiKeyRecord::decode(&v)?))
+            })
+            .collect()
     }
 
     pub fn get_private_manifest(
@@ -753,6 +827,13 @@ mod tests {
         round_trip(ManifestRecord {
             media_type: crate::oci::OCI_INDEX.into(),
             body: Bytes::from_static(b"{\"schemaVersion\":2}"),
+        });
+        round_trip(ApiKeyRecord {
+            owner: "ci-robot".into(),
+            name: "pipeline".into(),
+            secret_sha256: [9; 32],
+            created_ms: 1,
+            expires_ms: 2,
         });
         round_trip(BlobRecord {
             size: 42,
