@@ -44,6 +44,15 @@ pub struct ServerConfig {
     /// `gc_grace`: content younger than this is never collected (a push uploads its
     /// blobs before the manifest that references them). Default `1h`.
     pub gc_grace: Option<Duration>,
+    /// `tls = { cert, key }`: serve HTTPS with this certificate chain and key (PEM).
+    pub tls: Option<TlsConfig>,
+}
+
+/// The certificate chain and private key files (PEM) berth serves HTTPS with.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// `[[upstream]]`: one upstream registry.
@@ -260,6 +269,24 @@ fn parse_server(v: &Value, p: &mut Problems) -> ServerConfig {
             "upload_timeout" => s.upload_timeout = duration(&path, value, p),
             "gc_interval" => s.gc_interval = duration(&path, value, p),
             "gc_grace" => s.gc_grace = duration(&path, value, p),
+            "tls" => {
+                let Some(t) = table(&path, value, p) else {
+                    continue;
+                };
+                let mut files = (None, None);
+                for (k, v) in t {
+                    let kpath = format!("{path}.{k}");
+                    match k.as_str() {
+                        "cert" => files.0 = string(&kpath, v, p).map(PathBuf::from),
+                        "key" => files.1 = string(&kpath, v, p).map(PathBuf::from),
+                        _ => p.add(&kpath, "unknown key"),
+                    }
+                }
+                match files {
+                    (Some(cert), Some(key)) => s.tls = Some(TlsConfig { cert, key }),
+                    _ => p.add(&path, "needs both cert and key (PEM files)"),
+                }
+            }
             _ => p.add(&path, "unknown key"),
         }
     }

@@ -267,6 +267,7 @@ fn serve(args: ServeArgs) -> i32 {
     };
     let in_flight = InFlight::default();
     let app = App {
+        tls: config.server.tls.is_some(),
         auth,
         logins: Default::default(),
         in_flight: in_flight.clone(),
@@ -284,8 +285,18 @@ fn serve(args: ServeArgs) -> i32 {
         },
         gc_grace: app.config.server.gc_grace.unwrap_or(DEFAULT_GC_GRACE),
     };
+    let tls = app.config.server.tls.clone();
     let mut service = Service::new("berth".to_owned(), app);
-    service.add_tcp(&listen);
+    match &tls {
+        None => service.add_tcp(&listen),
+        Some(t) => {
+            let (cert, key) = (t.cert.display().to_string(), t.key.display().to_string());
+            if let Err(e) = service.add_tls(&listen, &cert, &key) {
+                eprintln!("berth: cannot serve TLS with {cert} and {key}: {e}");
+                return 2;
+            }
+        }
+    }
     server.add_service(service);
     server.add_service(pingora::services::background::background_service(
         "drain",

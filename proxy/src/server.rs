@@ -40,6 +40,8 @@ const CLIENT_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs
 
 /// berth's HTTP application.
 pub struct App {
+    /// Serving HTTPS: bodies always go through the session (never `sendfile`).
+    pub tls: bool,
     pub auth: crate::auth::Auth,
     pub logins: crate::auth::LoginLimiter,
     /// Requests being served, for draining on SIGTERM.
@@ -576,7 +578,7 @@ impl App {
         // How the body is sent, settled before the header so that a failure here still
         // gets an error response.
         let body = match source {
-            BlobSource::Stored { blob } => match (end - start >= SENDFILE_MIN)
+            BlobSource::Stored { blob } => match (!self.tls && end - start >= SENDFILE_MIN)
                 .then(|| Socket::of(session))
                 .flatten()
             {
@@ -585,10 +587,12 @@ impl App {
                     ApiError::new(Code::Internal, format!("{what}: mapping it: {e}"))
                 })?),
             },
-            BlobSource::Filling { fill, .. } => match Socket::of(session) {
-                Some(socket) => Body::SendFill(socket, fill),
-                None => Body::Fill(fill),
-            },
+            BlobSource::Filling { fill, .. } => {
+                match (!self.tls).then(|| Socket::of(session)).flatten() {
+                    Some(socket) => Body::SendFill(socket, fill),
+                    None => Body::Fill(fill),
+                }
+            }
         };
         if matches!(body, Body::SendFile(..) | Body::SendFill(..)) {
             // The body bypasses the session: it must write and flush the header and then

@@ -803,3 +803,159 @@ async fn brute_force_attempts_hit_the_limit() {
     })
     .await;
 }
+
+/// Runs openssl with `args` in `dir`.
+fn openssl(dir: &std::path::Path, args: &[&str]) {
+    let out = std::process::Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        output_text(&out)
+    );
+}
+
+/// berth serves HTTPS with a configured certificate and key; containerd pulls a private
+/// image over it (trusting the test CA through hosts.toml), and skopeo too.
+#[tokio::test(flavor = "multi_thread")]
+async fn containerd_pulls_over_tls() {
+    within(180, "containerd_pulls_over_tls", async {
+        let pki = tempdir();
+        let d = pki.path();
+        openssl(
+            d,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=berth test CA",
+            ],
+        );
+        openssl(
+            d,
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+        );
+        std::fs::write(
+            d.join("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+        )
+        .unwrap();
+        openssl(
+            d,
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "server.pem",
+                "-days",
+                "2",
+                "-extfile",
+                "ext.cnf",
+            ],
+        );
+        let config = format!(
+            "[server]\ntls = {{ cert = \"{}\", key = \"{}\" }}\n",
+            d.join("server.pem").display(),
+            d.join("server.key").display()
+        );
+        let berth = Berth::start_with_config(&config, &[]).await;
+        let host = berth.host();
+
+        // A client that trusts the test CA pushes an image over HTTPS.
+        let ca = reqwest::Certificate::from_pem(&std::fs::read(d.join("ca.pem")).unwrap()).unwrap();
+        let https = reqwest::Client::builder()
+            .add_root_certificate(ca)
+            .build()
+            .unwrap();
+        let image = make_single(91, 300_000);
+        let base = format!("https://{host}");
+        for b in image.blobs() {
+            let r = https
+                .post(format!(
+                    "{base}/v2/team/tls/blobs/uploads/?digest={}",
+                    b.digest
+                ))
+                .body(b.bytes.clone())
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 201);
+        }
+        let r = https
+            .put(format!("{base}/v2/team/tls/manifests/v1"))
+            .header("Content-Type", OCI_MANIFEST)
+            .body(image.manifest.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 201);
+        // Blobs over TLS are whole and exact (no sendfile under TLS).
+        let layer = &image.layers[0].blob;
+        let body = https
+            .get(format!("{base}/v2/team/tls/blobs/{}", layer.digest))
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(digest_of(&body), layer.digest);
+
+        // containerd, trusting the CA through hosts.toml.
+        let containerd = Containerd::start().await;
+        let hosts = containerd.hosts_dir(&base, &[(&host, &base)]);
+        let toml = hosts.join(&host).join("hosts.toml");
+        let text = std::fs::read_to_string(&toml).unwrap().replace(
+            "capabilities = [\"pull\", \"resolve\"]",
+            &format!(
+                "capabilities = [\"pull\", \"resolve\"]\n  ca = \"{}\"",
+                d.join("ca.pem").display()
+            ),
+        );
+        std::fs::write(&toml, text).unwrap();
+        let pulled = containerd
+            .pull("berth-tls", &format!("{host}/team/tls:v1"), &hosts)
+            .await;
+        assert!(
+            pulled.status.success(),
+            "ctr pull over TLS: {}",
+            output_text(&pulled)
+        );
+        // Plain HTTP is not served on the TLS port.
+        assert!(reqwest::get(format!("http://{host}/v2/"))
+            .await
+            .map(|r| !r.status().is_success())
+            .unwrap_or(true));
+    })
+    .await;
+}
