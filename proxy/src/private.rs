@@ -161,9 +161,28 @@ impl App {
             .registry
             .catalog(Some(n), last.as_deref())
             .map_err(api)?;
-        // Only what the caller may read is listed (a page may come out short).
-        page.items
-            .retain(|repo| self.auth.allows(who, repo, Action::Read));
+        // Only what the caller may read is listed (a page may come out short). A token
+        // lists only if it was granted the catalog, and then as its user's policies say.
+        let lister = match who {
+            Identity::User {
+                name,
+                groups,
+                grants: Some(grants),
+            } => grants
+                .iter()
+                .any(|g| g.kind == "registry" && g.name == "catalog")
+                .then(|| Identity::User {
+                    name: name.clone(),
+                    groups: groups.clone(),
+                    grants: None,
+                }),
+            other => Some(other.clone()),
+        };
+        page.items.retain(|repo| {
+            lister
+                .as_ref()
+                .is_some_and(|w| self.auth.allows(w, repo, Action::Read))
+        });
         let body = serde_json::json!({"repositories": page.items});
         Ok(send_page(session, req, body, "/v2/_catalog", n, &page).await)
     }

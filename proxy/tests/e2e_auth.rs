@@ -650,6 +650,18 @@ async fn token_flow_with_skopeo_and_containerd() {
             output_text(&pulled)
         );
 
+        // The catalog with a token granted it lists what the user may read.
+        let catalog = token(&berth, Some("reader"), "registry:catalog:*").await;
+        let v: serde_json::Value = reqwest::Client::new()
+            .get(format!("{}/v2/_catalog", berth.url()))
+            .bearer_auth(&catalog)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(v["repositories"], serde_json::json!(["team/app"]));
         // A token is for its scope only: team/app's does not open team/other.
         let app = token(&berth, Some("reader"), "repository:team/app:pull").await;
         assert_eq!(
