@@ -92,6 +92,11 @@ impl Request {
     pub fn is_head(&self) -> bool {
         self.method == "HEAD"
     }
+
+    /// GET or HEAD: a request without a body.
+    pub fn is_read(&self) -> bool {
+        self.method == "GET" || self.method == "HEAD"
+    }
 }
 
 fn header_value(h: &pingora::http::RequestHeader, name: &str) -> Option<String> {
@@ -240,11 +245,7 @@ impl App {
         let route = match route {
             Ok(r) => r,
             Err(e) => {
-                if req.method != "GET" && req.method != "HEAD" {
-                    // The request body was not read.
-                    session.set_keepalive(None);
-                }
-                return send_error(session, e, req.is_head()).await;
+                return refuse(session, req, e).await;
             }
         };
         let who = match who {
@@ -261,9 +262,6 @@ impl App {
                 return send_error(session, &e, req.is_head()).await;
             }
             Err(AuthError::BadCredentials) => {
-                if req.method != "GET" && req.method != "HEAD" {
-                    session.set_keepalive(None);
-                }
                 let e = ApiError::new(
                     Code::Unauthorized,
                     "the credentials were not accepted: check the user name and password, or log in again for a new token",
@@ -272,25 +270,17 @@ impl App {
                     "WWW-Authenticate",
                     self.auth.challenge(req.host.as_deref(), None),
                 )]);
-                return send_error(session, &e, req.is_head()).await;
+                return refuse(session, req, &e).await;
             }
         };
         if let Err(e) = self.authorize(who, req, route) {
-            if req.method != "GET" && req.method != "HEAD" {
-                session.set_keepalive(None);
-            }
-            return send_error(session, &e, req.is_head()).await;
+            return refuse(session, req, &e).await;
         }
         if let Route::ApiKeys { id } = route {
             let result = self.api_keys(session, req, who, id.as_deref()).await;
             return match result {
                 Ok(s) => s,
-                Err(e) => {
-                    if req.method != "GET" && req.method != "HEAD" {
-                        session.set_keepalive(None);
-                    }
-                    send_error(session, &e, req.is_head()).await
-                }
+                Err(e) => refuse(session, req, &e).await,
             };
         }
         if let Route::Private { repo, endpoint } = route {
@@ -299,8 +289,7 @@ impl App {
                 Err(e) => send_error(session, &e, req.is_head()).await,
             };
         }
-        if req.method != "GET" && req.method != "HEAD" {
-            session.set_keepalive(None);
+        if !req.is_read() {
             let e = match route {
                 Route::Manifest { target, .. }
                 | Route::Blob { target, .. }
@@ -310,7 +299,7 @@ impl App {
                     format!("{} is not supported on {}", req.method, req.path),
                 ),
             };
-            return send_error(session, &e, req.is_head()).await;
+            return refuse(session, req, &e).await;
         }
         let result = match route {
             Route::Base => Ok(send_bytes(
@@ -391,7 +380,7 @@ impl App {
         if !self.auth.enabled() {
             return Ok(());
         }
-        let write = req.method != "GET" && req.method != "HEAD";
+        let write = !req.is_read();
         let (path, action) = match route {
             Route::Health | Route::Catalog | Route::Token | Route::ApiKeys { .. } => return Ok(()),
             Route::Base => {
@@ -861,6 +850,15 @@ pub(crate) async fn send_bytes(
         outcome,
         complete: ok,
     }
+}
+
+/// An error answered before the request's body was read: a request that may have one
+/// does not keep its connection.
+async fn refuse(session: &mut ServerSession, req: &Request, e: &ApiError) -> Served {
+    if !req.is_read() {
+        session.set_keepalive(None);
+    }
+    send_error(session, e, req.is_head()).await
 }
 
 async fn send_error(session: &mut ServerSession, e: &ApiError, head: bool) -> Served {
