@@ -14,7 +14,7 @@ use std::time::{Duration, Instant, SystemTime};
 use berth_cache::access::{AccessConfig, Action};
 use sha2::{Digest as _, Sha256};
 
-use crate::token::{Grant, Tokens};
+use crate::token::{random_hex, Grant, Tokens};
 
 /// Who a request is from.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -335,15 +335,6 @@ impl LoginLimiter {
 /// How an API key starts: `berth_<id>_<secret>`.
 pub const API_KEY_PREFIX: &str = "berth_";
 
-fn random_hex(bytes: usize) -> Result<String, String> {
-    use ring::rand::SecureRandom;
-    let mut b = vec![0u8; bytes];
-    ring::rand::SystemRandom::new()
-        .fill(&mut b)
-        .map_err(|_| "no system randomness".to_owned())?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
-}
-
 /// The token action that covers `action`.
 pub fn token_action(action: Action) -> &'static str {
     match action {
@@ -353,44 +344,23 @@ pub fn token_action(action: Action) -> &'static str {
     }
 }
 
+/// Standard base64, padded or not (clients differ).
+const BASIC: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    base64::engine::GeneralPurposeConfig::new()
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+);
+
 /// `Basic base64(user:password)`.
 fn parse_basic(header: &str) -> Option<(String, String)> {
     let (scheme, rest) = header.trim().split_once(' ')?;
     if !scheme.eq_ignore_ascii_case("basic") {
         return None;
     }
-    let decoded = base64_decode(rest.trim())?;
+    let decoded = base64::Engine::decode(&BASIC, rest.trim()).ok()?;
     let text = String::from_utf8(decoded).ok()?;
     let (user, password) = text.split_once(':')?;
     Some((user.to_owned(), password.to_owned()))
-}
-
-fn base64_decode(s: &str) -> Option<Vec<u8>> {
-    let value = |c: u8| -> Option<u32> {
-        Some(match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'+' => 62,
-            b'/' => 63,
-            _ => return None,
-        } as u32)
-    };
-    let bytes = s.trim_end_matches('=').as_bytes();
-    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
-    for chunk in bytes.chunks(4) {
-        let mut acc = 0u32;
-        for &c in chunk {
-            acc = (acc << 6) | value(c)?;
-        }
-        match chunk.len() {
-            4 => out.extend_from_slice(&[(acc >> 16) as u8, (acc >> 8) as u8, acc as u8]),
-            3 => out.extend_from_slice(&[(acc >> 10) as u8, (acc >> 2) as u8]),
-            2 => out.push((acc >> 4) as u8),
-            _ => return None,
-        }
-    }
-    Some(out)
 }
 
 /// Users from an htpasswd file, re-read when it changes.

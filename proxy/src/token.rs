@@ -111,7 +111,7 @@ impl Tokens {
     /// A token for `subject` with `access`, valid from now for the lifetime.
     pub fn issue(&self, subject: Option<&str>, access: &[Grant]) -> (String, u64) {
         let now = now_secs();
-        let jti: String = (0..16).map(|_| format!("{:02x}", rand_byte())).collect();
+        let jti = random_hex(16).unwrap_or_default();
         let claims = json!({
             "iss": ISSUER,
             "sub": subject.unwrap_or(""),
@@ -206,45 +206,30 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-fn rand_byte() -> u8 {
+/// `bytes` random bytes from the system, in hex.
+pub(crate) fn random_hex(bytes: usize) -> Result<String, String> {
     use ring::rand::SecureRandom;
-    let mut b = [0u8; 1];
+    let mut b = vec![0u8; bytes];
     ring::rand::SystemRandom::new()
         .fill(&mut b)
-        .expect("system random");
-    b[0]
+        .map_err(|_| "no system randomness".to_owned())?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
-const B64URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+/// base64url as JWTs use it: no padding written; padding accepted when decoding.
+const B64URL: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::URL_SAFE,
+    base64::engine::GeneralPurposeConfig::new()
+        .with_encode_padding(false)
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+);
 
 fn b64url(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len() * 4 / 3 + 4);
-    for chunk in bytes.chunks(3) {
-        let n = chunk.iter().fold(0u32, |acc, &b| (acc << 8) | b as u32) << (8 * (3 - chunk.len()));
-        for i in 0..=chunk.len() {
-            out.push(B64URL[(n >> (18 - 6 * i) & 63) as usize] as char);
-        }
-    }
-    out
+    base64::Engine::encode(&B64URL, bytes)
 }
 
 fn b64url_decode(s: &str) -> Option<Vec<u8>> {
-    let value = |c: u8| B64URL.iter().position(|&x| x == c).map(|v| v as u32);
-    let bytes = s.trim_end_matches('=').as_bytes();
-    let mut out = Vec::with_capacity(bytes.len() * 3 / 4);
-    for chunk in bytes.chunks(4) {
-        if chunk.len() == 1 {
-            return None;
-        }
-        let mut acc = 0u32;
-        for &c in chunk {
-            acc = (acc << 6) | value(c)?;
-        }
-        acc <<= 6 * (4 - chunk.len()) as u32;
-        let n = chunk.len() - 1;
-        out.extend_from_slice(&acc.to_be_bytes()[1..1 + n]);
-    }
-    Some(out)
+    base64::Engine::decode(&B64URL, s).ok()
 }
 
 #[cfg(test)]
