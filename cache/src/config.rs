@@ -76,6 +76,13 @@ pub struct UpstreamConfig {
     /// `read_timeout`: how long berth waits for upstream response headers and between
     /// body chunks. Default `30s`.
     pub read_timeout: Duration,
+    /// `token_hosts`: hosts (`host` or `host:port`) besides the upstream's own that may
+    /// receive `credentials` as its token realm, such as `auth.docker.io`. A realm
+    /// anywhere else gets an anonymous token request. Default: none.
+    pub token_hosts: Vec<String>,
+    /// `ca_file`: a PEM bundle of certificate authorities trusted for this upstream (and
+    /// its token realm), in addition to the public roots. Default: the public roots only.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// Where an upstream's credentials come from. The password is never in the file itself.
@@ -302,6 +309,8 @@ fn parse_upstream(path: &str, v: &Value, p: &mut Problems) -> Option<UpstreamCon
     let mut tag_ttl = DEFAULT_TAG_TTL;
     let mut connect_timeout = DEFAULT_CONNECT_TIMEOUT;
     let mut read_timeout = DEFAULT_READ_TIMEOUT;
+    let mut token_hosts = Vec::new();
+    let mut ca_file = None;
     let before = p.0.len();
     for (key, value) in t {
         let kpath = format!("{path}.{key}");
@@ -344,6 +353,23 @@ fn parse_upstream(path: &str, v: &Value, p: &mut Problems) -> Option<UpstreamCon
                 connect_timeout = duration(&kpath, value, p).unwrap_or(connect_timeout)
             }
             "read_timeout" => read_timeout = duration(&kpath, value, p).unwrap_or(read_timeout),
+            "token_hosts" => match value.as_array() {
+                Some(items) => {
+                    for (i, item) in items.iter().enumerate() {
+                        let ipath = format!("{kpath}[{i}]");
+                        match string(&ipath, item, p) {
+                            Some(h) if is_registry_host(&h) => token_hosts.push(h),
+                            Some(h) => p.add(
+                                &ipath,
+                                &format!("{h:?} is not a host name such as auth.docker.io"),
+                            ),
+                            None => {}
+                        }
+                    }
+                }
+                None => p.add(&kpath, "must be an array of host names"),
+            },
+            "ca_file" => ca_file = string(&kpath, value, p).map(PathBuf::from),
             _ => p.add(&kpath, "unknown key"),
         }
     }
@@ -367,6 +393,8 @@ fn parse_upstream(path: &str, v: &Value, p: &mut Problems) -> Option<UpstreamCon
         tag_ttl,
         connect_timeout,
         read_timeout,
+        token_hosts,
+        ca_file,
     })
 }
 

@@ -134,6 +134,9 @@ pub enum FillState {
 #[derive(Debug)]
 pub struct BlobFill {
     pub digest: Digest,
+    /// The repository (`upstream/repo`) whose request started the fill: the upstream
+    /// serves the blob to it, which proves that repository has it.
+    pub origin: String,
     state: watch::Receiver<FillState>,
     file: Mutex<Option<Arc<File>>>,
     /// Aligned pieces recently read from the file, shared by all readers: a herd of
@@ -290,9 +293,14 @@ pub struct BlobFills {
 }
 
 impl BlobFills {
-    /// Joins the fill of `digest` in progress, or registers a new one and returns its
-    /// writing side, which the caller must drive to an end in a task of its own.
-    pub fn join_or_start(&self, digest: &Digest) -> (Arc<BlobFill>, Option<FillProgress>) {
+    /// Joins the fill of `digest` in progress, or registers a new one (for `origin`, the
+    /// repository asking) and returns its writing side, which the caller must drive to an
+    /// end in a task of its own.
+    pub fn join_or_start(
+        &self,
+        digest: &Digest,
+        origin: &str,
+    ) -> (Arc<BlobFill>, Option<FillProgress>) {
         let mut map = self.inflight.lock().expect("blob fills");
         if let Some(fill) = map.get(digest) {
             return (fill.clone(), None);
@@ -300,6 +308,7 @@ impl BlobFills {
         let (tx, rx) = watch::channel(FillState::Starting);
         let fill = Arc::new(BlobFill {
             digest: digest.clone(),
+            origin: origin.to_owned(),
             state: rx,
             file: Mutex::new(None),
             recent: Mutex::new(VecDeque::with_capacity(SHARED_PIECES)),
@@ -495,7 +504,7 @@ mod tests {
     async fn a_dropped_blob_fill_fails_its_readers() {
         let fills = BlobFills::default();
         let d = Digest::sha256_of(b"abcd");
-        let (fill, progress) = fills.join_or_start(&d);
+        let (fill, progress) = fills.join_or_start(&d, "docker.io/library/a");
         let progress = progress.unwrap();
         let (_tmp, file) = temp_file_with(b"ab");
         progress.streaming(4, file);
@@ -546,9 +555,9 @@ mod tests {
     async fn readers_get_bytes_as_they_arrive_but_the_last_only_when_verified() {
         let fills = BlobFills::default();
         let d = Digest::sha256_of(b"abcd");
-        let (fill, progress) = fills.join_or_start(&d);
+        let (fill, progress) = fills.join_or_start(&d, "docker.io/library/a");
         let progress = progress.unwrap();
-        let (again, none) = fills.join_or_start(&d);
+        let (again, none) = fills.join_or_start(&d, "docker.io/library/a");
         assert!(none.is_none() && Arc::ptr_eq(&fill, &again));
         let (_tmp, file) = temp_file_with(b"abcd");
         progress.streaming(4, file);
@@ -567,7 +576,7 @@ mod tests {
     async fn spans_cover_what_is_written_but_the_last_byte_only_when_verified() {
         let fills = BlobFills::default();
         let d = Digest::sha256_of(b"abcdef");
-        let (fill, progress) = fills.join_or_start(&d);
+        let (fill, progress) = fills.join_or_start(&d, "docker.io/library/a");
         let progress = progress.unwrap();
         let (_tmp, file) = temp_file_with(b"abcdef");
         progress.streaming(6, file);
@@ -600,7 +609,7 @@ mod tests {
             .map(|i| (i % 251) as u8)
             .collect();
         let d = Digest::sha256_of(&bytes);
-        let (fill, progress) = fills.join_or_start(&d);
+        let (fill, progress) = fills.join_or_start(&d, "docker.io/library/a");
         let progress = progress.unwrap();
         let (_tmp, file) = temp_file_with(&bytes);
         progress.streaming(bytes.len() as u64, file);
@@ -632,7 +641,7 @@ mod tests {
     async fn a_failed_fill_fails_its_readers() {
         let fills = BlobFills::default();
         let d = Digest::sha256_of(b"abcd");
-        let (fill, progress) = fills.join_or_start(&d);
+        let (fill, progress) = fills.join_or_start(&d, "docker.io/library/a");
         let progress = progress.unwrap();
         let (_tmp, file) = temp_file_with(b"abcX");
         progress.streaming(4, file);

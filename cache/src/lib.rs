@@ -8,7 +8,10 @@
 //! - concurrent misses for one blob, one manifest digest or one tag cost one upstream
 //!   fetch ([`fill`]); a fill runs in its own task and finishes even if every client that
 //!   wanted it went away;
-//! - anything addressed by digest is served locally once stored; tags follow [`tags`];
+//! - anything addressed by digest is served locally once stored, but only through a
+//!   repository it was fetched through or that the upstream confirmed has it (one `HEAD`,
+//!   remembered in the store's `cache_links`): content cached through one repository is
+//!   never served through another without the upstream's word; tags follow [`tags`];
 //! - nothing a client sent is forwarded upstream except the manifest `Accept` header, and
 //!   upstream credentials never leave [`upstream`].
 //!
@@ -212,7 +215,13 @@ pub struct Cache {
     store: Arc<Store>,
     upstreams: HashMap<String, Arc<UpstreamClient>>,
     blob_fills: BlobFills,
-    manifest_lock: FillLock<Digest, Arc<Manifest>>,
+    /// Keyed by repository and digest: a fetch for one repository is never handed to
+    /// another.
+    manifest_lock: FillLock<String, Arc<Manifest>>,
+    /// Upstream confirmations that a repository has a digest, coalesced.
+    confirm_lock: FillLock<String, ()>,
+    /// Cache links recently read or written (see [`link_key`]).
+    hot_links: moka::future::Cache<String, ()>,
     tag_lock: FillLock<TagKey, (Arc<Manifest>, Outcome)>,
     hot_tags: moka::future::Cache<TagKey, TagRecord>,
     hot_manifests: moka::future::Cache<Digest, Arc<Manifest>>,
@@ -247,6 +256,8 @@ impl Cache {
             upstreams,
             blob_fills: BlobFills::default(),
             manifest_lock: FillLock::default(),
+            confirm_lock: FillLock::default(),
+            hot_links: moka::future::Cache::builder().max_capacity(200_000).build(),
             tag_lock: FillLock::default(),
             hot_tags: moka::future::Cache::builder().max_capacity(100_000).build(),
             hot_manifests: moka::future::Cache::builder()
@@ -272,11 +283,26 @@ impl Cache {
             .ok_or_else(|| CacheError::Internal(format!("no upstream {namespace:?}")))
     }
 
+    /// Runs `f` on the store from the blocking pool: RocksDB calls and file opens never
+    /// hold up an async worker (and with it every other request on that worker).
+    async fn on_store<T, F>(&self, f: F) -> Result<T, CacheError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Store) -> Result<T, StoreError> + Send + 'static,
+    {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| CacheError::Internal(format!("store task failed: {e}")))?
+            .map_err(CacheError::from)
+    }
+
     async fn stored_manifest(&self, digest: &Digest) -> Result<Option<Arc<Manifest>>, CacheError> {
         if let Some(m) = self.hot_manifests.get(digest).await {
             return Ok(Some(m));
         }
-        let Some(rec) = self.store.meta.get_manifest(digest)? else {
+        let d = digest.clone();
+        let Some(rec) = self.on_store(move |s| s.meta.get_manifest(&d)).await? else {
             return Ok(None);
         };
         let m = Arc::new(Manifest::new(digest.clone(), rec.media_type, rec.body));
@@ -288,11 +314,82 @@ impl Cache {
         if let Some(r) = self.hot_tags.get(key).await {
             return Ok(Some(r));
         }
-        let rec = self.store.meta.get_tag(key)?;
+        let k = key.clone();
+        let rec = self.on_store(move |s| s.meta.get_tag(&k)).await?;
         if let Some(r) = &rec {
             self.hot_tags.insert(key.clone(), r.clone()).await;
         }
         Ok(rec)
+    }
+
+    /// Whether `digest` may be served from the store for `repo` of `namespace`: it was
+    /// fetched through that repository, or the upstream confirmed the repository has it.
+    async fn linked(
+        &self,
+        namespace: &str,
+        repo: &str,
+        digest: &Digest,
+    ) -> Result<bool, CacheError> {
+        let key = link_key(namespace, repo, digest);
+        if self.hot_links.get(&key).await.is_some() {
+            return Ok(true);
+        }
+        let (ns, r, d) = (namespace.to_owned(), repo.to_owned(), digest.clone());
+        if self
+            .on_store(move |s| s.meta.cache_link(&ns, &r, &d))
+            .await?
+        {
+            self.hot_links.insert(key, ()).await;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    /// Remembers that the upstream has `digest` in `repo`.
+    async fn link(&self, namespace: &str, repo: &str, digest: &Digest) -> Result<(), CacheError> {
+        let (ns, r, d) = (namespace.to_owned(), repo.to_owned(), digest.clone());
+        let now = now_ms();
+        self.on_store(move |s| s.meta.put_cache_link(&ns, &r, &d, now))
+            .await?;
+        self.hot_links
+            .insert(link_key(namespace, repo, digest), ())
+            .await;
+        Ok(())
+    }
+
+    /// Makes sure `digest` may be served for `repo`: if it is not linked there yet, asks
+    /// the upstream with one `HEAD` (coalesced; registries do not count a `HEAD` against
+    /// rate limits) and remembers a yes. A no is [`CacheError::NotFound`].
+    async fn confirm(
+        self: &Arc<Self>,
+        client: &Arc<UpstreamClient>,
+        repo: &str,
+        digest: &Digest,
+        kind: Kind,
+    ) -> Result<(), CacheError> {
+        let namespace = &client.config.namespace;
+        if self.linked(namespace, repo, digest).await? {
+            return Ok(());
+        }
+        let (this, client2) = (self.clone(), client.clone());
+        let (repo2, digest2) = (repo.to_owned(), digest.clone());
+        let (result, _) = self
+            .confirm_lock
+            .run(link_key(namespace, repo, digest), async move {
+                let (suffix, accept) = match kind {
+                    Kind::Blob => (format!("blobs/{digest2}"), None),
+                    Kind::Manifest => (
+                        format!("manifests/{digest2}"),
+                        Some(MANIFEST_ACCEPT_DEFAULT),
+                    ),
+                };
+                client2
+                    .request(Method::HEAD, &repo2, &suffix, accept, Retry::Yes)
+                    .await?;
+                this.link(&client2.config.namespace, &repo2, &digest2).await
+            })
+            .await;
+        result.map_err(unshare)
     }
 
     async fn confirm_tag(&self, key: &TagKey, digest: &Digest) -> Result<(), CacheError> {
@@ -300,7 +397,8 @@ impl Cache {
             digest: digest.clone(),
             confirmed_at_ms: now_ms(),
         };
-        self.store.meta.put_tag(key, &rec)?;
+        let (k, r) = (key.clone(), rec.clone());
+        self.on_store(move |s| s.meta.put_tag(&k, &r)).await?;
         self.hot_tags.insert(key.clone(), rec).await;
         Ok(())
     }
@@ -322,13 +420,22 @@ impl Cache {
         match reference {
             Reference::Digest(digest) => {
                 if let Some(m) = self.stored_manifest(digest).await? {
+                    self.confirm(&client, repo, digest, Kind::Manifest).await?;
                     return Ok((m, Outcome::Hit));
                 }
                 let this = self.clone();
                 let (repo2, digest2) = (repo.to_owned(), digest.clone());
                 let (result, role) = self
                     .manifest_lock
-                    .run(digest.clone(), async move {
+                    .run(link_key(namespace, repo, digest), async move {
+                        // Stored by a fetch that ended between the look above and
+                        // this one taking the lock.
+                        let ns = &client.config.namespace;
+                        if let Some(m) = this.stored_manifest(&digest2).await? {
+                            if this.linked(ns, &repo2, &digest2).await? {
+                                return Ok(m);
+                            }
+                        }
                         this.fetch_manifest(
                             &client,
                             &repo2,
@@ -371,6 +478,9 @@ impl Cache {
                     Some((m, Freshness::Revalidate)) => {
                         self.tag_lock
                             .run(key.clone(), async move {
+                                if let Some(m) = this.fresh_tag(&key, &client).await? {
+                                    return Ok((m, Outcome::Hit));
+                                }
                                 this.revalidate(&client, &key, m, &accept).await
                             })
                             .await
@@ -378,6 +488,9 @@ impl Cache {
                     None => {
                         self.tag_lock
                             .run(key.clone(), async move {
+                                if let Some(m) = this.fresh_tag(&key, &client).await? {
+                                    return Ok((m, Outcome::Hit));
+                                }
                                 let m = this
                                     .fetch_manifest(
                                         &client,
@@ -396,6 +509,26 @@ impl Cache {
                 let (m, outcome) = result.map_err(unshare)?;
                 Ok((m, coalesced(outcome, role)))
             }
+        }
+    }
+
+    /// The manifest a tag names if the tag is fresh: confirmed by a fetch that ended
+    /// between a request's first look and its taking the tag's lock.
+    async fn fresh_tag(
+        &self,
+        key: &TagKey,
+        client: &UpstreamClient,
+    ) -> Result<Option<Arc<Manifest>>, CacheError> {
+        match self.tag_record(key).await? {
+            Some(rec)
+                if matches!(
+                    tags::freshness(&rec, now_ms(), client.config.tag_ttl),
+                    Freshness::Fresh
+                ) =>
+            {
+                self.stored_manifest(&rec.digest).await
+            }
+            _ => Ok(None),
         }
     }
 
@@ -431,7 +564,8 @@ impl Cache {
                 }
             }
             Err(CacheError::NotFound) => {
-                self.store.meta.delete_tag(key)?;
+                let k = key.clone();
+                self.on_store(move |s| s.meta.delete_tag(&k)).await?;
                 self.hot_tags.invalidate(key).await;
                 return Err(CacheError::NotFound);
             }
@@ -447,7 +581,7 @@ impl Cache {
         Ok((cached, Outcome::Stale))
     }
 
-    /// GETs a manifest, verifies it, and stores it under its digest.
+    /// GETs a manifest, verifies it, and stores it under its digest, linked to `repo`.
     async fn fetch_manifest(
         &self,
         client: &UpstreamClient,
@@ -491,26 +625,34 @@ impl Cache {
             }
             None => Digest::sha256_of(&body),
         };
-        self.store.meta.put_manifest(
-            &digest,
-            &ManifestRecord {
-                media_type: media_type.clone(),
-                body: body.clone(),
-            },
-        )?;
+        let record = ManifestRecord {
+            media_type: media_type.clone(),
+            body: body.clone(),
+        };
+        let d = digest.clone();
+        self.on_store(move |s| s.meta.put_manifest(&d, &record))
+            .await?;
+        self.link(registry, repo, &digest).await?;
         let m = Arc::new(Manifest::new(digest.clone(), media_type, body));
         self.hot_manifests.insert(digest, m.clone()).await;
         Ok(m)
     }
 
-    /// A stored blob this cache fetched from an upstream. The store also holds blobs
-    /// pushed to private repositories; those are not readable through an upstream
-    /// namespace (the upstream must serve it once, which also proves it has it).
-    fn cached_blob(&self, digest: &Digest) -> Result<Option<StoredBlob>, CacheError> {
-        if self.store.meta.get_blob(digest)?.is_none() {
+    /// A stored blob that may be served for `repo`: linked there, or stored for another
+    /// repository (or pushed to a private one) and now confirmed by the upstream. `None`
+    /// when the store does not have it.
+    async fn cached_blob(
+        self: &Arc<Self>,
+        client: &Arc<UpstreamClient>,
+        repo: &str,
+        digest: &Digest,
+    ) -> Result<Option<StoredBlob>, CacheError> {
+        let d = digest.clone();
+        let Some(blob) = self.on_store(move |s| s.blobs.open_blob(&d)).await? else {
             return Ok(None);
-        }
-        Ok(self.store.blobs.open_blob(digest)?)
+        };
+        self.confirm(client, repo, digest, Kind::Blob).await?;
+        Ok(Some(blob))
     }
 
     /// The size of a blob: from the store, a fill in progress, or an upstream `HEAD`.
@@ -520,10 +662,10 @@ impl Cache {
         repo: &str,
         digest: &Digest,
     ) -> Result<(u64, Outcome), CacheError> {
-        if let Some(blob) = self.cached_blob(digest)? {
+        let client = self.client(namespace)?;
+        if let Some(blob) = self.cached_blob(&client, repo, digest).await? {
             return Ok((blob.size(), Outcome::Hit));
         }
-        let client = self.client(namespace)?;
         let resp = client
             .request(
                 Method::HEAD,
@@ -541,6 +683,7 @@ impl Cache {
                 registry: namespace.to_owned(),
                 reason: "blob HEAD without Content-Length".into(),
             })?;
+        self.link(namespace, repo, digest).await?;
         Ok((size, Outcome::Miss))
     }
 
@@ -552,15 +695,15 @@ impl Cache {
         repo: &str,
         digest: &Digest,
     ) -> Result<(BlobSource, Outcome), CacheError> {
-        if let Some(blob) = self.cached_blob(digest)? {
+        let client = self.client(namespace)?;
+        if let Some(blob) = self.cached_blob(&client, repo, digest).await? {
             return Ok((BlobSource::Stored { blob }, Outcome::Hit));
         }
-        let client = self.client(namespace)?;
-        let (fill, progress) = self.blob_fills.join_or_start(digest);
+        let repo_key = format!("{namespace}/{repo}");
+        let (fill, progress) = self.blob_fills.join_or_start(digest, &repo_key);
         let outcome = match progress {
             Some(progress) => {
                 let this = self.clone();
-                let repo_key = format!("{namespace}/{repo}");
                 let repo = repo.to_owned();
                 let digest = digest.clone();
                 tokio::spawn(async move {
@@ -585,7 +728,14 @@ impl Cache {
                 });
                 Outcome::Miss
             }
-            None => Outcome::Coalesced,
+            None => {
+                // Another repository's fill: its bytes are ours only if the upstream
+                // says this repository has the blob too.
+                if fill.origin != repo_key {
+                    self.confirm(&client, repo, digest, Kind::Blob).await?;
+                }
+                Outcome::Coalesced
+            }
         };
         let size = fill.size().await.map_err(unshare)?;
         Ok((BlobSource::Filling { fill, size }, outcome))
@@ -593,15 +743,15 @@ impl Cache {
 
     /// Streams a blob from the upstream into the store, publishing progress as it goes.
     async fn fill_blob(
-        &self,
-        client: &UpstreamClient,
+        self: &Arc<Self>,
+        client: &Arc<UpstreamClient>,
         repo: &str,
         repo_key: &str,
         digest: &Digest,
         progress: &FillProgress,
     ) -> Result<u64, CacheError> {
         // Published while this fill was being registered: serve that.
-        if let Some(blob) = self.cached_blob(digest)? {
+        if let Some(blob) = self.cached_blob(client, repo, digest).await? {
             let size = blob.size();
             progress.streaming(size, blob.into_file());
             return Ok(size);
@@ -616,9 +766,19 @@ impl Cache {
             )
             .await?;
         let announced = resp.content_length();
-        let mut writer = self.store.blobs.writer(digest)?;
-        if let Some(size) = announced {
-            progress.streaming(size, writer.reader()?);
+        let d = digest.clone();
+        let (mut writer, reader) = self
+            .on_store(move |s| {
+                let writer = s.blobs.writer(&d)?;
+                let reader = match announced {
+                    Some(_) => Some(writer.reader()?),
+                    None => None,
+                };
+                Ok((writer, reader))
+            })
+            .await?;
+        if let (Some(size), Some(reader)) = (announced, reader) {
+            progress.streaming(size, reader);
         }
         let read_timeout = client.config.read_timeout;
         let mut stream = resp.bytes_stream();
@@ -669,25 +829,30 @@ impl Cache {
             client.metrics.bytes(&client.config.namespace, len as u64);
             progress.written(written);
         }
-        let reader = if announced.is_none() {
-            Some(writer.reader()?)
-        } else {
-            None
-        };
-        let size = tokio::task::spawn_blocking(move || writer.commit(announced))
-            .await
-            .map_err(|e| CacheError::Internal(format!("commit task failed: {e}")))??;
+        let (size, reader) = tokio::task::spawn_blocking(move || {
+            // A fill of unknown size is readable once it is verified, from here.
+            let reader = match announced {
+                None => Some(writer.reader()?),
+                Some(_) => None,
+            };
+            Ok::<_, StoreError>((writer.commit(announced)?, reader))
+        })
+        .await
+        .map_err(|e| CacheError::Internal(format!("commit task failed: {e}")))??;
         if let Some(file) = reader {
             progress.streaming(size, file);
         }
         // The blob is verified and published: a failure to index it must not fail the
         // clients reading it.
+        let (d, r, now) = (digest.clone(), repo_key.to_owned(), now_ms());
         if let Err(e) = self
-            .store
-            .meta
-            .record_blob(digest, size, repo_key, now_ms())
+            .on_store(move |s| s.meta.record_blob(&d, size, &r, now))
+            .await
         {
             tracing::error!(digest = %digest, error = %e, "could not index a stored blob");
+        }
+        if let Err(e) = self.link(&client.config.namespace, repo, digest).await {
+            tracing::error!(digest = %digest, error = %e, "could not link a stored blob");
         }
         Ok(size)
     }
@@ -724,6 +889,19 @@ impl Cache {
     pub fn fills_in_progress(&self) -> usize {
         self.blob_fills.len()
     }
+}
+
+/// What a digest names, for an upstream confirmation.
+#[derive(Clone, Copy)]
+enum Kind {
+    Blob,
+    Manifest,
+}
+
+/// The key of a cache link in memory: which digest is in which repository of which
+/// upstream.
+fn link_key(namespace: &str, repo: &str, digest: &Digest) -> String {
+    format!("{namespace}\0{repo}\0{digest}")
 }
 
 /// A blob fill's registration, removed when dropped.

@@ -4,7 +4,10 @@
 //! `WWW-Authenticate: Bearer realm=…,service=…,scope=…` is retried with a token from the
 //! realm (anonymous, or with the configured credentials as HTTP Basic), and tokens are
 //! cached per scope until shortly before they expire. A `Basic` challenge is answered with
-//! the configured credentials. Blob redirects to storage hosts are followed; the upstream
+//! the configured credentials. The credentials go only to a realm on the upstream's own
+//! host or on one of its configured `token_hosts`, and never in cleartext when the
+//! upstream uses TLS; any other realm is asked for an anonymous token. Blob redirects to
+//! storage hosts are followed, at most [`MAX_REDIRECTS`] of them; the upstream
 //! `Authorization` header is not carried to another host. Transient failures (connection
 //! errors, timeouts, 429, 502, 503, 504) are retried with backoff when the caller allows.
 //! Nothing a client sent berth (its `Authorization` header above all) is ever forwarded.
@@ -27,6 +30,8 @@ const BACKOFF: Duration = Duration::from_millis(200);
 const MAX_TOKEN_LIFE: u64 = 24 * 3600;
 /// How many tokens (one per repository scope) are kept at most.
 const MAX_CACHED_TOKENS: usize = 4096;
+/// How many redirects one upstream request follows.
+pub const MAX_REDIRECTS: usize = 5;
 /// A token is renewed this long before the upstream said it expires.
 const TOKEN_MARGIN: Duration = Duration::from_secs(10);
 
@@ -66,7 +71,35 @@ impl UpstreamClient {
             ),
             None => None,
         };
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder();
+        if let Some(path) = &config.ca_file {
+            let pem = std::fs::read(path).map_err(|e| {
+                format!(
+                    "upstream {}: ca_file {}: {e}",
+                    config.namespace,
+                    path.display()
+                )
+            })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                format!(
+                    "upstream {}: ca_file {}: not a PEM certificate bundle: {e}",
+                    config.namespace,
+                    path.display()
+                )
+            })?;
+            if certs.is_empty() {
+                return Err(format!(
+                    "upstream {}: ca_file {} holds no certificate",
+                    config.namespace,
+                    path.display()
+                ));
+            }
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let http = builder
+            .redirect(reqwest::redirect::Policy::limited(MAX_REDIRECTS))
             .connect_timeout(config.connect_timeout)
             .read_timeout(config.read_timeout)
             .user_agent(concat!("berth/", env!("CARGO_PKG_VERSION")))
@@ -206,6 +239,38 @@ impl UpstreamClient {
         }
     }
 
+    /// Why the configured credentials may not go to `realm`, if they may not: it is not
+    /// on the upstream's host or one of its `token_hosts`, or it is plain http while the
+    /// upstream itself is reached over TLS.
+    fn realm_refusal(&self, realm: &str) -> Option<&'static str> {
+        let Ok(url) = reqwest::Url::parse(realm) else {
+            return Some("the token realm is not a URL");
+        };
+        if url.scheme() == "http" && self.config.url.starts_with("https://") {
+            return Some("the token realm is plain http");
+        }
+        let host = url.host_str().unwrap_or("");
+        let port = url.port_or_known_default();
+        let upstream_host = reqwest::Url::parse(&self.config.url)
+            .ok()
+            .is_some_and(|u| u.host_str() == Some(host) && u.port_or_known_default() == port);
+        let listed = self
+            .config
+            .token_hosts
+            .iter()
+            .any(|h| match h.rsplit_once(':') {
+                Some((name, p)) if p.bytes().all(|b| b.is_ascii_digit()) => {
+                    name.eq_ignore_ascii_case(host) && p.parse().ok() == port
+                }
+                _ => h.eq_ignore_ascii_case(host),
+            });
+        if upstream_host || listed {
+            None
+        } else {
+            Some("the token realm is not on the upstream's host nor in its token_hosts")
+        }
+    }
+
     fn cached_token(&self, scope: &str) -> Option<String> {
         let mut tokens = self.tokens.lock().expect("token lock");
         match tokens.get(scope) {
@@ -277,16 +342,11 @@ impl UpstreamClient {
             query.push(("service", s));
         }
         let mut req = self.http.get(realm).query(&query);
-        // Credentials never travel in cleartext to a realm when the upstream itself is
-        // reached over TLS.
-        let cleartext_downgrade =
-            realm.starts_with("http://") && self.config.url.starts_with("https://");
         if let Some((user, pass)) = &self.credentials {
-            if cleartext_downgrade {
-                tracing::warn!(upstream = %self.config.namespace,
-                    "the token realm is plain http; asking for an anonymous token");
-            } else {
-                req = req.basic_auth(user, Some(pass));
+            match self.realm_refusal(realm) {
+                Some(why) => tracing::warn!(upstream = %self.config.namespace, realm = %realm,
+                    "{why}; asking for an anonymous token"),
+                None => req = req.basic_auth(user, Some(pass)),
             }
         }
         let fut = req.send();
@@ -369,28 +429,9 @@ pub fn describe(e: &reqwest::Error) -> String {
 }
 
 fn basic(user: &str, pass: &str) -> String {
-    format!("Basic {}", base64(format!("{user}:{pass}").as_bytes()))
-}
-
-fn base64(input: &[u8]) -> String {
-    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = String::with_capacity(input.len().div_ceil(3) * 4);
-    for chunk in input.chunks(3) {
-        let b = [
-            chunk[0],
-            *chunk.get(1).unwrap_or(&0),
-            *chunk.get(2).unwrap_or(&0),
-        ];
-        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    use base64::Engine as _;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+    format!("Basic {encoded}")
 }
 
 fn method_label(m: &Method) -> &'static str {
@@ -504,12 +545,42 @@ mod tests {
         assert_eq!(Challenge::parse("Negotiate"), None);
     }
 
+    fn client(extra: &str) -> UpstreamClient {
+        let text = format!(
+            "[[upstream]]\nnamespace = \"docker.io\"\nurl = \"https://registry-1.docker.io\"\nprefixes = []\n{extra}"
+        );
+        let config = crate::config::Config::parse(&text).unwrap();
+        UpstreamClient::new(config.upstreams[0].clone(), CacheMetrics::default()).unwrap()
+    }
+
     #[test]
-    fn base64_matches_rfc4648() {
-        assert_eq!(base64(b""), "");
-        assert_eq!(base64(b"f"), "Zg==");
-        assert_eq!(base64(b"fo"), "Zm8=");
-        assert_eq!(base64(b"foo"), "Zm9v");
-        assert_eq!(base64(b"user:pass"), "dXNlcjpwYXNz");
+    fn credentials_go_only_to_the_upstream_s_own_or_listed_realm_hosts() {
+        let c = client("token_hosts = [\"auth.docker.io\", \"tokens.example:8443\"]");
+        for ok in [
+            "https://registry-1.docker.io/token",
+            "https://auth.docker.io/token",
+            "https://AUTH.docker.io/token?x=1",
+            "https://tokens.example:8443/t",
+        ] {
+            assert_eq!(c.realm_refusal(ok), None, "{ok}");
+        }
+        for refused in [
+            "https://evil.example/token",
+            "https://auth.docker.io.evil.example/token",
+            "https://registry-1.docker.io:8443/token",
+            "https://tokens.example/t",
+            "http://auth.docker.io/token",
+            "not a url",
+        ] {
+            assert!(c.realm_refusal(refused).is_some(), "{refused}");
+        }
+        assert!(client("")
+            .realm_refusal("https://auth.docker.io/token")
+            .is_some());
+    }
+
+    #[test]
+    fn basic_credentials_are_rfc7617() {
+        assert_eq!(basic("user", "pass"), "Basic dXNlcjpwYXNz");
     }
 }

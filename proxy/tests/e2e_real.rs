@@ -267,7 +267,9 @@ async fn token_auth_upstreams() {
         let berth = Berth::start_with_env(
             &[
                 Upstream::new("docker.io", &tap_anon.url(), &["library/**"]),
-                Upstream::new("ghcr.io", &tap_priv.url(), &["team/**"]).credentials("bob", PW_ENV),
+                Upstream::new("ghcr.io", &tap_priv.url(), &["team/**"])
+                    .credentials("bob", PW_ENV)
+                    .token_host(&ts_priv.host()),
             ],
             &[(PW_ENV, PASSWORD)],
         )

@@ -204,9 +204,16 @@ impl Registry {
             .meta
             .get_private_manifest(&digest)?
             .ok_or_else(|| self.manifest_unknown(repo, reference))?;
+        // The type it was pushed to this repository with, whatever another repository
+        // pushed the same bytes as.
+        let media_type = self
+            .store
+            .meta
+            .repo_manifest_type(repo, &digest)?
+            .unwrap_or(rec.media_type);
         Ok(Manifest {
             digest,
-            media_type: rec.media_type,
+            media_type,
             body: rec.body,
         })
     }
@@ -280,7 +287,8 @@ impl Registry {
                     linked_ms: now,
                     size: body.len() as u64,
                 },
-            );
+            )
+            .put_manifest_type(repo, &digest, media_type);
         let tags = match reference {
             Reference::Tag(t) => std::iter::once(t).chain(extra_tags).collect::<Vec<_>>(),
             Reference::Digest(_) => extra_tags.iter().collect(),

@@ -7,6 +7,12 @@
 //! | `tags`      | [`TagKey`]: `upstream \0 repo \0 tag \0 variant` | [`TagRecord`]: digest and when confirmed |
 //! | `manifests` | digest string                         | [`ManifestRecord`]: media type and bytes |
 //! | `blobs`     | digest string                         | [`BlobRecord`]: size, last access, repos |
+//! | `cache_links` | `upstream \0 repo \0 digest`       | when the upstream confirmed it (ms)     |
+//!
+//! `cache_links` is what makes cached content readable through a pull-through
+//! repository: a digest is served for `(upstream, repo)` only when it was fetched through
+//! that repository or the upstream confirmed that the repository has it. Content stays
+//! one copy per digest; the link is per repository.
 //!
 //! Private repositories (pushed, never evicted) have families of their own; their keys
 //! start with the repository name and a `\0`, so one repository's records are one sorted
@@ -20,7 +26,12 @@
 //! | `repo_blobs`     | `repo \0 digest`           | [`RepoLink`]: when it was linked, its size |
 //! | `referrers`      | `repo \0 subject \0 digest` | the referrer's descriptor (JSON)          |
 //! | `private_manifests` | digest                  | [`ManifestRecord`]: media type and bytes   |
+//! | `repo_manifest_types` | `repo \0 digest`       | the media type it was pushed there with    |
 //! | `api_keys`       | key id                     | [`ApiKeyRecord`]: owner, name, hash, times |
+//!
+//! A manifest's bytes are stored once, but its `Content-Type` belongs to each repository
+//! it was pushed to (`repo_manifest_types`): pushing the same bytes elsewhere with another
+//! type changes nothing another repository answers.
 //!
 //! Pushed manifests are kept apart from pulled-through ones (`manifests`), so neither
 //! side can serve or change the other's. Blob bytes are in the blob store, one copy
@@ -47,7 +58,9 @@ const CF_REPO_BLOBS: &str = "repo_blobs";
 const CF_REFERRERS: &str = "referrers";
 const CF_PRIVATE_MANIFESTS: &str = "private_manifests";
 const CF_API_KEYS: &str = "api_keys";
-const FAMILIES: [&str; 10] = [
+const CF_CACHE_LINKS: &str = "cache_links";
+const CF_REPO_MANIFEST_TYPES: &str = "repo_manifest_types";
+const FAMILIES: [&str; 12] = [
     CF_TAGS,
     CF_MANIFESTS,
     CF_BLOBS,
@@ -58,6 +71,8 @@ const FAMILIES: [&str; 10] = [
     CF_REFERRERS,
     CF_PRIVATE_MANIFESTS,
     CF_API_KEYS,
+    CF_CACHE_LINKS,
+    CF_REPO_MANIFEST_TYPES,
 ];
 const VERSION: u8 = 1;
 
@@ -380,6 +395,11 @@ fn repo_key(repo: &str, parts: &[&str]) -> Vec<u8> {
     k
 }
 
+/// `upstream \0 repo \0 digest`: the key of a cache link.
+fn cache_link_key(upstream: &str, repo: &str, digest: &Digest) -> Vec<u8> {
+    repo_key(upstream, &[repo, &digest.to_string()])
+}
+
 /// One write of a batch: family, key, and the value (`None` deletes).
 type Op = (&'static str, Vec<u8>, Option<Vec<u8>>);
 
@@ -425,11 +445,25 @@ impl Batch {
         self
     }
 
+    /// Unlinks a manifest from `repo`, with the media type it was pushed there with.
     pub fn unlink_manifest(&mut self, repo: &str, digest: &Digest) -> &mut Self {
+        let key = repo_key(repo, &[&digest.to_string()]);
+        self.ops.push((CF_REPO_MANIFEST_TYPES, key.clone(), None));
+        self.ops.push((CF_REPO_MANIFESTS, key, None));
+        self
+    }
+
+    /// The media type `repo` serves its manifest `digest` with.
+    pub fn put_manifest_type(
+        &mut self,
+        repo: &str,
+        digest: &Digest,
+        media_type: &str,
+    ) -> &mut Self {
         self.ops.push((
-            CF_REPO_MANIFESTS,
+            CF_REPO_MANIFEST_TYPES,
             repo_key(repo, &[&digest.to_string()]),
-            None,
+            Some(media_type.as_bytes().to_vec()),
         ));
         self
     }
@@ -641,6 +675,44 @@ impl MetaStore {
         self.put(CF_BLOBS, &digest.to_string(), &record)
     }
 
+    /// Whether `digest` is known to be in `repo` of `upstream`: fetched through it, or
+    /// confirmed by the upstream.
+    pub fn cache_link(
+        &self,
+        upstream: &str,
+        repo: &str,
+        digest: &Digest,
+    ) -> Result<bool, StoreError> {
+        let handle = self
+            .db
+            .cf_handle(CF_CACHE_LINKS)
+            .expect("column family opened");
+        Ok(self
+            .db
+            .get_pinned_cf(&handle, cache_link_key(upstream, repo, digest))
+            .map_err(db_err)?
+            .is_some())
+    }
+
+    /// Records that `repo` of `upstream` has `digest`, as the upstream said at `now_ms`.
+    pub fn put_cache_link(
+        &self,
+        upstream: &str,
+        repo: &str,
+        digest: &Digest,
+        now_ms: u64,
+    ) -> Result<(), StoreError> {
+        let mut v = vec![VERSION];
+        v.extend_from_slice(&now_ms.to_be_bytes());
+        let handle = self
+            .db
+            .cf_handle(CF_CACHE_LINKS)
+            .expect("column family opened");
+        self.db
+            .put_cf(&handle, cache_link_key(upstream, repo, digest), v)
+            .map_err(db_err)
+    }
+
     /// Applies `batch` atomically.
     pub fn write(&self, batch: Batch) -> Result<(), StoreError> {
         let mut wb = rocksdb::WriteBatch::default();
@@ -673,6 +745,29 @@ impl MetaStore {
         digest: &Digest,
     ) -> Result<Option<RepoLink>, StoreError> {
         self.get(CF_REPO_MANIFESTS, &repo_key(repo, &[&digest.to_string()]))
+    }
+
+    /// The media type `digest` was pushed to `repo` with (`None` for a manifest stored
+    /// before types were kept per repository: the stored record's type applies).
+    pub fn repo_manifest_type(
+        &self,
+        repo: &str,
+        digest: &Digest,
+    ) -> Result<Option<String>, StoreError> {
+        let handle = self
+            .db
+            .cf_handle(CF_REPO_MANIFEST_TYPES)
+            .expect("column family opened");
+        match self
+            .db
+            .get_pinned_cf(&handle, repo_key(repo, &[&digest.to_string()]))
+            .map_err(db_err)?
+        {
+            Some(v) => String::from_utf8(v.to_vec())
+                .map(Some)
+                .map_err(|_| corrupt("manifest type")),
+            None => Ok(None),
+        }
     }
 
     pub fn repo_blob(&self, repo: &str, digest: &Digest) -> Result<Option<RepoLink>, StoreError> {
@@ -896,5 +991,23 @@ mod tests {
         assert_eq!(b.repos, vec!["docker.io/library/nginx", "ghcr.io/a/b"]);
         m.delete_tag(&key).unwrap();
         assert_eq!(m.get_tag(&key).unwrap(), None);
+    }
+
+    #[test]
+    fn cache_links_are_per_upstream_and_repository() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = Digest::sha256_of(b"layer");
+        {
+            let m = MetaStore::open(dir.path()).unwrap();
+            m.put_cache_link("ghcr.io", "acme/secret/app", &d, 1)
+                .unwrap();
+        }
+        let m = MetaStore::open(dir.path()).unwrap();
+        assert!(m.cache_link("ghcr.io", "acme/secret/app", &d).unwrap());
+        assert!(!m.cache_link("ghcr.io", "acme/secret", &d).unwrap());
+        assert!(!m.cache_link("docker.io", "acme/secret/app", &d).unwrap());
+        assert!(!m.cache_link("docker.io", "library/alpine", &d).unwrap());
+        let other = Digest::sha256_of(b"other");
+        assert!(!m.cache_link("ghcr.io", "acme/secret/app", &other).unwrap());
     }
 }

@@ -380,7 +380,11 @@ impl Pusher {
     pub fn new(base: &str, token: Option<String>) -> Pusher {
         Pusher {
             base: base.trim_end_matches('/').to_owned(),
-            client: reqwest::Client::new(),
+            // Test registries on loopback may serve HTTPS with the test CA.
+            client: reqwest::Client::builder()
+                .danger_accept_invalid_certs(true)
+                .build()
+                .unwrap(),
             token,
         }
     }
@@ -546,6 +550,7 @@ pub struct TokenAuthConfig {
 pub struct Registry {
     proc: ProcGuard,
     port: u16,
+    scheme: &'static str,
     access_log: PathBuf,
     app_log: PathBuf,
     dir: TempDir,
@@ -562,6 +567,16 @@ impl Registry {
     }
 
     pub async fn start_with(auth: Option<TokenAuthConfig>) -> Registry {
+        Self::start_with_tls(auth, None).await
+    }
+
+    /// A registry serving HTTPS with `pki`'s `server.pem` and `server.key` (see
+    /// [`test_pki`]).
+    pub async fn start_tls(pki: &Path) -> Registry {
+        Self::start_with_tls(None, Some(pki)).await
+    }
+
+    async fn start_with_tls(auth: Option<TokenAuthConfig>, tls: Option<&Path>) -> Registry {
         require_tool("docker-registry");
         let dir = tempdir();
         let data = dir.path().join("data");
@@ -574,6 +589,13 @@ impl Registry {
              http:\n  addr: 127.0.0.1:0\n  secret: berth-e2e-secret\n",
             data.display()
         );
+        if let Some(pki) = tls {
+            yaml.push_str(&format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                pki.join("server.pem").display(),
+                pki.join("server.key").display()
+            ));
+        }
         if let Some(a) = &auth {
             yaml.push_str(&format!(
                 "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
@@ -619,10 +641,14 @@ impl Registry {
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
         // Ready when /v2/ answers at all (401 under token auth).
-        let client = reqwest::Client::new();
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let client = reqwest::Client::builder()
+            .danger_accept_invalid_certs(tls.is_some())
+            .build()
+            .unwrap();
         loop {
             if client
-                .get(format!("http://127.0.0.1:{port}/v2/"))
+                .get(format!("{scheme}://127.0.0.1:{port}/v2/"))
                 .send()
                 .await
                 .is_ok()
@@ -638,6 +664,7 @@ impl Registry {
         Registry {
             proc,
             port,
+            scheme,
             access_log,
             app_log,
             dir,
@@ -649,7 +676,7 @@ impl Registry {
     }
 
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("{}://127.0.0.1:{}", self.scheme, self.port)
     }
 
     pub fn host(&self) -> String {
@@ -816,6 +843,11 @@ impl TokenServer {
 
     pub fn realm(&self) -> String {
         format!("http://127.0.0.1:{}/token", self.port)
+    }
+
+    /// `127.0.0.1:<port>`: the realm's host, for `token_hosts`.
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
     }
 
     pub fn auth_config(&self) -> TokenAuthConfig {
@@ -1189,6 +1221,10 @@ pub struct Upstream {
     pub read_timeout: String,
     /// (username, name of the environment variable holding the password)
     pub credentials: Option<(String, String)>,
+    /// Hosts besides the upstream's own that may receive the credentials as a token realm.
+    pub token_hosts: Vec<String>,
+    /// A PEM bundle of CAs to trust for this upstream.
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Upstream {
@@ -1201,7 +1237,20 @@ impl Upstream {
             connect_timeout: "1s".into(),
             read_timeout: "2s".into(),
             credentials: None,
+            token_hosts: Vec::new(),
+            ca_file: None,
         }
+    }
+
+    pub fn ca_file(mut self, path: &Path) -> Self {
+        self.ca_file = Some(path.to_owned());
+        self
+    }
+
+    /// Lets the credentials go to a token realm on `host` (`host:port`).
+    pub fn token_host(mut self, host: &str) -> Self {
+        self.token_hosts.push(host.into());
+        self
     }
 
     pub fn tag_ttl(mut self, d: &str) -> Self {
@@ -1244,6 +1293,13 @@ pub fn berth_config(upstreams: &[Upstream]) -> String {
                 toml_str(user),
                 toml_str(env)
             ));
+        }
+        if !u.token_hosts.is_empty() {
+            let hosts: Vec<String> = u.token_hosts.iter().map(|h| toml_str(h)).collect();
+            out.push_str(&format!("token_hosts = [{}]\n", hosts.join(", ")));
+        }
+        if let Some(ca) = &u.ca_file {
+            out.push_str(&format!("ca_file = {}\n", toml_str(&ca.to_string_lossy())));
         }
         out.push('\n');
     }
@@ -1923,4 +1979,75 @@ pub fn output_text(o: &std::process::Output) -> String {
         String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     )
+}
+
+/// Runs openssl with `args` in `dir`.
+pub fn openssl(dir: &Path, args: &[&str]) {
+    require_tool("openssl");
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("run openssl");
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        output_text(&out)
+    );
+}
+
+/// A test certificate authority (`ca.pem`, `ca.key`) and a server certificate it signed
+/// for `127.0.0.1` (`server.pem`, `server.key`), valid for two days.
+pub fn test_pki() -> TempDir {
+    let pki = tempdir();
+    let d = pki.path();
+    let subj_ca = "/CN=berth test CA";
+    openssl(
+        d,
+        &[
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+            "-days", "2", "-subj", subj_ca,
+        ],
+    );
+    openssl(
+        d,
+        &[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=127.0.0.1",
+        ],
+    );
+    fs::write(
+        d.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n",
+    )
+    .unwrap();
+    openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext.cnf",
+        ],
+    );
+    pki
 }
