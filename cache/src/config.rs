@@ -233,22 +233,10 @@ fn duration(path: &str, v: &Value, p: &mut Problems) -> Option<Duration> {
     }
 }
 
-/// Parses `250ms`, `30s`, `5m` or `1h`.
+/// Parses a duration such as `250ms`, `30s`, `5m`, `1h` or `1h30m`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| {
-        format!("{s:?} is not a duration such as \"500ms\", \"30s\", \"5m\" or \"1h\"")
-    })?;
-    let ms = match unit {
-        "ms" => Some(n),
-        "s" => n.checked_mul(1000),
-        "m" => n.checked_mul(60_000),
-        "h" => n.checked_mul(3_600_000),
-        _ => None,
-    };
-    ms.map(Duration::from_millis).ok_or_else(|| {
-        format!("{s:?} is not a duration such as \"500ms\", \"30s\", \"5m\" or \"1h\"")
+    humantime::parse_duration(s).map_err(|e| {
+        format!("{s:?} is not a duration such as \"500ms\", \"30s\", \"5m\" or \"1h\": {e}")
     })
 }
 
@@ -509,7 +497,7 @@ listen = "nowhere"
 namespace = "docker.io"
 url = "ftp://x"
 prefixes = ["library/**", "Bad/**", "a//b"]
-tag_ttl = "5 minutes"
+tag_ttl = "five minutes"
 wat = 1
 [[upstream]]
 namespace = "docker.io"
@@ -616,5 +604,7 @@ credentials = {{ username = "bot", password_file = "{}" }}
         assert!(parse_duration("5").is_err());
         assert!(parse_duration("s").is_err());
         assert!(parse_duration("-1s").is_err());
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5400));
+        assert!(parse_duration("5 parsecs").is_err());
     }
 }

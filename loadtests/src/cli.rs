@@ -104,8 +104,7 @@ pub struct Common {
     /// Concurrent clients.
     #[arg(long, short = 'c', default_value_t = 8)]
     pub concurrency: usize,
-    /// No new unit starts after this long ("500ms", "30s", "2m"; a bare number is
-    /// seconds).
+    /// No new unit starts after this long ("500ms", "30s", "2m").
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub duration: Duration,
     /// Units still running this long after --duration are cancelled.
@@ -144,24 +143,10 @@ pub struct Common {
     pub threads: Option<usize>,
 }
 
-/// Parses "500ms", "30s", "2m", "1h" or a bare number of seconds ("1.5").
+/// Parses "500ms", "30s", "2m", "1h" (or combinations such as "1m30s").
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?}: expected a duration like 500ms, 30s, 2m"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "" | "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("{s:?}: unknown unit {unit:?} (ms, s, m, h)")),
-    };
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("{s:?}: {e}"))
+    humantime::parse_duration(s.trim())
+        .map_err(|e| format!("{s:?}: expected a duration like 500ms, 30s, 2m: {e}"))
 }
 
 /// What the binary does besides running: where the report goes and how it exits.
@@ -282,7 +267,8 @@ mod tests {
         assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        assert_eq!(parse_duration("1.5"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("1m30s"), Ok(Duration::from_secs(90)));
+        assert!(parse_duration("1.5").is_err());
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("").is_err());
         assert!(parse_duration("s").is_err());

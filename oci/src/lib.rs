@@ -90,7 +90,7 @@ impl Digest {
     pub fn sha256_of(bytes: &[u8]) -> Digest {
         Digest {
             algorithm: Algorithm::Sha256,
-            hex: hex(&Sha256::digest(bytes)),
+            hex: hex::encode(Sha256::digest(bytes)),
         }
     }
 
@@ -171,24 +171,14 @@ impl Hasher {
         match self {
             Hasher::Sha256(h) => Digest {
                 algorithm: Algorithm::Sha256,
-                hex: hex(&h.finalize()),
+                hex: hex::encode(h.finalize()),
             },
             Hasher::Sha512(h) => Digest {
                 algorithm: Algorithm::Sha512,
-                hex: hex(&h.finalize()),
+                hex: hex::encode(h.finalize()),
             },
         }
     }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(DIGITS[(b >> 4) as usize] as char);
-        s.push(DIGITS[(b & 0xf) as usize] as char);
-    }
-    s
 }
 
 /// Whether `name` is a repository name per the distribution spec:
