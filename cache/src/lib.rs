@@ -15,14 +15,11 @@
 //! - nothing a client sent is forwarded upstream except the manifest `Accept` header, and
 //!   upstream credentials never leave [`upstream`].
 //!
-//! Use: build a [`Cache`] from a [`config::Config`] and a [`berth_store::Store`], then
+//! Use: build a [`Cache`] from a [`berth_config::Config`] and a [`berth_store::Store`], then
 //! call [`Cache::manifest`], [`Cache::blob`], [`Cache::blob_size`] and
 //! [`Cache::tags_list`] with a configured upstream namespace and a validated repository.
 
-pub mod access;
-pub mod config;
 pub mod fill;
-pub mod glob;
 pub mod metrics;
 pub mod tags;
 pub mod upstream;
@@ -38,7 +35,7 @@ use reqwest::Method;
 use berth_store::oci::{Digest, Reference, MANIFEST_ACCEPT_DEFAULT};
 use berth_store::{ManifestRecord, Store, StoreError, StoredBlob, TagKey, TagRecord};
 
-use config::Config;
+use berth_config::Config;
 use fill::{BlobFill, BlobFills, FillLock, FillProgress, Role};
 use metrics::CacheMetrics;
 use tags::Freshness;

@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, WWW_AUTHENTICATE};
 use reqwest::{Method, Response, StatusCode};
 
-use crate::config::UpstreamConfig;
 use crate::metrics::CacheMetrics;
 use crate::CacheError;
+use berth_config::UpstreamConfig;
 
 /// How many times a transient failure is tried in all.
 const ATTEMPTS: u32 = 3;
@@ -549,7 +549,7 @@ mod tests {
         let text = format!(
             "[[upstream]]\nnamespace = \"docker.io\"\nurl = \"https://registry-1.docker.io\"\nprefixes = []\n{extra}"
         );
-        let config = crate::config::Config::parse(&text).unwrap();
+        let config = berth_config::Config::parse(&text).unwrap();
         UpstreamClient::new(config.upstreams[0].clone(), CacheMetrics::default()).unwrap()
     }
 

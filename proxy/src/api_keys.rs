@@ -52,7 +52,7 @@ impl App {
                 }
                 let lifetime = match v["expires_in"].as_str() {
                     None => DEFAULT_LIFETIME,
-                    Some(s) => berth_cache::config::parse_duration(s)
+                    Some(s) => berth_config::parse_duration(s)
                         .map_err(|e| ApiError::new(Code::BadRequest, format!("expires_in: {e}")))?,
                 };
                 let (id, key, record) = self

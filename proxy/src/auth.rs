@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
-use berth_cache::access::{AccessConfig, Action};
+use berth_config::access::{AccessConfig, Action};
 use sha2::{Digest as _, Sha256};
 
 use crate::token::{random_hex, Grant, Tokens};

@@ -9,8 +9,8 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
 use pingora::services::listening::Service;
 
-use berth_cache::config::{Config, DEFAULT_CONFIG};
 use berth_cache::Cache;
+use berth_config::{Config, DEFAULT_CONFIG};
 use berth_registry::Registry;
 use berth_store::Store;
 
@@ -113,7 +113,7 @@ fn check(file: &PathBuf) -> i32 {
 
 fn gc(store: Option<PathBuf>, grace: &str) -> i32 {
     init_logging();
-    let grace = match berth_cache::config::parse_duration(grace) {
+    let grace = match berth_config::parse_duration(grace) {
         Ok(g) => g,
         Err(e) => {
             eprintln!("berth gc: --grace: {e}");

@@ -8,7 +8,7 @@ use berth_cache::BlobSource;
 use berth_registry::{Page, RegistryError, MAX_MANIFEST_BYTES};
 use berth_store::oci::{Digest, Reference, OCI_INDEX};
 
-use berth_cache::access::Action;
+use berth_config::access::Action;
 
 use crate::auth::Identity;
 use crate::errors::{ApiError, Code};

@@ -10,7 +10,7 @@
 //! Any other repository (its first segment is not a configured upstream namespace, and
 //! there is no `?ns=`) is private: pushed to and served by berth itself.
 
-use berth_cache::config::{Config, UpstreamConfig};
+use berth_config::{Config, UpstreamConfig};
 use berth_store::oci::{is_valid_name, is_valid_tag, Digest, Reference};
 
 use crate::errors::{ApiError, Code};

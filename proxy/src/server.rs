@@ -13,9 +13,9 @@ use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession;
 use pingora::server::ShutdownWatch;
 
-use berth_cache::config::Config;
 use berth_cache::fill::BlobFill;
 use berth_cache::{tags::STALE_WARNING, BlobSource, Cache, Outcome};
+use berth_config::Config;
 use berth_registry::Registry;
 use berth_store::oci::Reference;
 use berth_store::StoredBlob;
@@ -26,7 +26,7 @@ use crate::metrics::{Metrics, RequestLabels};
 use crate::range::{parse_range, ByteRange};
 use crate::route::{self, Endpoint, Route, Target};
 use crate::sendfile::Socket;
-use berth_cache::access::Action;
+use berth_config::access::Action;
 
 /// How much of a stored blob is handed to the connection per write.
 const SERVE_CHUNK: u64 = 1024 * 1024;

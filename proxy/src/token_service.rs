@@ -6,7 +6,7 @@
 use bytes::Bytes;
 use pingora::protocols::http::ServerSession;
 
-use berth_cache::access::Action;
+use berth_config::access::Action;
 
 use crate::auth::Identity;
 use crate::errors::{ApiError, Code};
