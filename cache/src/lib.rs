@@ -224,6 +224,9 @@ pub struct Cache {
     hot_manifests: moka::future::Cache<Digest, Arc<Manifest>>,
     /// When a tag's revalidation last failed (kept for [`tags::REVALIDATION_BACKOFF`]).
     failed_revalidations: moka::future::Cache<TagKey, std::time::Instant>,
+    /// The largest blob a fill stores (`[server] max_upload_size`), whether or not the
+    /// upstream announced its length.
+    max_blob_size: u64,
 }
 
 fn now_ms() -> u64 {
@@ -265,6 +268,10 @@ impl Cache {
                 .max_capacity(100_000)
                 .time_to_live(tags::REVALIDATION_BACKOFF)
                 .build(),
+            max_blob_size: config
+                .server
+                .max_upload_size
+                .unwrap_or(berth_config::DEFAULT_MAX_BLOB_SIZE),
         }))
     }
 
@@ -763,6 +770,18 @@ impl Cache {
             )
             .await?;
         let announced = resp.content_length();
+        let too_large = |size: u64| {
+            CacheError::UpstreamInvalid {
+            registry: client.config.namespace.clone(),
+            reason: format!(
+                "the blob is larger than the {} bytes of [server] max_upload_size ({size} bytes or more)",
+                self.max_blob_size
+            ),
+        }
+        };
+        if let Some(size) = announced.filter(|&n| n > self.max_blob_size) {
+            return Err(too_large(size));
+        }
         let d = digest.clone();
         let (mut writer, reader) = self
             .on_store(move |s| {
@@ -805,6 +824,9 @@ impl Cache {
                     }
                     None => break,
                 }
+            }
+            if written + len as u64 > self.max_blob_size {
+                return Err(too_large(written + len as u64));
             }
             if let Some(size) = announced {
                 if written + len as u64 > size {

@@ -44,6 +44,10 @@ pub struct ServerConfig {
     /// `gc_grace`: content younger than this is never collected (a push uploads its
     /// blobs before the manifest that references them). Default `1h`.
     pub gc_grace: Option<Duration>,
+    /// `max_upload_size`: the most bytes one pushed blob may have, such as `"10GiB"`;
+    /// a push over it is refused with 413 `SIZE_INVALID` and its bytes removed.
+    /// Default `10GiB`.
+    pub max_upload_size: Option<u64>,
     /// `tls = { cert, key }`: serve HTTPS with this certificate chain and key (PEM).
     pub tls: Option<TlsConfig>,
 }
@@ -114,6 +118,8 @@ impl Credentials {
     }
 }
 
+/// The default of `[server] max_upload_size`: the largest blob berth stores.
+pub const DEFAULT_MAX_BLOB_SIZE: u64 = 10 << 30;
 pub const DEFAULT_TAG_TTL: Duration = Duration::from_secs(300);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -233,6 +239,39 @@ fn duration(path: &str, v: &Value, p: &mut Problems) -> Option<Duration> {
     }
 }
 
+fn size(path: &str, v: &Value, p: &mut Problems) -> Option<u64> {
+    let s = string(path, v, p)?;
+    match parse_size(&s) {
+        Ok(n) => Some(n),
+        Err(e) => {
+            p.add(path, &e);
+            None
+        }
+    }
+}
+
+/// Parses a size in bytes: a whole number with a unit `B`, `KiB`, `MiB`, `GiB` or `TiB`
+/// (powers of 1024), such as `"512MiB"` or `"10GiB"`. Zero is not a size.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let bad = || format!("{s:?} is not a size such as \"512MiB\", \"10GiB\" or \"1TiB\"");
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let shift = match unit.trim() {
+        "B" => 0,
+        "KiB" => 10,
+        "MiB" => 20,
+        "GiB" => 30,
+        "TiB" => 40,
+        _ => return Err(bad()),
+    };
+    match n.checked_mul(1 << shift) {
+        Some(0) => Err(format!("{s:?}: the size must be more than zero")),
+        Some(bytes) => Ok(bytes),
+        None => Err(format!("{s:?} is larger than any disk")),
+    }
+}
+
 /// Parses a duration such as `250ms`, `30s`, `5m`, `1h` or `1h30m`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| {
@@ -264,6 +303,7 @@ fn parse_server(v: &Value, p: &mut Problems) -> ServerConfig {
             "upload_timeout" => s.upload_timeout = duration(&path, value, p),
             "gc_interval" => s.gc_interval = duration(&path, value, p),
             "gc_grace" => s.gc_grace = duration(&path, value, p),
+            "max_upload_size" => s.max_upload_size = size(&path, value, p),
             "tls" => {
                 let Some(t) = table(&path, value, p) else {
                     continue;
@@ -595,6 +635,21 @@ credentials = {{ username = "bot", password_file = "{}" }}
         std::fs::remove_file(&file).unwrap();
         let e = creds.resolve().unwrap_err();
         assert!(e.contains("cannot read") && !e.contains("s3cret"), "{e}");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("10GiB").unwrap(), 10 << 30);
+        assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
+        assert_eq!(parse_size("1B").unwrap(), 1);
+        assert_eq!(parse_size("3KiB").unwrap(), 3072);
+        for bad in ["10", "10GB", "GiB", "-1MiB", "0GiB", "99999999999TiB", ""] {
+            assert!(parse_size(bad).is_err(), "{bad:?}");
+        }
+        let c = Config::parse("[server]\nmax_upload_size = \"1MiB\"\n").unwrap();
+        assert_eq!(c.server.max_upload_size, Some(1 << 20));
+        let e = Config::parse("[server]\nmax_upload_size = \"lots\"\n").unwrap_err();
+        assert!(e.0[0].contains("server.max_upload_size"), "{:?}", e.0);
     }
 
     #[test]

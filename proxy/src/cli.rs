@@ -138,6 +138,11 @@ fn gc(store: Option<PathBuf>, grace: &str) -> i32 {
                 "berth gc: removed {} manifests, {} blob links and {} blobs ({} bytes)",
                 r.manifests_removed, r.links_removed, r.blobs_removed, r.bytes_freed
             );
+            for (repo, digest) in &r.unreadable_manifests {
+                println!(
+                    "berth gc: kept every blob of {repo}: its manifest {digest} cannot be read"
+                );
+            }
             0
         }
         Err(e) => {
@@ -223,6 +228,9 @@ fn serve(args: ServeArgs) -> i32 {
     let mut registry_options = berth_registry::Options::default();
     if let Some(t) = config.server.upload_timeout {
         registry_options.upload_timeout = t;
+    }
+    if let Some(n) = config.server.max_upload_size {
+        registry_options.max_upload_size = n;
     }
     let cache = match Cache::new(&config, store, metrics.cache.clone()) {
         Ok(c) => c,

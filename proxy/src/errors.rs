@@ -33,6 +33,8 @@ pub enum Code {
     ManifestBlobUnknown,
     /// A manifest body over the size limit.
     ManifestTooLarge,
+    /// An upload over `server.max_upload_size`.
+    UploadTooLarge,
     TagInvalid,
     PaginationInvalid,
     /// An upstream failed or sent bad content.
@@ -63,6 +65,7 @@ const TABLE: &[(Code, &str, u16)] = &[
     (Code::ManifestInvalid, "MANIFEST_INVALID", 400),
     (Code::ManifestBlobUnknown, "MANIFEST_BLOB_UNKNOWN", 400),
     (Code::ManifestTooLarge, "SIZE_INVALID", 413),
+    (Code::UploadTooLarge, "SIZE_INVALID", 413),
     (Code::TagInvalid, "TAG_INVALID", 400),
     (Code::PaginationInvalid, "PAGINATION_NUMBER_INVALID", 400),
     (Code::BadGateway, "UNKNOWN", 502),

@@ -1,11 +1,16 @@
 //! The endpoints of private repositories: pulls, pushes (uploads and manifests),
 //! deletes, listings and referrers, over [`berth_registry::Registry`].
+//!
+//! Every registry call blocks (RocksDB, files, and a publishing call may wait for
+//! garbage collection), so each runs on the blocking pool ([`App::blocking`]) and no
+//! async worker ever waits for one: a push stalled behind garbage collection holds a
+//! blocking thread, never the workers that serve pulls.
 
 use bytes::{Bytes, BytesMut};
 use pingora::protocols::http::ServerSession;
 
 use berth_cache::BlobSource;
-use berth_registry::{Page, RegistryError, MAX_MANIFEST_BYTES};
+use berth_registry::{Page, Registry, RegistryError, Upload, MAX_MANIFEST_BYTES};
 use berth_store::oci::{Digest, Reference, OCI_INDEX};
 
 use berth_config::access::Action;
@@ -18,7 +23,36 @@ use crate::server::{send_bytes, send_head, App, Headers, Request, Served};
 /// How often a request body is read before it counts as stalled.
 const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// An upload body is written to its file in pieces of up to this many bytes, each on
+/// the blocking pool.
+const WRITE_PIECE: usize = 1 << 20;
+
+/// An upload, locked by the request feeding it.
+type LockedUpload = tokio::sync::OwnedMutexGuard<Upload>;
+
 impl App {
+    /// Runs `f` on the registry on the blocking pool, and maps its failure.
+    pub(crate) async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Registry) -> Result<T, RegistryError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let registry = self.registry.clone();
+        tokio::task::spawn_blocking(move || f(&registry))
+            .await
+            .map_err(task_failed)?
+            .map_err(api)
+    }
+
+    /// Cancels an upload (removing its file) on the blocking pool.
+    async fn cancel(&self, mut upload: LockedUpload) {
+        let _ = self
+            .blocking(move |r| {
+                r.cancel_upload(&mut upload);
+                Ok(())
+            })
+            .await;
+    }
+
     pub(crate) async fn private(
         &self,
         session: &mut ServerSession,
@@ -34,20 +68,23 @@ impl App {
             }
             (Endpoint::Manifest(r), "PUT") => self.put_manifest(session, req, who, repo, r).await,
             (Endpoint::Manifest(r), "DELETE") => {
-                self.registry.delete_manifest(repo, r).map_err(api)?;
+                let (repo, r) = (repo.to_owned(), r.clone());
+                self.blocking(move |reg| reg.delete_manifest(&repo, &r))
+                    .await?;
                 Ok(accepted(session).await)
             }
             (Endpoint::Blob(d), "GET" | "HEAD") => self.get_blob(session, req, repo, d).await,
             (Endpoint::Blob(d), "DELETE") => {
-                self.registry.delete_blob(repo, d).map_err(api)?;
+                let (repo, d) = (repo.to_owned(), d.clone());
+                self.blocking(move |reg| reg.delete_blob(&repo, &d)).await?;
                 Ok(accepted(session).await)
             }
             (Endpoint::Tags, "GET" | "HEAD") => {
                 let (n, last) = pagination(req)?;
+                let name = repo.to_owned();
                 let page = self
-                    .registry
-                    .tags(repo, Some(n), last.as_deref())
-                    .map_err(api)?;
+                    .blocking(move |reg| reg.tags(&name, Some(n), last.as_deref()))
+                    .await?;
                 let body = serde_json::json!({"name": repo, "tags": page.items});
                 let link = format!("/v2/{repo}/tags/list");
                 Ok(send_page(session, req, body, &link, n, &page).await)
@@ -61,6 +98,7 @@ impl App {
             (Endpoint::Upload(id), "PATCH") => {
                 let upload = self.receive_chunk(session, req, repo, id).await?;
                 let headers = upload_headers(repo, id, upload.offset());
+                drop(upload);
                 Ok(send_head(session, 202, headers, 0, None).await)
             }
             (Endpoint::Upload(id), "PUT") => {
@@ -71,7 +109,7 @@ impl App {
             }
             (Endpoint::Upload(id), "DELETE") => {
                 let upload = self.registry.upload(repo, id).map_err(api)?;
-                self.registry.cancel_upload(&mut *upload.lock().await);
+                self.cancel(upload.lock_owned().await).await;
                 Ok(send_head(session, 204, Vec::new(), 0, None).await)
             }
             (Endpoint::Referrers(subject), "GET" | "HEAD") => {
@@ -79,10 +117,10 @@ impl App {
                     .query
                     .as_deref()
                     .and_then(|q| query_param(q, "artifactType"));
+                let (name, subject, f) = (repo.to_owned(), subject.clone(), filter.clone());
                 let body = self
-                    .registry
-                    .referrers(repo, subject, filter.as_deref())
-                    .map_err(api)?;
+                    .blocking(move |reg| reg.referrers(&name, &subject, f.as_deref()))
+                    .await?;
                 let mut headers = vec![("Content-Type", OCI_INDEX.to_owned())];
                 if filter.is_some() {
                     headers.push(("OCI-Filters-Applied", "artifactType".to_owned()));
@@ -107,23 +145,29 @@ impl App {
         req: &Request,
         repo: &str,
         id: &str,
-    ) -> Result<tokio::sync::OwnedMutexGuard<berth_registry::Upload>, ApiError> {
+    ) -> Result<LockedUpload, ApiError> {
         let upload = self.registry.upload(repo, id).map_err(api)?;
-        let mut upload = upload.lock_owned().await;
-        let range = content_range(req)?;
-        if let Some((start, _)) = range {
+        let upload = upload.lock_owned().await;
+        let range = content_range(req).inspect_err(|_| session.set_keepalive(None))?;
+        if let Some(range) = range {
             upload
-                .check_chunk_start(start)
+                .check_chunk_start(range.start)
                 .map_err(|e| chunk_error(e, repo, id))?;
         }
-        read_body_into(session, &mut upload).await?;
-        if let Some((start, end)) = range {
-            if upload.offset() != end + 1 {
+        // What the headers announce must fit before any of it is read.
+        let announced = range
+            .map(|r| r.end)
+            .or_else(|| content_length(session).map(|n| upload.offset().saturating_add(n)));
+        let upload = self.check_fits(session, upload, announced).await?;
+        let upload = self.read_body_into(session, upload, false).await?;
+        if let Some(ChunkRange { start, end }) = range {
+            if upload.offset() != end {
                 let e = ApiError::new(
                     Code::ChunkOutOfOrder,
                     format!(
-                        "Content-Range {start}-{end} announced {} bytes, but {} came",
-                        end + 1 - start,
+                        "Content-Range {start}-{} announced {} bytes, but {} came",
+                        end - 1,
+                        end - start,
                         upload.offset() - start
                     ),
                 );
@@ -133,20 +177,80 @@ impl App {
         Ok(upload)
     }
 
+    /// Refuses (and cancels) an upload whose total size would be `total`, over the limit,
+    /// before its body is read.
+    async fn check_fits(
+        &self,
+        session: &mut ServerSession,
+        upload: LockedUpload,
+        total: Option<u64>,
+    ) -> Result<LockedUpload, ApiError> {
+        let Some(Err(e)) = total.map(|t| upload.check_fits(t)) else {
+            return Ok(upload);
+        };
+        session.set_keepalive(None);
+        self.cancel(upload).await;
+        Err(api(e))
+    }
+
+    /// Streams the request body into `upload`, writing it on the blocking pool. An
+    /// upload that goes over the size limit is cancelled, and so is any upload that
+    /// fails if `cancel_on_error` (a monolithic upload, which the client cannot resume).
+    async fn read_body_into(
+        &self,
+        session: &mut ServerSession,
+        mut upload: LockedUpload,
+        cancel_on_error: bool,
+    ) -> Result<LockedUpload, ApiError> {
+        let mut piece = BytesMut::new();
+        loop {
+            let chunk = match next_chunk(session).await {
+                Ok(chunk) => chunk,
+                Err(e) => {
+                    if cancel_on_error {
+                        self.cancel(upload).await;
+                    }
+                    return Err(e);
+                }
+            };
+            let done = chunk.is_none();
+            if let Some(chunk) = chunk {
+                piece.extend_from_slice(&chunk);
+            }
+            if piece.len() >= WRITE_PIECE || (done && !piece.is_empty()) {
+                let bytes = piece.split().freeze();
+                let (back, written) = tokio::task::spawn_blocking(move || {
+                    let written = upload.write(&bytes);
+                    (upload, written)
+                })
+                .await
+                .map_err(task_failed)?;
+                upload = back;
+                if let Err(e) = written {
+                    let too_large = matches!(e, RegistryError::UploadTooLarge { .. });
+                    if too_large {
+                        // The rest of the body is not read.
+                        session.set_keepalive(None);
+                    }
+                    if too_large || cancel_on_error {
+                        self.cancel(upload).await;
+                    }
+                    return Err(api(e));
+                }
+            }
+            if done {
+                return Ok(upload);
+            }
+        }
+    }
+
     /// Completes an upload as `digest`, on the blocking pool (it syncs the file to disk,
     /// and a digest other than sha256 reads it again).
-    async fn finish(
-        &self,
-        mut upload: tokio::sync::OwnedMutexGuard<berth_registry::Upload>,
-        digest: &Digest,
-    ) -> Result<(), ApiError> {
-        let registry = self.registry.clone();
+    async fn finish(&self, mut upload: LockedUpload, digest: &Digest) -> Result<(), ApiError> {
         let digest = digest.clone();
-        tokio::task::spawn_blocking(move || registry.finish_upload(&mut upload, &digest, None))
+        self.blocking(move |r| r.finish_upload(&mut upload, &digest, None))
             .await
-            .map_err(|e| ApiError::new(Code::Internal, format!("the upload task failed: {e}")))?
             .map(|_| ())
-            .map_err(api)
     }
 
     /// `GET /v2/_catalog`: the private repositories.
@@ -194,7 +298,8 @@ impl App {
         repo: &str,
         reference: &Reference,
     ) -> Result<Served, ApiError> {
-        let m = self.registry.manifest(repo, reference).map_err(api)?;
+        let (name, r) = (repo.to_owned(), reference.clone());
+        let m = self.blocking(move |reg| reg.manifest(&name, &r)).await?;
         let headers = vec![
             ("Content-Type", m.media_type),
             ("Docker-Content-Digest", m.digest.to_string()),
@@ -243,18 +348,19 @@ impl App {
                 format!("{bad:?} is not a valid tag"),
             ));
         }
-        // Moving a tag to another manifest needs update as well as create.
-        let digest = match reference {
-            Reference::Digest(d) => d.clone(),
-            Reference::Tag(_) => Digest::sha256_of(&body),
-        };
-        for tag in tags.iter().chain(main_tag) {
-            let moved = self
-                .registry
-                .tag_target(repo, tag)
-                .map_err(api)?
-                .is_some_and(|d| d != digest);
-            if moved && !self.auth.allows(who, repo, Action::Update) {
+        // Moving a tag to another manifest needs update as well as create; the registry
+        // checks and writes the tags in one step.
+        let may_move_tags = self.auth.allows(who, repo, Action::Update);
+        let (name, r) = (repo.to_owned(), reference.clone());
+        let registry = self.registry.clone();
+        let pushed = tokio::task::spawn_blocking(move || {
+            registry.put_manifest_with(&name, &r, &tags, &media_type, body, may_move_tags)
+        })
+        .await
+        .map_err(task_failed)?;
+        let pushed = match pushed {
+            Ok(p) => p,
+            Err(RegistryError::TagImmutable { tag, .. }) => {
                 let scope = format!("repository:{repo}:pull,push");
                 return Err(self.deny(
                     req,
@@ -263,11 +369,8 @@ impl App {
                     Some(scope),
                 ));
             }
-        }
-        let pushed = self
-            .registry
-            .put_manifest(repo, reference, &tags, &media_type, body)
-            .map_err(api)?;
+            Err(e) => return Err(api(e)),
+        };
         let mut headers = vec![
             (
                 "Location",
@@ -288,7 +391,8 @@ impl App {
         repo: &str,
         digest: &Digest,
     ) -> Result<Served, ApiError> {
-        let blob = self.registry.blob(repo, digest).map_err(api)?;
+        let (name, d) = (repo.to_owned(), digest.clone());
+        let blob = self.blocking(move |reg| reg.blob(&name, &d)).await?;
         let headers = vec![
             ("Content-Type", "application/octet-stream".to_owned()),
             ("Docker-Content-Digest", digest.to_string()),
@@ -326,7 +430,12 @@ impl App {
             // it must not reveal what that repository holds.
             if crate::route::is_private_name(&from, &self.config)
                 && self.auth.allows(who, &from, Action::Read)
-                && self.registry.mount(repo, &digest, &from).map_err(api)?
+                && self
+                    .blocking({
+                        let (repo, digest) = (repo.to_owned(), digest.clone());
+                        move |reg| reg.mount(&repo, &digest, &from)
+                    })
+                    .await?
             {
                 return Ok(blob_created(session, repo, &digest).await);
             }
@@ -335,21 +444,27 @@ impl App {
         let digest = query_param(query, "digest")
             .map(|d| parse_digest(&d))
             .transpose()?;
-        let upload = self.registry.start_upload(repo).map_err(api)?;
-        let mut upload = upload.lock_owned().await;
+        let name = repo.to_owned();
+        let upload = self.blocking(move |reg| reg.start_upload(&name)).await?;
+        let upload = upload.lock_owned().await;
         let Some(digest) = digest else {
             let headers = upload_headers(repo, upload.id(), 0);
             return Ok(send_head(session, 202, headers, 0, None).await);
         };
         // Monolithic: the client has no Location for this upload, so it must not
         // outlive this request.
-        if let Err(e) = read_body_into(session, &mut upload).await {
-            self.registry.cancel_upload(&mut upload);
-            return Err(e);
-        }
+        let upload = self
+            .check_fits(session, upload, content_length(session))
+            .await?;
+        let upload = self.read_body_into(session, upload, true).await?;
         self.finish(upload, &digest).await?;
         Ok(blob_created(session, repo, &digest).await)
     }
+}
+
+/// A blocking registry task that panicked or was cancelled.
+fn task_failed(e: tokio::task::JoinError) -> ApiError {
+    ApiError::new(Code::Internal, format!("a registry task failed: {e}"))
 }
 
 /// Maps a registry failure to its OCI error.
@@ -366,6 +481,8 @@ pub(crate) fn api(e: RegistryError) -> ApiError {
         RegistryError::ManifestBlobUnknown(_) => Code::ManifestBlobUnknown,
         RegistryError::ManifestTooLarge { .. } => Code::ManifestTooLarge,
         RegistryError::NameUnknown(_) => Code::NameUnknown,
+        RegistryError::TagImmutable { .. } => Code::Denied,
+        RegistryError::UploadTooLarge { .. } => Code::UploadTooLarge,
         RegistryError::TooManyUploads { .. } => Code::TooManyRequests,
         RegistryError::Store(_) => Code::Internal,
     };
@@ -429,13 +546,24 @@ fn digest_param(req: &Request) -> Result<Digest, ApiError> {
     parse_digest(&d)
 }
 
+/// The bytes `start..end` (end exclusive) an upload chunk's `Content-Range` announces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct ChunkRange {
+    start: u64,
+    end: u64,
+}
+
 /// `Content-Range: <first>-<last>` of an upload chunk, if given.
-fn content_range(req: &Request) -> Result<Option<(u64, u64)>, ApiError> {
-    let Some(v) = req.content_range.as_deref() else {
-        return Ok(None);
-    };
+fn content_range(req: &Request) -> Result<Option<ChunkRange>, ApiError> {
+    req.content_range
+        .as_deref()
+        .map(parse_content_range)
+        .transpose()
+}
+
+fn parse_content_range(v: &str) -> Result<ChunkRange, ApiError> {
     let v = v.trim().strip_prefix("bytes ").unwrap_or(v.trim());
-    let range = v
+    let (first, last) = v
         .split_once('-')
         .and_then(|(s, e)| {
             let (s, e) = (s.parse::<u64>().ok()?, e.parse::<u64>().ok()?);
@@ -447,7 +575,24 @@ fn content_range(req: &Request) -> Result<Option<(u64, u64)>, ApiError> {
                 format!("Content-Range {v:?} is not <first byte>-<last byte>"),
             )
         })?;
-    Ok(Some(range))
+    // The last byte is inclusive: one past it must still be a size.
+    let end = last.checked_add(1).ok_or_else(|| {
+        ApiError::new(
+            Code::BlobUploadInvalid,
+            format!("Content-Range {v:?} ends past the largest possible blob"),
+        )
+    })?;
+    Ok(ChunkRange { start: first, end })
+}
+
+/// The request's `Content-Length`, if it has a valid one.
+fn content_length(session: &ServerSession) -> Option<u64> {
+    session
+        .req_header()
+        .headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// `?n=` and `?last=` of a listing.
@@ -518,17 +663,6 @@ pub(crate) async fn read_body(
     Ok(body.freeze())
 }
 
-/// Streams the request body into an upload.
-async fn read_body_into(
-    session: &mut ServerSession,
-    upload: &mut berth_registry::Upload,
-) -> Result<(), ApiError> {
-    while let Some(chunk) = next_chunk(session).await? {
-        upload.write(&chunk).map_err(api)?;
-    }
-    Ok(())
-}
-
 async fn next_chunk(session: &mut ServerSession) -> Result<Option<Bytes>, ApiError> {
     let read = tokio::time::timeout(BODY_READ_TIMEOUT, session.read_request_body()).await;
     match read {
@@ -585,9 +719,12 @@ impl pingora::services::background::BackgroundService for Maintenance {
             };
             tokio::select! {
                 _ = uploads.tick() => {
-                    let removed = self.registry.expire_uploads();
-                    if removed > 0 {
-                        tracing::info!(removed, "abandoned uploads removed");
+                    // Expiring removes files: on the blocking pool.
+                    let registry = self.registry.clone();
+                    match tokio::task::spawn_blocking(move || registry.expire_uploads()).await {
+                        Ok(0) => {}
+                        Ok(removed) => tracing::info!(removed, "abandoned uploads removed"),
+                        Err(e) => tracing::error!(error = %e, "upload expiry task failed"),
                     }
                 }
                 _ = gc_due => {
@@ -602,6 +739,35 @@ impl pingora::services::background::BackgroundService for Maintenance {
                 }
                 _ = shutdown.changed() => return,
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_ranges_never_overflow() {
+        let ok = |v: &str| parse_content_range(v).map_err(|e| e.code);
+        assert_eq!(ok("0-9"), Ok(ChunkRange { start: 0, end: 10 }));
+        assert_eq!(ok("bytes 5-5"), Ok(ChunkRange { start: 5, end: 6 }));
+        assert_eq!(
+            ok("0-18446744073709551614"),
+            Ok(ChunkRange {
+                start: 0,
+                end: u64::MAX
+            })
+        );
+        for bad in [
+            "0-18446744073709551615",
+            "18446744073709551615-18446744073709551615",
+            "0-18446744073709551616",
+            "9-3",
+            "-3",
+            "x-1",
+        ] {
+            assert_eq!(ok(bad), Err(Code::BlobUploadInvalid), "{bad}");
         }
     }
 }

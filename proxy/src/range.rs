@@ -92,4 +92,29 @@ mod tests {
         assert_eq!(parse_range("items=0-1", 100), IGNORED);
         assert_eq!(parse_range("bytes=0-1,5-6", 100), IGNORED);
     }
+
+    #[test]
+    fn the_edges_of_u64_never_overflow() {
+        const MAX: u64 = u64::MAX;
+        assert_eq!(
+            parse_range(&format!("bytes={MAX}-{MAX}"), 100),
+            Err(Unsatisfiable)
+        );
+        assert_eq!(
+            parse_range(&format!("bytes={MAX}-"), 100),
+            Err(Unsatisfiable)
+        );
+        assert_eq!(parse_range(&format!("bytes=-{MAX}"), 100), r(0, 100));
+        assert_eq!(parse_range(&format!("bytes=0-{MAX}"), MAX), r(0, MAX));
+        assert_eq!(
+            parse_range(&format!("bytes={}-{MAX}", MAX - 1), MAX),
+            r(MAX - 1, MAX)
+        );
+        assert_eq!(parse_range(&format!("bytes=-{MAX}"), MAX), r(0, MAX));
+        assert_eq!(parse_range("bytes=-1", MAX), r(MAX - 1, MAX));
+        assert_eq!(
+            parse_range(&format!("bytes={MAX}-"), MAX),
+            Err(Unsatisfiable)
+        );
+    }
 }

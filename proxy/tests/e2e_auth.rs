@@ -317,17 +317,11 @@ async fn immutable_ci_pushes() {
             http.post(&keys).send().await.unwrap().status().as_u16(),
             401
         );
-        let r = http
-            .post(&keys)
-            .basic_auth("alice", Some(PASSWORD))
-            .body(r#"{"name": "ci", "owner": "ci-robot", "expires_in": "720h"}"#)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status().as_u16(), 201);
-        let made: serde_json::Value = r.json().await.unwrap();
-        let key = made["key"].as_str().unwrap().to_owned();
-        let id = made["id"].as_str().unwrap().to_owned();
+        let (key, id) = make_key(
+            &berth,
+            r#"{"name": "ci", "owner": "ci-robot", "expires_in": "720h"}"#,
+        )
+        .await;
         assert!(key.starts_with("berth_"), "{key}");
         let with_key = |method: &str, path: &str, user: &str| {
             http.request(method.parse().unwrap(), format!("{}{path}", berth.url()))
@@ -413,6 +407,94 @@ async fn immutable_ci_pushes() {
             }
         }
     })
+    .await;
+}
+
+/// An API key alice (an administrator) makes with the request `body`: (key, id).
+async fn make_key(berth: &Berth, body: &'static str) -> (String, String) {
+    let r = reqwest::Client::new()
+        .post(format!("{}/api/keys", berth.url()))
+        .basic_auth("alice", Some(PASSWORD))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201);
+    let made: serde_json::Value = r.json().await.unwrap();
+    let field = |k: &str| made[k].as_str().unwrap().to_owned();
+    (field("key"), field("id"))
+}
+
+/// Immutable tags hold under concurrency: of concurrent pushes of one new tag (each a
+/// different manifest) by the create-only CI robot, exactly one wins; every other gets
+/// 403 DENIED and the tag names the winner's manifest.
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_create_only_pushes_of_one_tag_have_one_winner() {
+    within(
+        180,
+        "concurrent_create_only_pushes_of_one_tag_have_one_winner",
+        async {
+            let (berth, _dir) = start("immutable-ci.toml", &["alice", "ci-robot"]).await;
+            let http = reqwest::Client::new();
+            // An API key: checked with one hash, so the pushes arrive close together.
+            let (key, _) = make_key(&berth, r#"{"name": "race", "owner": "ci-robot"}"#).await;
+            let robot = Client::new(&berth, Some("ci-robot"));
+            let images: Vec<Image> = (0..8).map(|i| make_single(300 + i, 2_000)).collect();
+            for image in &images {
+                for b in image.blobs() {
+                    assert_eq!(robot.push_blob("team/race", b).await, 201);
+                }
+            }
+            for round in 0..15 {
+                let tag = format!("race-{round}");
+                let barrier = std::sync::Arc::new(tokio::sync::Barrier::new(images.len()));
+                let pushes: Vec<_> = images
+                    .iter()
+                    .map(|image| {
+                        let (http, barrier, key) = (http.clone(), barrier.clone(), key.clone());
+                        let url = format!("{}/v2/team/race/manifests/{tag}", berth.url());
+                        let (body, digest) = (image.manifest.clone(), image.digest.clone());
+                        tokio::spawn(async move {
+                            let req = http
+                                .put(url)
+                                .basic_auth("ci-robot", Some(&key))
+                                .header("Content-Type", OCI_MANIFEST)
+                                .body(body);
+                            barrier.wait().await;
+                            let r = req.send().await.unwrap();
+                            let status = r.status().as_u16();
+                            let body = r.bytes().await.unwrap();
+                            (status, body, digest)
+                        })
+                    })
+                    .collect();
+                let mut winners = Vec::new();
+                for p in pushes {
+                    let (status, body, digest) = p.await.unwrap();
+                    match status {
+                        201 => winners.push(digest),
+                        403 => {
+                            let (code, _) = oci_error(&body, "a losing push");
+                            assert_eq!(code, "DENIED");
+                        }
+                        other => panic!("round {round}: {other} {body:?}"),
+                    }
+                }
+                assert_eq!(winners.len(), 1, "round {round}: {winners:?} all won {tag}");
+                let (status, h, _) = berth
+                    .fetch(
+                        &format!("/v2/team/race/manifests/{tag}"),
+                        &[("Accept", OCI_MANIFEST)],
+                    )
+                    .await;
+                assert_eq!(status, 200);
+                assert_eq!(
+                    header_str(&h, "docker-content-digest"),
+                    Some(winners[0].as_str())
+                );
+            }
+        },
+    )
     .await;
 }
 

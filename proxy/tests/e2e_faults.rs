@@ -233,3 +233,38 @@ async fn unknown_blobs_are_blob_unknown() {
         .unwrap()
         .contains("BLOB_UNKNOWN"));
 }
+
+/// A blob without `Content-Length` is bounded by `[server] max_upload_size`: one that
+/// grows past it fails and leaves nothing stored; one within it is served and stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_without_content_length_is_bounded() {
+    let up = FakeUpstream::start().await;
+    let big = random_bytes(11, 3 << 20);
+    let small = random_bytes(12, 512 << 10);
+    let (big_hex, small_hex) = (sha256_hex(&big), sha256_hex(&small));
+    up.route(
+        &blob_path(&big_hex),
+        Behaviour::Unsized(std::sync::Arc::new(big)),
+    );
+    up.route(
+        &blob_path(&small_hex),
+        Behaviour::Unsized(std::sync::Arc::new(small.clone())),
+    );
+    let config = format!(
+        "[server]\nmax_upload_size = \"1MiB\"\n\n{}",
+        support::berth_config(&[Upstream::new("docker.io", &up.url(), &["library/**"])])
+    );
+    let berth = Berth::start_with_config(&config, &[]).await;
+
+    let (status, body) = fetch(&blob_url(&berth, &big_hex)).await;
+    assert!(
+        status != 200 || body.is_err(),
+        "a blob past max_upload_size was served complete ({status})"
+    );
+    assert!(!store_has_blob(&berth.store_dir(), &big_hex));
+
+    let (status, body) = fetch(&blob_url(&berth, &small_hex)).await;
+    assert_eq!(status, 200);
+    assert_eq!(body.expect("the whole small blob"), small);
+    assert!(store_has_blob(&berth.store_dir(), &small_hex));
+}

@@ -772,3 +772,263 @@ async fn abandoned_uploads_are_removed_after_the_upload_timeout() {
     )
     .await;
 }
+
+/// Starts an upload into `repo`; its absolute URL.
+async fn start_upload(http: &reqwest::Client, berth: &Berth, repo: &str) -> String {
+    let r = http
+        .post(format!("{}/v2/{repo}/blobs/uploads/", berth.url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202, "POST uploads of {repo}");
+    let loc = header_str(r.headers(), "location").unwrap();
+    format!("{}{loc}", berth.url())
+}
+
+/// A push acknowledged with 201 is there after berth is killed (SIGKILL) right after:
+/// blobs, the manifest and its tag.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_acknowledged_push_survives_sigkill() {
+    within(120, "an_acknowledged_push_survives_sigkill", async {
+        let mut berth = Berth::start(&[]).await;
+        let image = make_single(91, 50_000);
+        Pusher::new(&berth.url(), None)
+            .image("team/durable", Some("v1"), &image)
+            .await;
+        berth.kill();
+        berth.restart().await;
+        let (status, _, body) = berth
+            .fetch("/v2/team/durable/manifests/v1", &[("Accept", OCI_MANIFEST)])
+            .await;
+        assert_eq!(status, 200);
+        assert_eq!(body, image.manifest);
+        for b in image.blobs() {
+            let (status, _, body) = berth
+                .fetch(&format!("/v2/team/durable/blobs/{}", b.digest), &[])
+                .await;
+            assert_eq!(status, 200, "{}", b.digest);
+            assert_eq!(body, b.bytes);
+        }
+    })
+    .await;
+}
+
+/// `berth gc` fails closed: when a stored manifest cannot be parsed, nothing linked in
+/// its repository is collected (not even blobs no manifest could reference), and the
+/// manifest is named in the output; other repositories are collected as usual.
+#[tokio::test(flavor = "multi_thread")]
+async fn garbage_collection_keeps_what_an_unreadable_manifest_may_reference() {
+    within(
+        120,
+        "garbage_collection_keeps_what_an_unreadable_manifest_may_reference",
+        async {
+            let mut berth = Berth::start(&[]).await;
+            let push = Pusher::new(&berth.url(), None);
+            let image = make_single(92, 20_000);
+            push.image("team/corrupt", Some("v1"), &image).await;
+            let orphan = Blob::new("application/octet-stream", random_bytes(93, 3_000));
+            push.blob("team/corrupt", &orphan).await;
+            let elsewhere = Blob::new("application/octet-stream", random_bytes(94, 3_000));
+            push.blob("team/other", &elsewhere).await;
+            berth.stop().await;
+
+            // The manifest's record no longer parses.
+            {
+                let store = berth_store::Store::open(&berth.store_dir()).unwrap();
+                let mut b = berth_store::Batch::default();
+                b.put_private_manifest(
+                    &image.digest.parse().unwrap(),
+                    &berth_store::ManifestRecord {
+                        media_type: OCI_MANIFEST.to_owned(),
+                        body: bytes::Bytes::from_static(b"{\"schemaVersion\": 2, \"lay"),
+                    },
+                );
+                store.meta.write(b).unwrap();
+            }
+            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+                .args(["gc", "--grace", "0s", "--store"])
+                .arg(berth.store_dir())
+                .output()
+                .await
+                .unwrap();
+            let text = output_text(&out);
+            assert!(out.status.success(), "{text}");
+            assert!(
+                text.contains(&format!(
+                    "kept every blob of team/corrupt: its manifest {} cannot be read",
+                    image.digest
+                )),
+                "{text}"
+            );
+            assert!(
+                text.contains("removed 0 manifests, 1 blob links and 1 blobs"),
+                "{text}"
+            );
+
+            berth.restart().await;
+            for b in image.blobs().into_iter().chain([&orphan]) {
+                let (status, _, _) = berth
+                    .fetch(&format!("/v2/team/corrupt/blobs/{}", b.digest), &[])
+                    .await;
+                assert_eq!(status, 200, "{} was collected", b.digest);
+            }
+            let (status, _, _) = berth
+                .fetch(&format!("/v2/team/other/blobs/{}", elsewhere.digest), &[])
+                .await;
+            assert_eq!(status, 404, "team/other was not collected");
+        },
+    )
+    .await;
+}
+
+/// Range arithmetic at the edges of u64: a chunk claiming bytes up to 2^64-1 is
+/// refused (not taken as "0 bytes"), and huge `Range` values on a GET get 206 or 416,
+/// never a crash; the upload and berth carry on.
+#[tokio::test(flavor = "multi_thread")]
+async fn content_range_and_range_at_the_edge_of_u64() {
+    within(60, "content_range_and_range_at_the_edge_of_u64", async {
+        let berth = Berth::start(&[]).await;
+        let http = reqwest::Client::new();
+        let loc = start_upload(&http, &berth, "team/edge").await;
+        for (range, body, status, code) in [
+            ("0-18446744073709551615", vec![], 400, "BLOB_UPLOAD_INVALID"),
+            (
+                "0-18446744073709551615",
+                vec![1u8; 10],
+                400,
+                "BLOB_UPLOAD_INVALID",
+            ),
+            (
+                "18446744073709551615-18446744073709551615",
+                vec![],
+                400,
+                "BLOB_UPLOAD_INVALID",
+            ),
+            ("5-9", vec![1u8; 5], 416, "BLOB_UPLOAD_INVALID"),
+            ("0-18446744073709551614", vec![], 413, "SIZE_INVALID"),
+        ] {
+            let r = http
+                .patch(&loc)
+                .header("Content-Range", range)
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let got = r.status().as_u16();
+            let (c, msg) = oci_error(&r.bytes().await.unwrap(), range);
+            assert_eq!((got, c.as_str()), (status, code), "{range}: {msg}");
+            if status == 413 {
+                break; // the upload is gone
+            }
+        }
+        assert_eq!(http.get(&loc).send().await.unwrap().status().as_u16(), 404);
+
+        let blob = Blob::new("application/octet-stream", random_bytes(95, 1_000));
+        Pusher::new(&berth.url(), None)
+            .blob("team/edge", &blob)
+            .await;
+        let path = format!("/v2/team/edge/blobs/{}", blob.digest);
+        for (range, status, want) in [
+            ("bytes=0-18446744073709551615", 206, Some((0, 1000))),
+            ("bytes=18446744073709551615-", 416, None),
+            ("bytes=18446744073709551615-18446744073709551615", 416, None),
+            ("bytes=-18446744073709551615", 206, Some((0, 1000))),
+            ("bytes=990-18446744073709551614", 206, Some((990, 1000))),
+        ] {
+            let (got, h, body) = berth.fetch(&path, &[("Range", range)]).await;
+            assert_eq!(got, status, "{range}");
+            if let Some((start, end)) = want {
+                assert_eq!(&body[..], &blob.bytes[start..end], "{range}");
+                assert_eq!(
+                    header_str(&h, "content-range"),
+                    Some(format!("bytes {start}-{}/1000", end - 1).as_str())
+                );
+            }
+        }
+    })
+    .await;
+}
+
+/// `max_upload_size`: an upload that would grow past it gets 413 SIZE_INVALID, whether
+/// announced (Content-Length, Content-Range) or found as the bytes arrive (a chunked
+/// body), and its bytes are removed; one within it is published.
+#[tokio::test(flavor = "multi_thread")]
+async fn uploads_over_max_upload_size_are_refused_and_removed() {
+    within(
+        60,
+        "uploads_over_max_upload_size_are_refused_and_removed",
+        async {
+            let config = "[server]\nmax_upload_size = \"4KiB\"\n";
+            let berth = Berth::start_with_config(config, &[]).await;
+            let http = reqwest::Client::new();
+            let tmp = berth.store_dir().join("tmp");
+            let fits = Blob::new("application/octet-stream", random_bytes(96, 4096));
+            let over = Blob::new("application/octet-stream", random_bytes(97, 4097));
+            let refused = |r: reqwest::Response, what: &'static str| async move {
+                assert_eq!(r.status().as_u16(), 413, "{what}");
+                let (code, msg) = oci_error(&r.bytes().await.unwrap(), what);
+                assert_eq!(code, "SIZE_INVALID", "{what}");
+                assert!(msg.contains("4096 bytes"), "{what}: {msg}");
+            };
+
+            // Monolithic, with a Content-Length.
+            let r = http
+                .post(format!(
+                    "{}/v2/team/big/blobs/uploads/?digest={}",
+                    berth.url(),
+                    over.digest
+                ))
+                .body(over.bytes.clone())
+                .send()
+                .await
+                .unwrap();
+            refused(r, "monolithic POST").await;
+            // A chunk whose Content-Range ends past the limit.
+            let loc = start_upload(&http, &berth, "team/big").await;
+            let r = http
+                .patch(&loc)
+                .header("Content-Range", "0-4096")
+                .body(over.bytes.clone())
+                .send()
+                .await
+                .unwrap();
+            refused(r, "PATCH with Content-Range").await;
+            assert_eq!(http.get(&loc).send().await.unwrap().status().as_u16(), 404);
+            // Two chunks, the second streamed without a Content-Length.
+            let loc = start_upload(&http, &berth, "team/big").await;
+            let r = http
+                .patch(&loc)
+                .body(over.bytes.slice(..4000))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 202);
+            let rest = over.bytes.slice(4000..);
+            let stream = futures_util::stream::once(async move { Ok::<_, std::io::Error>(rest) });
+            let r = http
+                .put(format!("{loc}?digest={}", over.digest))
+                .body(reqwest::Body::wrap_stream(stream))
+                .send()
+                .await
+                .unwrap();
+            refused(r, "streamed PUT").await;
+            assert_eq!(http.get(&loc).send().await.unwrap().status().as_u16(), 404);
+            assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "bytes stayed");
+            let (status, _, _) = berth
+                .fetch(&format!("/v2/team/big/blobs/{}", over.digest), &[])
+                .await;
+            assert_eq!(status, 404);
+
+            // Exactly the limit is fine.
+            Pusher::new(&berth.url(), None)
+                .blob("team/big", &fits)
+                .await;
+            let (status, _, body) = berth
+                .fetch(&format!("/v2/team/big/blobs/{}", fits.digest), &[])
+                .await;
+            assert_eq!(status, 200);
+            assert_eq!(body, fits.bytes);
+        },
+    )
+    .await;
+}

@@ -29,6 +29,15 @@ pub enum RegistryError {
         limit: usize,
     },
     NameUnknown(String),
+    /// The push would move `tag`, which names `current`, and the pusher may not.
+    TagImmutable {
+        tag: String,
+        current: Digest,
+    },
+    /// An upload over the size limit (its bytes are gone).
+    UploadTooLarge {
+        limit: u64,
+    },
     /// Too many uploads are in progress.
     TooManyUploads {
         limit: usize,
@@ -60,6 +69,14 @@ impl std::fmt::Display for RegistryError {
             RegistryError::ManifestTooLarge { limit } => {
                 write!(f, "the manifest is larger than the limit of {limit} bytes")
             }
+            RegistryError::TagImmutable { tag, current } => write!(
+                f,
+                "tag {tag} already names {current}: moving it needs the update permission"
+            ),
+            RegistryError::UploadTooLarge { limit } => write!(
+                f,
+                "the upload is larger than the limit of {limit} bytes (server.max_upload_size); it was removed"
+            ),
             RegistryError::TooManyUploads { limit } => write!(
                 f,
                 "{limit} uploads are already in progress: finish or cancel some, or retry later"

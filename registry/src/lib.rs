@@ -7,8 +7,13 @@
 //! blob is linked when it is uploaded or mounted there, a manifest when it is pushed
 //! there. Nothing is readable through a repository it is not linked into.
 //!
-//! Blocking store calls are made directly: each is a RocksDB read or write or a file
-//! operation on local disk.
+//! Every method of [`Registry`] blocks: it reads or writes RocksDB, opens or writes files,
+//! and a publishing one may wait for garbage collection. Call them from a blocking thread
+//! (`tokio::task::spawn_blocking`), never from an async worker.
+//!
+//! Writes of private content are durable when they return: blob files are synced before
+//! and their directory after the rename that publishes them, and metadata batches are
+//! written with a synced write-ahead log.
 
 mod error;
 mod gc;
@@ -16,7 +21,8 @@ pub mod manifest;
 mod upload;
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, TryLockError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -36,24 +42,36 @@ pub struct Options {
     pub upload_timeout: Duration,
     /// At most this many uploads are in progress at once.
     pub max_uploads: usize,
+    /// An upload (and so a pushed blob) may hold at most this many bytes.
+    pub max_upload_size: u64,
 }
+
+/// The default [`Options::max_upload_size`]: 10 GiB.
+pub const DEFAULT_MAX_UPLOAD_SIZE: u64 = 10 << 30;
 
 impl Default for Options {
     fn default() -> Self {
         Options {
             upload_timeout: Duration::from_secs(3600),
             max_uploads: 1024,
+            max_upload_size: DEFAULT_MAX_UPLOAD_SIZE,
         }
     }
 }
+
+/// How many locks the tags of all repositories share (by hash of the repository).
+const TAG_LOCKS: usize = 64;
 
 /// The private repositories of one store.
 pub struct Registry {
     store: Arc<Store>,
     options: Options,
     /// Held shared by every operation that publishes or links content, and exclusively
-    /// by garbage collection.
-    gc_lock: std::sync::RwLock<()>,
+    /// by garbage collection while it sweeps (see `gc.rs`).
+    gc_lock: RwLock<()>,
+    /// Held from reading a repository's tags to writing a manifest push, so that the
+    /// check "this push does not move a tag" and the write are one step.
+    tag_locks: [Mutex<()>; TAG_LOCKS],
     /// Upload sessions by id, with their repository.
     uploads: Mutex<HashMap<String, (String, SharedUpload)>>,
 }
@@ -94,13 +112,36 @@ impl Registry {
         Registry {
             store,
             options,
-            gc_lock: std::sync::RwLock::new(()),
+            gc_lock: RwLock::new(()),
+            tag_locks: std::array::from_fn(|_| Mutex::new(())),
             uploads: Mutex::new(HashMap::new()),
         }
     }
 
     pub fn options(&self) -> &Options {
         &self.options
+    }
+
+    /// The shared side of the GC lock, for publishing or linking content. Waits while
+    /// garbage collection sweeps (and says so in the log).
+    fn publishing(&self) -> RwLockReadGuard<'_, ()> {
+        match self.gc_lock.try_read() {
+            Ok(guard) => guard,
+            Err(TryLockError::WouldBlock) => {
+                tracing::info!("a push waits for garbage collection to finish sweeping");
+                self.gc_lock.read().unwrap_or_else(PoisonError::into_inner)
+            }
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+        }
+    }
+
+    /// The lock of `repo`'s tags.
+    fn tag_lock(&self, repo: &str) -> std::sync::MutexGuard<'_, ()> {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        repo.hash(&mut h);
+        self.tag_locks[(h.finish() % TAG_LOCKS as u64) as usize]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     // --- blobs ---------------------------------------------------------------------
@@ -129,14 +170,14 @@ impl Registry {
         }
         let mut b = Batch::default();
         b.unlink_blob(repo, digest);
-        self.store.meta.write(b)?;
+        self.store.meta.write_synced(b)?;
         Ok(())
     }
 
     /// Links `digest` from repository `from` into `repo`, if `from` has it. Returns
     /// whether it did.
     pub fn mount(&self, repo: &str, digest: &Digest, from: &str) -> Result<bool, RegistryError> {
-        let _shared = self.gc_lock.read().expect("gc lock");
+        let _shared = self.publishing();
         let Some(link) = self.store.meta.repo_blob(from, digest)? else {
             return Ok(false);
         };
@@ -158,7 +199,7 @@ impl Registry {
                 size,
             },
         );
-        self.store.meta.write(b)?;
+        self.store.meta.write_synced(b)?;
         Ok(())
     }
 
@@ -220,7 +261,7 @@ impl Registry {
 
     /// Stores a pushed manifest under `reference` (a tag, or the digest of the body) and
     /// under each of `extra_tags`, after checking that it parses as `media_type` and
-    /// that everything it references is in `repo`.
+    /// that everything it references is in `repo`. Tags may move to it.
     pub fn put_manifest(
         &self,
         repo: &str,
@@ -228,6 +269,21 @@ impl Registry {
         extra_tags: &[String],
         media_type: &str,
         body: Bytes,
+    ) -> Result<Pushed, RegistryError> {
+        self.put_manifest_with(repo, reference, extra_tags, media_type, body, true)
+    }
+
+    /// [`put_manifest`](Self::put_manifest); unless `may_move_tags`, a tag that already
+    /// names another manifest is refused ([`RegistryError::TagImmutable`]). The check
+    /// and the write are one step with respect to every other push to `repo`.
+    pub fn put_manifest_with(
+        &self,
+        repo: &str,
+        reference: &Reference,
+        extra_tags: &[String],
+        media_type: &str,
+        body: Bytes,
+        may_move_tags: bool,
     ) -> Result<Pushed, RegistryError> {
         if body.len() > MAX_MANIFEST_BYTES {
             return Err(RegistryError::ManifestTooLarge {
@@ -247,7 +303,24 @@ impl Registry {
             Reference::Tag(_) => Digest::sha256_of(&body),
         };
         let parsed = manifest::parse(media_type, &body)?;
-        let _shared = self.gc_lock.read().expect("gc lock");
+        let tags = match reference {
+            Reference::Tag(t) => std::iter::once(t).chain(extra_tags).collect::<Vec<_>>(),
+            Reference::Digest(_) => extra_tags.iter().collect(),
+        };
+        let _shared = self.publishing();
+        let _tags = self.tag_lock(repo);
+        if !may_move_tags {
+            for tag in &tags {
+                if let Some(current) = self.tag_target(repo, tag)? {
+                    if current != digest {
+                        return Err(RegistryError::TagImmutable {
+                            tag: (*tag).clone(),
+                            current,
+                        });
+                    }
+                }
+            }
+        }
         for blob in &parsed.blobs {
             match self.store.meta.repo_blob(repo, &blob.digest)? {
                 Some(link) if link.size == blob.size => {}
@@ -289,10 +362,6 @@ impl Registry {
                 },
             )
             .put_manifest_type(repo, &digest, media_type);
-        let tags = match reference {
-            Reference::Tag(t) => std::iter::once(t).chain(extra_tags).collect::<Vec<_>>(),
-            Reference::Digest(_) => extra_tags.iter().collect(),
-        };
         for tag in tags {
             b.put_tag(
                 repo,
@@ -308,7 +377,7 @@ impl Registry {
                 manifest::referrer_descriptor(media_type, &digest, body.len(), &parsed);
             b.put_referrer(repo, &subject.digest, &digest, descriptor);
         }
-        self.store.meta.write(b)?;
+        self.store.meta.write_synced(b)?;
         Ok(Pushed {
             digest,
             subject: parsed.subject.map(|s| s.digest),
@@ -337,7 +406,7 @@ impl Registry {
                 }
             }
         }
-        self.store.meta.write(b)?;
+        self.store.meta.write_synced(b)?;
         Ok(())
     }
 

@@ -292,6 +292,7 @@ async fn idle_uploads_expire_and_take_their_bytes_with_them() {
         Options {
             upload_timeout: Duration::from_millis(50),
             max_uploads: 2,
+            ..Options::default()
         },
     );
     let upload = r.start_upload("e/app").unwrap();
@@ -391,5 +392,123 @@ async fn garbage_collection_frees_exactly_the_unreferenced_blobs() {
     assert_eq!(
         r.collect_garbage(Duration::ZERO).unwrap(),
         GcReport::default()
+    );
+}
+
+#[tokio::test]
+async fn garbage_collection_keeps_a_repository_whose_manifest_it_cannot_read() {
+    let (_dir, r) = registry();
+    let config = push_blob(&r, "u/app", b"{}").await;
+    let layer = push_blob(&r, "u/app", b"layer of u/app").await;
+    let orphan = push_blob(&r, "u/app", b"not referenced by anything").await;
+    let elsewhere = push_blob(&r, "u/other", b"unreferenced elsewhere").await;
+    let pushed = r
+        .put_manifest(
+            "u/app",
+            &Reference::Tag("v1".into()),
+            &[],
+            OCI_MANIFEST,
+            image_manifest(&config, 2, &layer, 14),
+        )
+        .unwrap();
+    // The stored record no longer parses.
+    let mut b = Batch::default();
+    b.put_private_manifest(
+        &pushed.digest,
+        &ManifestRecord {
+            media_type: OCI_MANIFEST.to_owned(),
+            body: Bytes::from_static(b"{\"schemaVersion\": 2, \"layers\": [tru"),
+        },
+    );
+    r.store.meta.write(b).unwrap();
+
+    let report = r.collect_garbage(Duration::ZERO).unwrap();
+    assert_eq!(
+        report.unreadable_manifests,
+        vec![("u/app".to_owned(), pushed.digest.clone())]
+    );
+    // Nothing of u/app goes, not even what no manifest could reference; u/other is
+    // collected as usual.
+    for d in [&config, &layer, &orphan] {
+        assert!(r.blob("u/app", d).is_ok(), "{d} went");
+    }
+    assert_eq!((report.links_removed, report.blobs_removed), (1, 1));
+    assert!(r.store.blobs.stat(&elsewhere).unwrap().is_none());
+    assert_eq!(r.catalog(None, None).unwrap().items, vec!["u/app"]);
+}
+
+#[tokio::test]
+async fn of_concurrent_create_only_pushes_of_one_tag_one_wins() {
+    let (_dir, r) = registry();
+    let r = Arc::new(r);
+    let config = push_blob(&r, "i/app", b"{}").await;
+    let mut layers = Vec::new();
+    for i in 0..8 {
+        let bytes = format!("layer {i}");
+        layers.push((push_blob(&r, "i/app", bytes.as_bytes()).await, bytes.len()));
+    }
+    for round in 0..20 {
+        let tag = format!("t{round}");
+        let barrier = Arc::new(std::sync::Barrier::new(layers.len()));
+        let threads: Vec<_> = layers
+            .iter()
+            .map(|(layer, len)| {
+                let (r, barrier, tag) = (r.clone(), barrier.clone(), tag.clone());
+                let body = image_manifest(&config, 2, layer, *len);
+                std::thread::spawn(move || {
+                    barrier.wait();
+                    let pushed = r.put_manifest_with(
+                        "i/app",
+                        &Reference::Tag(tag),
+                        &[],
+                        OCI_MANIFEST,
+                        body,
+                        false,
+                    );
+                    match pushed {
+                        Ok(p) => Some(p.digest),
+                        Err(RegistryError::TagImmutable { .. }) => None,
+                        Err(e) => panic!("{e}"),
+                    }
+                })
+            })
+            .collect();
+        let winners: Vec<Digest> = threads
+            .into_iter()
+            .filter_map(|t| t.join().unwrap())
+            .collect();
+        assert_eq!(winners.len(), 1, "round {round}: {winners:?}");
+        assert_eq!(
+            r.tag_target("i/app", &tag).unwrap(),
+            Some(winners[0].clone())
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_upload_over_the_size_limit_is_refused_and_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(Store::open(dir.path()).unwrap());
+    let options = Options {
+        max_upload_size: 10,
+        ..Options::default()
+    };
+    let r = Registry::new(store, options);
+    let upload = r.start_upload("s/app").unwrap();
+    let mut u = upload.lock().await;
+    u.write(b"0123456789").unwrap();
+    assert!(u.check_fits(10).is_ok());
+    assert!(matches!(
+        u.check_fits(11),
+        Err(RegistryError::UploadTooLarge { limit: 10 })
+    ));
+    assert!(matches!(
+        u.write(b"x"),
+        Err(RegistryError::UploadTooLarge { limit: 10 })
+    ));
+    assert!(tmp_is_empty(&dir), "the upload's bytes stayed");
+    assert!(
+        u.write(b"").is_err(),
+        "the upload took more after the refusal"
     );
 }

@@ -22,6 +22,8 @@ pub struct Upload {
     id: String,
     repo: String,
     writer: Option<BlobWriter>,
+    /// The most bytes it may hold ([`crate::Options::max_upload_size`]).
+    limit: u64,
     last_activity: Instant,
 }
 
@@ -35,9 +37,27 @@ impl Upload {
         self.writer.as_ref().map_or(0, BlobWriter::written)
     }
 
-    /// Appends `bytes`.
+    /// Checks that an upload of `total` bytes in all would be within the size limit
+    /// ([`crate::Options::max_upload_size`]). Does no I/O; on an error the caller
+    /// cancels the upload.
+    pub fn check_fits(&self, total: u64) -> Result<(), RegistryError> {
+        if total > self.limit {
+            return Err(RegistryError::UploadTooLarge { limit: self.limit });
+        }
+        Ok(())
+    }
+
+    /// Appends `bytes` (a blocking file write). Bytes past the size limit are not
+    /// written: the upload's file is removed and it takes no more.
     pub fn write(&mut self, bytes: &[u8]) -> Result<(), RegistryError> {
         self.last_activity = Instant::now();
+        if self.writer.is_none() {
+            return Err(RegistryError::UploadUnknown(self.id.clone()));
+        }
+        if let Err(e) = self.check_fits(self.offset().saturating_add(bytes.len() as u64)) {
+            self.writer = None;
+            return Err(e);
+        }
         let writer = self
             .writer
             .as_mut()
@@ -87,6 +107,7 @@ impl Registry {
             id: id.clone(),
             repo: repo.to_owned(),
             writer: Some(self.store.blobs.upload()?),
+            limit: self.options.max_upload_size,
             last_activity: Instant::now(),
         }));
         self.uploads
@@ -123,13 +144,13 @@ impl Registry {
             .writer
             .take()
             .ok_or_else(|| RegistryError::UploadUnknown(upload.id.clone()))?;
-        let _shared = self.gc_lock.read().expect("gc lock");
+        let _shared = self.publishing();
         let size = writer.commit_as(&self.store.blobs, digest, size)?;
         self.link_blob(&upload.repo, digest, size)?;
         Ok(size)
     }
 
-    /// Cancels `upload`, removing what it received.
+    /// Cancels `upload`, removing what it received (a blocking file removal).
     pub fn cancel_upload(&self, upload: &mut Upload) {
         self.uploads.lock().expect("uploads").remove(&upload.id);
         upload.writer = None;

@@ -8,6 +8,11 @@
 //!
 //! The invariant: a file exists under `blobs/` only if its bytes were hashed while they
 //! were written and matched the digest that names it (see [`BlobWriter::commit`]).
+//!
+//! Durability: every published file is synced before its rename. A push
+//! ([`BlobWriter::commit_as`]) also syncs the directory after the rename (and, for a new
+//! shard directory, its parents), so an acknowledged push survives a power loss; a
+//! pulled-through blob ([`BlobWriter::commit`]) can be fetched again and skips that.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
@@ -23,6 +28,9 @@ use crate::StoreError;
 #[derive(Debug)]
 pub struct BlobStore {
     root: PathBuf,
+    /// How many directory syncs commits made (observed by tests).
+    #[cfg(test)]
+    dir_syncs: AtomicU64,
 }
 
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
@@ -41,6 +49,8 @@ impl BlobStore {
         fs::create_dir_all(&tmp)?;
         Ok(BlobStore {
             root: root.to_owned(),
+            #[cfg(test)]
+            dir_syncs: AtomicU64::new(0),
         })
     }
 
@@ -231,8 +241,8 @@ impl BlobWriter {
     }
 
     /// Verifies the bytes written against `digest` and publishes them under it (see
-    /// [`BlobStore::upload`]). A digest of another algorithm than sha256 is checked by
-    /// reading the file again.
+    /// [`BlobStore::upload`]), durably: when it returns, the blob survives a power loss.
+    /// A digest of another algorithm than sha256 is checked by reading the file again.
     pub fn commit_as(
         mut self,
         store: &BlobStore,
@@ -254,12 +264,21 @@ impl BlobWriter {
         }
         self.expected = digest.clone();
         self.dest = store.path(digest);
-        self.commit(expected_size)
+        self.publish(expected_size, Some(store))
     }
 
     /// Verifies and publishes the blob. `expected_size`, when known, must match too.
     /// On any error nothing is published and the temporary file is removed.
-    pub fn commit(mut self, expected_size: Option<u64>) -> Result<u64, StoreError> {
+    pub fn commit(self, expected_size: Option<u64>) -> Result<u64, StoreError> {
+        self.publish(expected_size, None)
+    }
+
+    /// [`commit`](Self::commit); with `durable` (the store), the rename is synced too.
+    fn publish(
+        mut self,
+        expected_size: Option<u64>,
+        durable: Option<&BlobStore>,
+    ) -> Result<u64, StoreError> {
         if let Some(size) = expected_size {
             if size != self.written {
                 return Err(StoreError::SizeMismatch {
@@ -280,11 +299,23 @@ impl BlobWriter {
             });
         }
         self.file.sync_data()?;
-        if let Some(parent) = self.dest.parent() {
-            fs::create_dir_all(parent)?;
-        }
+        let parent = self.dest.parent().unwrap_or(Path::new("."));
+        let new_shard = !parent.exists();
+        fs::create_dir_all(parent)?;
         fs::rename(&self.tmp, &self.dest)?;
         self.committed = true;
+        if let Some(store) = durable {
+            // The rename is a change of the shard directory; a new shard is a change of
+            // the algorithm directory, and a new algorithm directory one of `blobs/`.
+            let dirs = if new_shard { 3 } else { 1 };
+            for dir in parent.ancestors().take(dirs) {
+                File::open(dir)?.sync_all()?;
+                #[cfg(test)]
+                store.dir_syncs.fetch_add(1, Ordering::Relaxed);
+            }
+            #[cfg(not(test))]
+            let _ = store;
+        }
         Ok(self.written)
     }
 }
@@ -405,6 +436,28 @@ mod tests {
         s.writer(&empty).unwrap().commit(Some(0)).unwrap();
         let blob = s.open_blob(&empty).unwrap().unwrap();
         assert!(blob.map().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_push_syncs_its_directory_and_a_fill_does_not() {
+        let (_dir, s) = store();
+        let d = Digest::sha256_of(b"fill");
+        let mut w = s.writer(&d).unwrap();
+        w.write(b"fill").unwrap();
+        w.commit(None).unwrap();
+        assert_eq!(s.dir_syncs.load(Ordering::Relaxed), 0);
+        // The first push into a new shard syncs the shard, sha256/ and blobs/.
+        let mut w = s.upload().unwrap();
+        w.write(b"pushed").unwrap();
+        let pushed = Digest::sha256_of(b"pushed");
+        w.commit_as(&s, &pushed, Some(6)).unwrap();
+        assert_eq!(s.dir_syncs.load(Ordering::Relaxed), 3);
+        assert_eq!(s.stat(&pushed).unwrap(), Some(6));
+        // Pushing it again (the shard exists): only the shard.
+        let mut w = s.upload().unwrap();
+        w.write(b"pushed").unwrap();
+        w.commit_as(&s, &pushed, None).unwrap();
+        assert_eq!(s.dir_syncs.load(Ordering::Relaxed), 4);
     }
 
     #[test]

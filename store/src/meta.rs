@@ -715,6 +715,16 @@ impl MetaStore {
 
     /// Applies `batch` atomically.
     pub fn write(&self, batch: Batch) -> Result<(), StoreError> {
+        self.write_batch(batch, false)
+    }
+
+    /// Applies `batch` atomically and durably: the write-ahead log is synced before it
+    /// returns, so the batch survives a power loss (for private content).
+    pub fn write_synced(&self, batch: Batch) -> Result<(), StoreError> {
+        self.write_batch(batch, true)
+    }
+
+    fn write_batch(&self, batch: Batch, sync: bool) -> Result<(), StoreError> {
         let mut wb = rocksdb::WriteBatch::default();
         for (cf, key, value) in batch.ops {
             let handle = self.db.cf_handle(cf).expect("column family opened");
@@ -723,7 +733,9 @@ impl MetaStore {
                 None => wb.delete_cf(&handle, key),
             }
         }
-        self.db.write(wb).map_err(db_err)
+        let mut opts = rocksdb::WriteOptions::default();
+        opts.set_sync(sync);
+        self.db.write_opt(wb, &opts).map_err(db_err)
     }
 
     pub fn repo_exists(&self, repo: &str) -> Result<bool, StoreError> {

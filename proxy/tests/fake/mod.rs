@@ -33,6 +33,9 @@ pub enum Behaviour {
         times: usize,
         then: Box<Behaviour>,
     },
+    /// 200 with these bytes and no `Content-Length`: the body ends when the connection
+    /// closes.
+    Unsized(Arc<Vec<u8>>),
     /// Read the request and never answer.
     Hang,
     /// `307 Temporary Redirect` to this absolute URL.
@@ -258,6 +261,19 @@ async fn handle(mut sock: TcpStream, state: Arc<Mutex<State>>) {
                 &[("Retry-After", "0")],
             )
             .await;
+        }
+        Some(Behaviour::Unsized(bytes)) => {
+            let head = "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nConnection: close\r\n\r\n";
+            if sock.write_all(head.as_bytes()).await.is_err() || head_only {
+                return;
+            }
+            for piece in bytes.chunks(64 * 1024) {
+                if sock.write_all(piece).await.is_err() {
+                    return;
+                }
+            }
+            let _ = sock.flush().await;
+            drop(sock);
         }
         Some(Behaviour::ResetAfter { bytes, after }) => {
             let _ = respond(&mut sock, 200, "application/octet-stream", bytes.len(), &[]).await;
