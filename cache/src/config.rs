@@ -21,8 +21,11 @@ pub const DEFAULT_CONFIG: &str = include_str!("../../upstreams.toml");
 pub struct Config {
     pub server: ServerConfig,
     pub upstreams: Vec<UpstreamConfig>,
-    /// `[auth]` and `[access]`; `None` when neither is given (everything is allowed).
+    /// `[auth]` and `[access]`; `None` when neither is given, or with `[access] open = true`.
     pub access: Option<AccessConfig>,
+    /// `[access] open = true`: everyone may do everything, anonymously, on any listener.
+    /// Default `false`: without `[access]`, a listener beyond loopback serves pulls only.
+    pub open: bool,
 }
 
 /// `[server]`: where berth listens and keeps its store.
@@ -46,6 +49,9 @@ pub struct ServerConfig {
     pub gc_grace: Option<Duration>,
     /// `tls = { cert, key }`: serve HTTPS with this certificate chain and key (PEM).
     pub tls: Option<TlsConfig>,
+    /// `external_url`: berth's base URL as clients reach it (`https://berth.example:5000`,
+    /// no path), for the token realm. Default: the listen address, `https://` with TLS.
+    pub external_url: Option<String>,
 }
 
 /// The certificate chain and private key files (PEM) berth serves HTTPS with.
@@ -168,11 +174,19 @@ impl Config {
                 "is required with [auth]: without it berth would let everyone do everything",
             );
         }
+        let open = access.open;
+        if open && table.contains_key("auth") {
+            p.add(
+                "access.open",
+                "true lets everyone do everything, so [auth] would have no effect: remove one",
+            );
+        }
         if p.0.is_empty() {
             Ok(Config {
                 server,
                 upstreams,
-                access: has_access.then_some(access),
+                access: (has_access && !open).then_some(access),
+                open,
             })
         } else {
             Err(ConfigErrors(p.0))
@@ -269,6 +283,18 @@ fn parse_server(v: &Value, p: &mut Problems) -> ServerConfig {
             "upload_timeout" => s.upload_timeout = duration(&path, value, p),
             "gc_interval" => s.gc_interval = duration(&path, value, p),
             "gc_grace" => s.gc_grace = duration(&path, value, p),
+            "external_url" => {
+                s.external_url = string(&path, value, p);
+                if let Some(u) = &s.external_url {
+                    match check_url(u) {
+                        Ok(()) => s.external_url = Some(u.trim_end_matches('/').to_owned()),
+                        Err(_) => p.add(
+                            &path,
+                            &format!("{u:?} must be berth's base URL as clients reach it, such as https://berth.example:5000, without path"),
+                        ),
+                    }
+                }
+            }
             "tls" => {
                 let Some(t) = table(&path, value, p) else {
                     continue;
@@ -579,6 +605,18 @@ credentials = {{ username = "bot", password_file = "{}" }}
         std::fs::remove_file(&file).unwrap();
         let e = creds.resolve().unwrap_err();
         assert!(e.contains("cannot read") && !e.contains("s3cret"), "{e}");
+    }
+
+    #[test]
+    fn external_url() {
+        let c =
+            Config::parse("[server]\nexternal_url = \"https://berth.example:5000/\"\n").unwrap();
+        assert_eq!(
+            c.server.external_url.as_deref(),
+            Some("https://berth.example:5000")
+        );
+        let e = Config::parse("[server]\nexternal_url = \"https://b.example/v2\"\n").unwrap_err();
+        assert!(e.0[0].starts_with("server.external_url:"), "{e}");
     }
 
     #[test]
