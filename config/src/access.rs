@@ -18,7 +18,8 @@
 //!
 //! Patterns match the repository path as clients write it: `team/app` for a private
 //! repository, `docker.io/library/nginx` for a pulled-through one. Without an `[access]`
-//! section every request is allowed, anonymously.
+//! section every request is allowed, anonymously, on a loopback listener; beyond loopback
+//! only pulls are, unless `[access] open = true` says that everyone may do everything.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -90,17 +91,27 @@ pub struct TokenConfig {
     pub key: PathBuf,
     /// The `service` (token audience). Default `berth`.
     pub service: String,
-    /// The token endpoint's URL as clients reach it. Default: `http://<Host>/token`.
+    /// The token endpoint's URL as clients reach it. Default: `[server] external_url`
+    /// + `/token`, else the listen address (`https://` with TLS); never the `Host` header.
     pub realm: Option<String>,
     /// How long a token is valid. Default 5 minutes.
     pub lifetime: std::time::Duration,
 }
+
+/// The longest an API key may live unless `[auth] api_key_max_lifetime` says otherwise.
+pub const DEFAULT_API_KEY_MAX_LIFETIME: std::time::Duration =
+    std::time::Duration::from_secs(90 * 24 * 3600);
 
 /// `[auth]` and `[access]` together.
 #[derive(Clone, Debug, Default)]
 pub struct AccessConfig {
     /// The htpasswd file (bcrypt entries).
     pub htpasswd: Option<PathBuf>,
+    /// `api_key_max_lifetime`: no API key outlives this; a longer `expires_in` is refused.
+    /// `None`: [`DEFAULT_API_KEY_MAX_LIFETIME`] (90 days).
+    pub api_key_max_lifetime: Option<std::time::Duration>,
+    /// `[access] open = true` (only while parsing: [`crate::config::Config::open`] keeps it).
+    pub open: bool,
     /// The token service, when clients log in with the Docker token flow.
     pub token: Option<TokenConfig>,
     /// Group → members.
@@ -113,6 +124,12 @@ pub struct AccessConfig {
 }
 
 impl AccessConfig {
+    /// The longest an API key may live.
+    pub fn api_key_max_lifetime(&self) -> std::time::Duration {
+        self.api_key_max_lifetime
+            .unwrap_or(DEFAULT_API_KEY_MAX_LIFETIME)
+    }
+
     /// The groups `user` belongs to.
     pub fn groups_of(&self, user: &str) -> Vec<String> {
         let mut g: Vec<String> = self
@@ -187,6 +204,10 @@ pub(crate) fn parse_auth(v: &Value, access: &mut AccessConfig, p: &mut Problems)
                 _ => p.add(&path, "must be the path of an htpasswd file"),
             },
             "token" => access.token = token(&path, value, p),
+            "api_key_max_lifetime" => match value.as_str().map(crate::config::parse_duration) {
+                Some(Ok(d)) if !d.is_zero() => access.api_key_max_lifetime = Some(d),
+                _ => p.add(&path, "must be a duration such as \"2160h\" (90 days)"),
+            },
             "groups" => match value.as_table() {
                 Some(groups) => {
                     for (name, members) in groups {
@@ -210,6 +231,10 @@ pub(crate) fn parse_access(v: &Value, access: &mut AccessConfig, p: &mut Problem
     for (key, value) in t {
         let path = format!("access.{key}");
         match key.as_str() {
+            "open" => match value.as_bool() {
+                Some(b) => access.open = b,
+                None => p.add(&path, "must be true or false"),
+            },
             "admin" => {
                 if let Some(t) = value.as_table() {
                     access.admin = principals(&path, t, &[], p);
@@ -241,6 +266,12 @@ pub(crate) fn parse_access(v: &Value, access: &mut AccessConfig, p: &mut Problem
             },
             _ => p.add(&path, "unknown key"),
         }
+    }
+    if access.open && t.len() > 1 {
+        p.add(
+            "access.open",
+            "true lets everyone do everything: it cannot be combined with other [access] keys",
+        );
     }
 }
 
@@ -479,5 +510,33 @@ pattern = "Team/**"
             "{errors:?}"
         );
         assert!(parse("").unwrap().access.is_none());
+    }
+
+    #[test]
+    fn open_access_and_key_lifetimes() {
+        let c = parse("[access]\nopen = true\n").unwrap();
+        assert!(c.open && c.access.is_none());
+        assert!(!parse("").unwrap().open);
+        let errors = parse("[access]\nopen = true\nadmin = { users = [\"a\"] }\n").unwrap_err();
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("access.open: true lets everyone")),
+            "{errors:?}"
+        );
+        let errors = parse("[auth]\nhtpasswd = \"/x\"\n[access]\nopen = true\n").unwrap_err();
+        assert!(
+            errors.iter().any(|e| e.starts_with("access.open:")),
+            "{errors:?}"
+        );
+        assert!(parse("[access]\nopen = \"yes\"\n").is_err());
+
+        let a = parse(RULES).unwrap().access.unwrap();
+        assert_eq!(a.api_key_max_lifetime(), DEFAULT_API_KEY_MAX_LIFETIME);
+        let text = RULES.replace("[auth]\n", "[auth]\napi_key_max_lifetime = \"720h\"\n");
+        let a = parse(&text).unwrap().access.unwrap();
+        assert_eq!(a.api_key_max_lifetime().as_secs(), 720 * 3600);
+        let text = RULES.replace("[auth]\n", "[auth]\napi_key_max_lifetime = \"0s\"\n");
+        assert!(parse(&text).unwrap_err()[0].starts_with("auth.api_key_max_lifetime:"));
     }
 }

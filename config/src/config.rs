@@ -21,8 +21,11 @@ pub const DEFAULT_CONFIG: &str = include_str!("../../upstreams.toml");
 pub struct Config {
     pub server: ServerConfig,
     pub upstreams: Vec<UpstreamConfig>,
-    /// `[auth]` and `[access]`; `None` when neither is given (everything is allowed).
+    /// `[auth]` and `[access]`; `None` when neither is given, or with `[access] open = true`.
     pub access: Option<AccessConfig>,
+    /// `[access] open = true`: everyone may do everything, anonymously, on any listener.
+    /// Default `false`: without `[access]`, a listener beyond loopback serves pulls only.
+    pub open: bool,
 }
 
 /// `[server]`: where berth listens and keeps its store.
@@ -50,6 +53,9 @@ pub struct ServerConfig {
     pub max_upload_size: Option<u64>,
     /// `tls = { cert, key }`: serve HTTPS with this certificate chain and key (PEM).
     pub tls: Option<TlsConfig>,
+    /// `external_url`: berth's base URL as clients reach it (`https://berth.example:5000`,
+    /// no path), for the token realm. Default: the listen address, `https://` with TLS.
+    pub external_url: Option<String>,
 }
 
 /// The certificate chain and private key files (PEM) berth serves HTTPS with.
@@ -181,11 +187,19 @@ impl Config {
                 "is required with [auth]: without it berth would let everyone do everything",
             );
         }
+        let open = access.open;
+        if open && table.contains_key("auth") {
+            p.add(
+                "access.open",
+                "true lets everyone do everything, so [auth] would have no effect: remove one",
+            );
+        }
         if p.0.is_empty() {
             Ok(Config {
                 server,
                 upstreams,
-                access: has_access.then_some(access),
+                access: (has_access && !open).then_some(access),
+                open,
             })
         } else {
             Err(ConfigErrors(p.0))
@@ -304,6 +318,18 @@ fn parse_server(v: &Value, p: &mut Problems) -> ServerConfig {
             "gc_interval" => s.gc_interval = duration(&path, value, p),
             "gc_grace" => s.gc_grace = duration(&path, value, p),
             "max_upload_size" => s.max_upload_size = size(&path, value, p),
+            "external_url" => {
+                s.external_url = string(&path, value, p);
+                if let Some(u) = &s.external_url {
+                    match check_url(u) {
+                        Ok(()) => s.external_url = Some(u.trim_end_matches('/').to_owned()),
+                        Err(_) => p.add(
+                            &path,
+                            &format!("{u:?} must be berth's base URL as clients reach it, such as https://berth.example:5000, without path"),
+                        ),
+                    }
+                }
+            }
             "tls" => {
                 let Some(t) = table(&path, value, p) else {
                     continue;
@@ -650,6 +676,18 @@ credentials = {{ username = "bot", password_file = "{}" }}
         assert_eq!(c.server.max_upload_size, Some(1 << 20));
         let e = Config::parse("[server]\nmax_upload_size = \"lots\"\n").unwrap_err();
         assert!(e.0[0].contains("server.max_upload_size"), "{:?}", e.0);
+    }
+
+    #[test]
+    fn external_url() {
+        let c =
+            Config::parse("[server]\nexternal_url = \"https://berth.example:5000/\"\n").unwrap();
+        assert_eq!(
+            c.server.external_url.as_deref(),
+            Some("https://berth.example:5000")
+        );
+        let e = Config::parse("[server]\nexternal_url = \"https://b.example/v2\"\n").unwrap_err();
+        assert!(e.0[0].starts_with("server.external_url:"), "{e}");
     }
 
     #[test]

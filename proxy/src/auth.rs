@@ -1,17 +1,21 @@
-//! Who a request comes from (Basic credentials checked against an htpasswd file), and
-//! whether the access policies let it do what it asks.
+//! Who a request comes from (Basic credentials checked against an htpasswd file, API
+//! keys, registry tokens), and whether the access policies let it do what it asks.
 //!
 //! The htpasswd file is read again when it changes (checked at most once a second), so
-//! users are added and removed without a restart. bcrypt is slow on purpose; a
-//! successful check is remembered (as a hash of the credentials, per version of the
-//! file) so that a client's every request does not pay it again.
+//! users are added and removed without a restart; an API key or a token of a user who is
+//! no longer in the file stops working. bcrypt is slow on purpose, so it runs on the
+//! blocking pool, never on a worker thread that serves other requests; a successful check
+//! is remembered (as a hash of the credentials, per version of the file) so that a
+//! client's every request does not pay it again.
 
 use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
 use berth_config::access::{AccessConfig, Action};
+use berth_config::Config;
 use sha2::{Digest as _, Sha256};
 
 use crate::token::{random_hex, Grant, Tokens};
@@ -23,9 +27,23 @@ pub enum Identity {
     User {
         name: String,
         groups: Vec<String>,
-        /// With a token: what it was granted; nothing else is allowed with it.
+        /// With a token: what it was granted; nothing else is allowed with it. `Some`
+        /// exactly when `login` is [`Login::Token`].
         grants: Option<Vec<Grant>>,
+        /// How the user proved who they are.
+        login: Login,
     },
+}
+
+/// How a user logged in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Login {
+    /// Basic credentials with the password of the htpasswd file.
+    Password,
+    /// Basic credentials with an API key as the password.
+    ApiKey,
+    /// A registry token from `GET /token`.
+    Token,
 }
 
 impl Identity {
@@ -54,20 +72,109 @@ pub enum AuthError {
     TooManyFailures,
 }
 
+/// Who may do what when no `[access]` section decides.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// `[access]` rules decide every request.
+    Checked,
+    /// Everyone may do everything, anonymously: `[access] open = true` (`explicit`), or
+    /// a loopback listener without `[access]`.
+    Open { explicit: bool },
+    /// A listener beyond loopback without `[access]` and without `open = true`: anyone
+    /// may pull; pushes, deletes and uploads are refused.
+    PullsOnly { listen: SocketAddr },
+}
+
+impl Mode {
+    /// The mode of `config` served on `listen`.
+    pub fn of(config: &Config, listen: SocketAddr) -> Mode {
+        if config.access.is_some() {
+            Mode::Checked
+        } else if config.open {
+            Mode::Open { explicit: true }
+        } else if listen.ip().is_loopback() {
+            Mode::Open { explicit: false }
+        } else {
+            Mode::PullsOnly { listen }
+        }
+    }
+
+    /// What the start-up log says about it.
+    pub fn describe(&self) -> String {
+        match self {
+            Mode::Checked => "checked: [auth] and [access] decide every request".into(),
+            Mode::Open { explicit: true } => {
+                "open: anyone may pull, push and delete ([access] open = true)".into()
+            }
+            Mode::Open { explicit: false } => {
+                "open: anyone may pull, push and delete (loopback listener without [access])".into()
+            }
+            Mode::PullsOnly { .. } => "pulls only: anyone may pull; pushes and deletes are \
+                 refused (listener beyond loopback without [access]; set [access] open = true \
+                 to open it)"
+                .into(),
+        }
+    }
+
+    /// Why a push, delete or upload is refused in this mode; `None` when it is not.
+    pub fn refuses_writes(&self) -> Option<String> {
+        match self {
+            Mode::PullsOnly { listen } => Some(format!(
+                "berth listens on {listen}, beyond loopback, without an [access] section, so it \
+                 serves pulls only: set `[access] open = true` to let anyone push and delete, or \
+                 configure [auth] and [access] to let some users"
+            )),
+            _ => None,
+        }
+    }
+}
+
 /// Authentication and access control; `None` inside means everything is allowed.
 pub struct Auth {
     access: Option<AccessConfig>,
+    mode: Mode,
     users: Option<Htpasswd>,
     tokens: Option<Tokens>,
+    /// The token endpoint's URL in challenges, settled at start-up (never from `Host`).
+    realm: String,
     /// Where API keys are kept.
     store: Option<std::sync::Arc<berth_store::Store>>,
 }
 
+/// The token endpoint's URL: `[auth] token.realm`, else `[server] external_url` + `/token`,
+/// else the listen address (`https://` with TLS). A request's `Host` header is never used:
+/// a client could name any host there and send others' credentials to it.
+pub fn token_realm(config: &Config, listen: SocketAddr) -> String {
+    if let Some(realm) = config
+        .access
+        .as_ref()
+        .and_then(|a| a.token.as_ref())
+        .and_then(|t| t.realm.clone())
+    {
+        return realm;
+    }
+    let base = match &config.server.external_url {
+        Some(url) => url.clone(),
+        None => {
+            let scheme = if config.server.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            format!("{scheme}://{listen}")
+        }
+    };
+    format!("{base}/token")
+}
+
 impl Auth {
+    /// Authentication for `config` served on `listen`.
     pub fn new(
-        access: Option<AccessConfig>,
+        config: &Config,
+        listen: SocketAddr,
         store: Option<std::sync::Arc<berth_store::Store>>,
     ) -> Result<Self, String> {
+        let access = config.access.clone();
         let users = access
             .as_ref()
             .and_then(|a| a.htpasswd.clone())
@@ -78,8 +185,10 @@ impl Auth {
         };
         Ok(Auth {
             access,
+            mode: Mode::of(config, listen),
             users,
             tokens,
+            realm: token_realm(config, listen),
             store,
         })
     }
@@ -89,19 +198,35 @@ impl Auth {
         self.tokens.as_ref()
     }
 
-    /// The `WWW-Authenticate` challenge for a refused request to `host`, naming the
-    /// scope it needs (`repository:team/app:pull`) when there is one.
-    pub fn challenge(&self, host: Option<&str>, scope: Option<&str>) -> String {
-        let Some(tokens) = &self.tokens else {
-            return "Basic realm=\"berth\"".to_owned();
-        };
-        let realm = self
-            .access
+    /// Who may do what.
+    pub fn mode(&self) -> &Mode {
+        &self.mode
+    }
+
+    /// The token endpoint's URL clients are sent to.
+    pub fn realm(&self) -> &str {
+        &self.realm
+    }
+
+    /// The longest an API key may live.
+    pub fn api_key_max_lifetime(&self) -> Duration {
+        self.access
             .as_ref()
-            .and_then(|a| a.token.as_ref())
-            .and_then(|t| t.realm.clone())
-            .unwrap_or_else(|| format!("http://{}/token", host.unwrap_or("localhost")));
-        let mut c = format!("Bearer realm=\"{realm}\",service=\"{}\"", tokens.service());
+            .map(AccessConfig::api_key_max_lifetime)
+            .unwrap_or(berth_config::access::DEFAULT_API_KEY_MAX_LIFETIME)
+    }
+
+    /// The `WWW-Authenticate` challenge for a refused request, naming the scope it needs
+    /// (`repository:team/app:pull`) when there is one.
+    pub fn challenge(&self, scope: Option<&str>) -> String {
+        let Some(tokens) = &self.tokens else {
+            return BASIC_CHALLENGE.to_owned();
+        };
+        let mut c = format!(
+            "Bearer realm=\"{}\",service=\"{}\"",
+            self.realm,
+            tokens.service()
+        );
         if let Some(scope) = scope {
             c.push_str(&format!(",scope=\"{scope}\""));
         }
@@ -110,11 +235,11 @@ impl Auth {
 
     /// The user named by Basic credentials (for the token service): `Ok(None)` without
     /// credentials.
-    pub fn login(&self, authorization: Option<&str>) -> Result<Option<Identity>, AuthError> {
+    pub async fn login(&self, authorization: Option<&str>) -> Result<Option<Identity>, AuthError> {
         match authorization {
             None => Ok(None),
             Some(h) if h.trim_start().to_ascii_lowercase().starts_with("basic ") => {
-                self.authenticate(Some(h)).map(Some)
+                self.authenticate(Some(h)).await.map(Some)
             }
             Some(_) => Err(AuthError::BadCredentials),
         }
@@ -126,7 +251,7 @@ impl Auth {
     }
 
     /// The identity of a request with this `Authorization` header.
-    pub fn authenticate(&self, authorization: Option<&str>) -> Result<Identity, AuthError> {
+    pub async fn authenticate(&self, authorization: Option<&str>) -> Result<Identity, AuthError> {
         let Some(header) = authorization else {
             return Ok(Identity::Anonymous);
         };
@@ -139,21 +264,24 @@ impl Auth {
             let claims = tokens
                 .verify(token.trim())
                 .map_err(|_| AuthError::BadCredentials)?;
-            return Ok(match claims.subject {
-                None => Identity::Anonymous,
-                Some(name) => Identity::User {
+            return match claims.subject {
+                None => Ok(Identity::Anonymous),
+                // A user removed from the htpasswd file loses the tokens they hold.
+                Some(name) if !self.user_exists(&name) => Err(AuthError::BadCredentials),
+                Some(name) => Ok(Identity::User {
                     groups: access.groups_of(&name),
                     name,
                     grants: Some(claims.access),
-                },
-            });
+                    login: Login::Token,
+                }),
+            };
         }
         let (user, password) = parse_basic(header).ok_or(AuthError::BadCredentials)?;
-        let valid = if password.starts_with(API_KEY_PREFIX) {
-            self.verify_api_key(&user, &password)
+        let (valid, login) = if password.starts_with(API_KEY_PREFIX) {
+            (self.verify_api_key(&user, &password), Login::ApiKey)
         } else {
             let users = self.users.as_ref().ok_or(AuthError::BadCredentials)?;
-            users.verify(&user, &password)
+            (users.verify(&user, &password).await, Login::Password)
         };
         if !valid {
             return Err(AuthError::BadCredentials);
@@ -163,7 +291,13 @@ impl Auth {
             name: user,
             groups,
             grants: None,
+            login,
         })
+    }
+
+    /// Whether `user` is in the htpasswd file now.
+    fn user_exists(&self, user: &str) -> bool {
+        self.users.as_ref().is_some_and(|u| u.has_user(user))
     }
 
     /// Whether `who` is an administrator.
@@ -175,7 +309,8 @@ impl Auth {
         }
     }
 
-    /// Whether `key` (`berth_<id>_<secret>`) is a live API key of `user`.
+    /// Whether `key` (`berth_<id>_<secret>`) is a live API key of `user`, who is still in
+    /// the htpasswd file.
     fn verify_api_key(&self, user: &str, key: &str) -> bool {
         let Some(store) = &self.store else {
             return false;
@@ -195,9 +330,10 @@ impl Auth {
             .zip(record.secret_sha256.iter())
             .fold(0u8, |acc, (a, b)| acc | (a ^ b))
             == 0;
-        same && record.owner == user && berth_registry::now_ms() < record.expires_ms
+        same && record.owner == user
+            && berth_registry::now_ms() < record.expires_ms
+            && self.user_exists(user)
     }
-
     /// Makes an API key for `owner`; returns its id and the key (shown once).
     pub fn create_api_key(
         &self,
@@ -278,6 +414,16 @@ impl Auth {
         }
     }
 
+    /// Whether a request without credentials may read some repository (and so has a
+    /// catalog to see).
+    pub fn anonymous_may_read(&self) -> bool {
+        self.access.as_ref().is_none_or(|a| {
+            a.repositories
+                .iter()
+                .any(|r| r.anonymous.contains(&Action::Read))
+        })
+    }
+
     /// Whether a request without credentials may do anything.
     pub fn anonymous_can_do_anything(&self) -> bool {
         self.access
@@ -335,6 +481,9 @@ impl LoginLimiter {
 /// How an API key starts: `berth_<id>_<secret>`.
 pub const API_KEY_PREFIX: &str = "berth_";
 
+/// The challenge that asks for a user name and password.
+pub const BASIC_CHALLENGE: &str = "Basic realm=\"berth\"";
+
 /// The token action that covers `action`.
 pub fn token_action(action: Action) -> &'static str {
     match action {
@@ -373,6 +522,9 @@ struct Htpasswd {
 struct HtpasswdState {
     modified: Option<SystemTime>,
     checked: Option<Instant>,
+    /// Counts the versions of the file loaded, so that a check against an older version
+    /// is not remembered for a newer one.
+    generation: u64,
     hashes: HashMap<String, String>,
     /// sha256 of `user:password` for credentials verified against this version.
     verified: HashSet<[u8; 32]>,
@@ -408,6 +560,7 @@ impl Htpasswd {
                 *state = HtpasswdState {
                     modified,
                     checked: state.checked,
+                    generation: state.generation + 1,
                     hashes,
                     verified: HashSet::new(),
                 };
@@ -419,21 +572,39 @@ impl Htpasswd {
         }
     }
 
-    fn verify(&self, user: &str, password: &str) -> bool {
+    /// Whether `user` is in the current version of the file.
+    fn has_user(&self, user: &str) -> bool {
+        let mut state = self.state.lock().expect("htpasswd");
+        self.refresh(&mut state);
+        state.hashes.contains_key(user)
+    }
+
+    /// Whether `password` is `user`'s. bcrypt runs on the blocking pool: it takes a
+    /// worker thread's time on purpose, and the other requests on that thread must not
+    /// wait for it.
+    async fn verify(&self, user: &str, password: &str) -> bool {
         let key: [u8; 32] = Sha256::digest(format!("{user}:{password}").as_bytes()).into();
-        let hash = {
+        let (hash, generation) = {
             let mut state = self.state.lock().expect("htpasswd");
             self.refresh(&mut state);
             if state.verified.contains(&key) {
                 return true;
             }
-            state.hashes.get(user).cloned()
+            (state.hashes.get(user).cloned(), state.generation)
         };
         // An unknown user costs a bcrypt check too, so timing does not tell users apart.
+        let known = hash.is_some();
         let hash = hash.unwrap_or_else(|| DUMMY_HASH.to_owned());
-        let ok = bcrypt::verify(password, &hash).unwrap_or(false) && hash != DUMMY_HASH;
+        let password = password.to_owned();
+        let ok = tokio::task::spawn_blocking(move || bcrypt::verify(password, &hash))
+            .await
+            .is_ok_and(|r| r.unwrap_or(false))
+            && known;
         if ok {
-            self.state.lock().expect("htpasswd").verified.insert(key);
+            let mut state = self.state.lock().expect("htpasswd");
+            if state.generation == generation {
+                state.verified.insert(key);
+            }
         }
         ok
     }
@@ -483,17 +654,17 @@ mod tests {
         assert_eq!(parse_basic("Basic YWJj"), None, "no ':'");
     }
 
-    #[test]
-    fn htpasswd_users_verify_and_reload() {
+    #[tokio::test]
+    async fn htpasswd_users_verify_and_reload() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("htpasswd");
         let hash = bcrypt::hash("pw1", 4).unwrap();
         std::fs::write(&path, format!("# users\nalice:{hash}\n")).unwrap();
         let h = Htpasswd::new(path.clone());
-        assert!(h.verify("alice", "pw1"));
-        assert!(h.verify("alice", "pw1"), "remembered");
-        assert!(!h.verify("alice", "pw2"));
-        assert!(!h.verify("bob", "pw1"));
+        assert!(h.verify("alice", "pw1").await);
+        assert!(h.verify("alice", "pw1").await, "remembered");
+        assert!(!h.verify("alice", "pw2").await);
+        assert!(!h.verify("bob", "pw1").await);
         // Replaced: alice's old password stops working once the change is seen.
         std::thread::sleep(Duration::from_millis(20));
         let bob = bcrypt::hash("pw3", 4).unwrap();
@@ -506,8 +677,44 @@ mod tests {
             .set_modified(later)
             .unwrap();
         h.state.lock().unwrap().checked = None;
-        assert!(!h.verify("alice", "pw1"));
-        assert!(h.verify("bob", "pw3"));
+        assert!(!h.verify("alice", "pw1").await);
+        assert!(!h.has_user("alice"), "removed");
+        assert!(h.verify("bob", "pw3").await);
+        assert!(h.has_user("bob"));
+    }
+
+    #[test]
+    fn modes_and_realms() {
+        let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let any: SocketAddr = "0.0.0.0:5000".parse().unwrap();
+        let plain = Config::parse("").unwrap();
+        assert_eq!(Mode::of(&plain, local), Mode::Open { explicit: false });
+        assert_eq!(Mode::of(&plain, any), Mode::PullsOnly { listen: any });
+        assert!(Mode::of(&plain, any)
+            .refuses_writes()
+            .unwrap()
+            .contains("[access] open = true"));
+        let open = Config::parse("[access]\nopen = true\n").unwrap();
+        assert_eq!(Mode::of(&open, any), Mode::Open { explicit: true });
+        assert_eq!(Mode::of(&open, any).refuses_writes(), None);
+        let checked = Config::parse("[access]\n").unwrap();
+        assert_eq!(Mode::of(&checked, any), Mode::Checked);
+
+        let token = "[auth]\ntoken = { key = \"/k\" }\n[access]\n";
+        let c = Config::parse(token).unwrap();
+        assert_eq!(token_realm(&c, local), "http://127.0.0.1:5000/token");
+        let tls = format!("[server]\ntls = {{ cert = \"/c\", key = \"/k\" }}\n{token}");
+        let c = Config::parse(&tls).unwrap();
+        assert_eq!(token_realm(&c, local), "https://127.0.0.1:5000/token");
+        let ext = format!("[server]\nexternal_url = \"https://berth.example:5000\"\n{token}");
+        let c = Config::parse(&ext).unwrap();
+        assert_eq!(token_realm(&c, local), "https://berth.example:5000/token");
+        let set = token.replace(
+            "key = \"/k\"",
+            "key = \"/k\", realm = \"https://r.example/t\"",
+        );
+        let c = Config::parse(&set).unwrap();
+        assert_eq!(token_realm(&c, local), "https://r.example/t");
     }
 
     #[test]

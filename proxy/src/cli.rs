@@ -204,10 +204,10 @@ fn serve(args: ServeArgs) -> i32 {
         .listen
         .or_else(|| config.server.listen.clone())
         .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
-    if listen.parse::<std::net::SocketAddr>().is_err() {
+    let Ok(listen_addr) = listen.parse::<std::net::SocketAddr>() else {
         eprintln!("berth: --listen {listen:?} is not an address such as 127.0.0.1:5000");
         return 2;
-    }
+    };
     let store_dir = args
         .store
         .or_else(|| config.server.store.clone())
@@ -244,8 +244,18 @@ fn serve(args: ServeArgs) -> i32 {
         .iter()
         .map(|u| u.namespace.as_str())
         .collect();
+    let mode = crate::auth::Mode::of(&config, listen_addr);
     tracing::info!(%listen, store = %store_dir.display(), config = %source,
-        upstreams = %upstreams.join(","), "berth starting");
+        upstreams = %upstreams.join(","), access = %mode.describe(), "berth starting");
+    let token = config.access.as_ref().and_then(|a| a.token.as_ref());
+    if token.is_some_and(|t| t.realm.is_none())
+        && config.server.external_url.is_none()
+        && listen_addr.ip().is_unspecified()
+    {
+        tracing::warn!(realm = %crate::auth::token_realm(&config, listen_addr),
+            "the token realm is built from the listen address, which clients cannot reach: \
+             set [server] external_url (or [auth] token.realm) to the URL clients use");
+    }
 
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -265,7 +275,7 @@ fn serve(args: ServeArgs) -> i32 {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     let registry = Arc::new(Registry::new(store_for_registry.clone(), registry_options));
-    let auth = match crate::auth::Auth::new(config.access.clone(), Some(store_for_registry.clone()))
+    let auth = match crate::auth::Auth::new(&config, listen_addr, Some(store_for_registry.clone()))
     {
         Ok(a) => a,
         Err(e) => {

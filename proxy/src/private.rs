@@ -20,6 +20,11 @@ use crate::errors::{ApiError, Code};
 use crate::route::{query_param, Endpoint};
 use crate::server::{send_bytes, send_head, App, Headers, Request, Served};
 
+/// Repository names one catalog request looks at, at most (readable or not).
+const CATALOG_SCAN_LIMIT: usize = 10_000;
+/// Names read from the store at a time while filling a catalog page.
+const CATALOG_BATCH: usize = 100;
+
 /// How often a request body is read before it counts as stalled.
 const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
@@ -253,7 +258,10 @@ impl App {
             .map(|_| ())
     }
 
-    /// `GET /v2/_catalog`: the private repositories.
+    /// `GET /v2/_catalog`: the private repositories the caller may read. Repositories it
+    /// may not read are skipped without ending the page: the scan goes on until `n` are
+    /// found or the listing ends, looking at most at [`CATALOG_SCAN_LIMIT`] names per
+    /// request; a page cut short by that limit still has a `Link` to go on from.
     pub(crate) async fn catalog(
         &self,
         session: &mut ServerSession,
@@ -261,17 +269,14 @@ impl App {
         who: &Identity,
     ) -> Result<Served, ApiError> {
         let (n, last) = pagination(req)?;
-        let mut page = self
-            .registry
-            .catalog(Some(n), last.as_deref())
-            .map_err(api)?;
-        // Only what the caller may read is listed (a page may come out short). A token
-        // lists only if it was granted the catalog, and then as its user's policies say.
+        // A token lists only if it was granted the catalog, and then as its user's
+        // policies say.
         let lister = match who {
             Identity::User {
                 name,
                 groups,
                 grants: Some(grants),
+                login,
             } => grants
                 .iter()
                 .any(|g| g.kind == "registry" && g.name == "catalog")
@@ -279,16 +284,61 @@ impl App {
                     name: name.clone(),
                     groups: groups.clone(),
                     grants: None,
+                    login: *login,
                 }),
             other => Some(other.clone()),
         };
-        page.items.retain(|repo| {
+        let readable = |repo: &str| {
             lister
                 .as_ref()
                 .is_some_and(|w| self.auth.allows(w, repo, Action::Read))
-        });
-        let body = serde_json::json!({"repositories": page.items});
-        Ok(send_page(session, req, body, "/v2/_catalog", n, &page).await)
+        };
+        let (items, next) = self.readable_repos(n, last, readable)?;
+        let body = serde_json::json!({"repositories": items});
+        Ok(send_page_after(session, req, body, "/v2/_catalog", n, next.as_deref()).await)
+    }
+
+    /// Up to `n` repositories after `last` that pass `readable`, and the name to continue
+    /// after when the listing goes on.
+    fn readable_repos(
+        &self,
+        n: usize,
+        last: Option<String>,
+        readable: impl Fn(&str) -> bool,
+    ) -> Result<(Vec<String>, Option<String>), ApiError> {
+        let mut items = Vec::new();
+        let mut cursor = last;
+        let mut scanned = 0;
+        if n == 0 {
+            return Ok((items, None));
+        }
+        loop {
+            let batch = (n - items.len())
+                .max(CATALOG_BATCH)
+                .min(CATALOG_SCAN_LIMIT - scanned);
+            let page = self
+                .registry
+                .catalog(Some(batch), cursor.as_deref())
+                .map_err(api)?;
+            let count = page.items.len();
+            for (i, repo) in page.items.into_iter().enumerate() {
+                scanned += 1;
+                if readable(&repo) {
+                    items.push(repo.clone());
+                }
+                cursor = Some(repo);
+                if items.len() == n {
+                    let more = i + 1 < count || page.more;
+                    return Ok((items, cursor.filter(|_| more)));
+                }
+            }
+            if !page.more {
+                return Ok((items, None));
+            }
+            if scanned >= CATALOG_SCAN_LIMIT {
+                return Ok((items, cursor));
+            }
+        }
     }
 
     async fn get_manifest(
@@ -622,8 +672,21 @@ async fn send_page(
     n: usize,
     page: &Page,
 ) -> Served {
+    let next = page.items.last().filter(|_| page.more);
+    send_page_after(session, req, body, path, n, next.map(String::as_str)).await
+}
+
+/// A listing page as JSON, with a `Link` to the page after `next` when there is one.
+async fn send_page_after(
+    session: &mut ServerSession,
+    req: &Request,
+    body: serde_json::Value,
+    path: &str,
+    n: usize,
+    next: Option<&str>,
+) -> Served {
     let mut headers = vec![("Content-Type", "application/json".to_owned())];
-    if let (true, Some(last)) = (page.more, page.items.last()) {
+    if let Some(last) = next {
         headers.push((
             "Link",
             format!("<{path}?n={n}&last={}>; rel=\"next\"", percent_encode(last)),

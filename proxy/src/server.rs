@@ -64,7 +64,6 @@ pub(crate) struct Request {
     pub content_range: Option<String>,
     /// Never logged.
     pub authorization: Option<String>,
-    pub host: Option<String>,
 }
 
 impl Request {
@@ -85,7 +84,6 @@ impl Request {
             content_type: header_value(h, "content-type"),
             content_range: header_value(h, "content-range"),
             authorization: header_value(h, "authorization"),
-            host: header_value(h, "host"),
         }
     }
 
@@ -266,10 +264,7 @@ impl App {
                     Code::Unauthorized,
                     "the credentials were not accepted: check the user name and password, or log in again for a new token",
                 )
-                .with_headers(vec![(
-                    "WWW-Authenticate",
-                    self.auth.challenge(req.host.as_deref(), None),
-                )]);
+                .with_headers(vec![("WWW-Authenticate", self.auth.challenge(None))]);
                 return refuse(session, req, &e).await;
             }
         };
@@ -359,12 +354,12 @@ impl App {
         client_ip: Option<std::net::IpAddr>,
     ) -> Result<Identity, AuthError> {
         if req.authorization.is_none() {
-            return self.auth.authenticate(None);
+            return self.auth.authenticate(None).await;
         }
         if client_ip.is_some_and(|ip| self.logins.blocked(ip)) {
             return Err(AuthError::TooManyFailures);
         }
-        let result = self.auth.authenticate(req.authorization.as_deref());
+        let result = self.auth.authenticate(req.authorization.as_deref()).await;
         if result.is_err() {
             if let Some(ip) = client_ip {
                 self.logins.failed(ip);
@@ -378,11 +373,26 @@ impl App {
     /// request without (valid) credentials, 403 for a user the policies do not allow.
     fn authorize(&self, who: &Identity, req: &Request, route: &Route) -> Result<(), ApiError> {
         if !self.auth.enabled() {
-            return Ok(());
+            // Pushes, deletes and uploads of private repositories (pull-through ones are
+            // read-only anyway).
+            return match self.auth.mode().refuses_writes() {
+                Some(why) if !req.is_read() && matches!(route, Route::Private { .. }) => {
+                    Err(ApiError::new(Code::Denied, why))
+                }
+                _ => Ok(()),
+            };
         }
         let write = !req.is_read();
         let (path, action) = match route {
-            Route::Health | Route::Catalog | Route::Token | Route::ApiKeys { .. } => return Ok(()),
+            // /api/keys checks its callers itself (a password login to make a key).
+            Route::Health | Route::Token | Route::ApiKeys { .. } => return Ok(()),
+            Route::Catalog => {
+                if *who == Identity::Anonymous && !self.auth.anonymous_may_read() {
+                    let scope = Some("registry:catalog:*".to_owned());
+                    return Err(self.deny(req, who, "the catalog", scope));
+                }
+                return Ok(());
+            }
             Route::Base => {
                 // Clients log in when /v2/ asks them to.
                 if *who == Identity::Anonymous && !self.auth.anonymous_can_do_anything() {
@@ -736,7 +746,9 @@ impl App {
     /// (so that clients log in, for `scope` when given), 403 for a user who may not.
     pub(crate) fn deny(
         &self,
-        req: &Request,
+        // Unused since the challenge no longer depends on the request's `Host`; kept so
+        // that the callers stay as they are.
+        _req: &Request,
         who: &Identity,
         what: &str,
         scope: Option<String>,
@@ -748,7 +760,7 @@ impl App {
             )
             .with_headers(vec![(
                 "WWW-Authenticate",
-                self.auth.challenge(req.host.as_deref(), scope.as_deref()),
+                self.auth.challenge(scope.as_deref()),
             )]),
             // A token that does not cover the request: the client asks for another, for
             // this scope (the token service grants only what the policies allow).
@@ -760,7 +772,7 @@ impl App {
             )
             .with_headers(vec![(
                 "WWW-Authenticate",
-                self.auth.challenge(req.host.as_deref(), scope.as_deref()),
+                self.auth.challenge(scope.as_deref()),
             )]),
             Identity::User { name, .. } => {
                 ApiError::new(Code::Denied, format!("user {name} is not allowed {what}"))

@@ -38,7 +38,7 @@ impl App {
                 ));
             }
         }
-        let who = match self.auth.login(req.authorization.as_deref()) {
+        let who = match self.auth.login(req.authorization.as_deref()).await {
             Ok(who) => who.unwrap_or(Identity::Anonymous),
             Err(_) => {
                 return Err(ApiError::new(
@@ -47,7 +47,7 @@ impl App {
                 )
                 .with_headers(vec![(
                     "WWW-Authenticate",
-                    "Basic realm=\"berth\"".to_owned(),
+                    crate::auth::BASIC_CHALLENGE.to_owned(),
                 )]))
             }
         };

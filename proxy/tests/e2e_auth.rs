@@ -584,6 +584,17 @@ async fn per_workspace_isolation() {
 
 /// A berth that issues its own tokens: the no-anonymous policies plus `[auth.token]`.
 async fn start_with_tokens(dir: &std::path::Path, service: &str, lifetime: &str) -> Berth {
+    start_with_tokens_and(dir, service, lifetime, "", "").await
+}
+
+/// [`start_with_tokens`] with more `[server]` and `[auth]` lines.
+async fn start_with_tokens_and(
+    dir: &std::path::Path,
+    service: &str,
+    lifetime: &str,
+    server: &str,
+    auth: &str,
+) -> Berth {
     let htpasswd = dir.join("htpasswd");
     if !htpasswd.exists() {
         let lines: String = ["builder", "reader"]
@@ -594,9 +605,12 @@ async fn start_with_tokens(dir: &std::path::Path, service: &str, lifetime: &str)
         std::fs::write(dir.join("token.key"), random_bytes(99, 32)).unwrap();
     }
     let config = format!(
-        r#"[auth]
+        r#"[server]
+{server}
+[auth]
 htpasswd = "{}"
 token = {{ key = "{}", service = "{service}", lifetime = "{lifetime}" }}
+{auth}
 [access]
 [[access.repository]]
 pattern = "**"
@@ -978,6 +992,549 @@ async fn containerd_pulls_over_tls() {
             .await
             .map(|r| !r.status().is_success())
             .unwrap_or(true));
+    })
+    .await;
+}
+
+/// `POST /api/keys` with `body` and `authorization`; the status, the parsed body and the
+/// `WWW-Authenticate` header.
+async fn post_key(
+    berth: &Berth,
+    authorization: Option<&str>,
+    body: &str,
+) -> (u16, serde_json::Value, Option<String>) {
+    let mut rb = reqwest::Client::new()
+        .post(format!("{}/api/keys", berth.url()))
+        .body(body.to_owned());
+    if let Some(a) = authorization {
+        rb = rb.header("Authorization", a);
+    }
+    let r = rb.send().await.unwrap();
+    let status = r.status().as_u16();
+    let challenge = header_str(r.headers(), "www-authenticate").map(str::to_owned);
+    let bytes = r.bytes().await.unwrap();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or_default(),
+        challenge,
+    )
+}
+
+/// The message of an OCI error body.
+fn message(v: &serde_json::Value) -> String {
+    v["errors"][0]["message"].as_str().unwrap_or("").to_owned()
+}
+
+/// API keys are made only from a password login, never from a token (a short pull-only
+/// token would otherwise become a long-lived key that can push) or from another key, and
+/// never outlive `[auth] api_key_max_lifetime`.
+#[tokio::test(flavor = "multi_thread")]
+async fn api_keys_come_only_from_a_password_login() {
+    within(60, "api_keys_come_only_from_a_password_login", async {
+        let dir = tempdir();
+        let berth = start_with_tokens_and(
+            dir.path(),
+            "berth",
+            "5m",
+            "",
+            "api_key_max_lifetime = \"720h\"",
+        )
+        .await;
+        let password = basic_auth("builder", PASSWORD);
+
+        // Without credentials: 401 and a Basic challenge (tokens cannot make keys).
+        let (status, _, challenge) = post_key(&berth, None, "{}").await;
+        assert_eq!(status, 401);
+        assert!(
+            challenge
+                .as_deref()
+                .is_some_and(|c| c.starts_with("Basic ")),
+            "{challenge:?}"
+        );
+        let r = reqwest::get(format!("{}/api/keys", berth.url()))
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 401, "anonymous GET /api/keys");
+
+        // A pull-only token: refused, saying how to do it.
+        let t = token(&berth, Some("builder"), "repository:team/app:pull").await;
+        let bearer = format!("Bearer {t}");
+        let (status, v, _) = post_key(&berth, Some(&bearer), r#"{"name": "ci"}"#).await;
+        assert_eq!(status, 403, "a token made a key: {v}");
+        assert_eq!(v["errors"][0]["code"], "DENIED");
+        assert!(message(&v).contains("password"), "{v}");
+        let r = reqwest::Client::new()
+            .get(format!("{}/api/keys", berth.url()))
+            .bearer_auth(&t)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 403, "a token listed keys");
+
+        // Longer than the maximum: refused, naming it.
+        let (status, v, _) = post_key(
+            &berth,
+            Some(&password),
+            r#"{"name": "ci", "expires_in": "721h"}"#,
+        )
+        .await;
+        assert_eq!(status, 400, "{v}");
+        assert_eq!(v["errors"][0]["code"], "BAD_REQUEST");
+        assert!(
+            message(&v).contains("720h") && message(&v).contains("api_key_max_lifetime"),
+            "{v}"
+        );
+
+        // With the password: made, living at most the maximum (the default is cut to it).
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        let (status, v, _) = post_key(&berth, Some(&password), r#"{"name": "ci"}"#).await;
+        assert_eq!(status, 201, "{v}");
+        let expires = v["expires_at_ms"].as_u64().unwrap();
+        let max_ms = 720 * 3600 * 1000;
+        assert!(
+            expires > now_ms && expires <= now_ms + max_ms + 60_000,
+            "expires {expires}, now {now_ms}"
+        );
+        let key = v["key"].as_str().unwrap().to_owned();
+        let with_key = basic_auth("builder", &key);
+
+        // The key works, lists keys, but does not make another.
+        let r = reqwest::Client::new()
+            .get(format!("{}/api/keys", berth.url()))
+            .header("Authorization", &with_key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        let (status, v, _) = post_key(&berth, Some(&with_key), r#"{"name": "more"}"#).await;
+        assert_eq!(status, 403, "a key made a key: {v}");
+        assert!(message(&v).contains("password"), "{v}");
+    })
+    .await;
+}
+
+/// Removing a user from the htpasswd file ends their API keys and tokens too, without a
+/// restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn removed_users_lose_their_keys_and_tokens() {
+    within(60, "removed_users_lose_their_keys_and_tokens", async {
+        let dir = tempdir();
+        let berth = start_with_tokens(dir.path(), "berth", "5m").await;
+        let (status, v, _) = post_key(
+            &berth,
+            Some(&basic_auth("reader", PASSWORD)),
+            r#"{"name": "robot"}"#,
+        )
+        .await;
+        assert_eq!(status, 201, "{v}");
+        let key = basic_auth("reader", v["key"].as_str().unwrap());
+        let t = format!(
+            "Bearer {}",
+            token(&berth, Some("reader"), "repository:team/app:pull").await
+        );
+        let path = format!("{}/v2/team/app/tags/list", berth.url());
+        let status_with = |auth: String| {
+            let path = path.clone();
+            async move {
+                reqwest::Client::new()
+                    .get(path)
+                    .header("Authorization", auth)
+                    .send()
+                    .await
+                    .unwrap()
+                    .status()
+                    .as_u16()
+            }
+        };
+        // 404: allowed, and nothing pushed there.
+        assert_eq!(status_with(key.clone()).await, 404);
+        assert_eq!(status_with(t.clone()).await, 404);
+
+        // reader leaves the file (its modification time moves on, so the change is seen).
+        let htpasswd = dir.path().join("htpasswd");
+        let kept: String = std::fs::read_to_string(&htpasswd)
+            .unwrap()
+            .lines()
+            .filter(|l| !l.starts_with("reader:"))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        std::fs::write(&htpasswd, kept).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&htpasswd)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(10))
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while status_with(key.clone()).await != 401 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the key of a removed user still works"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert_eq!(status_with(t).await, 401, "the token of a removed user");
+        assert_eq!(
+            status_with(basic_auth("builder", PASSWORD)).await,
+            404,
+            "the user who stayed"
+        );
+    })
+    .await;
+}
+
+/// With nothing open to anonymous requests, the catalog asks for credentials; a user's
+/// catalog pages go past the repositories they may not read instead of ending there.
+#[tokio::test(flavor = "multi_thread")]
+async fn catalog_needs_credentials_and_pages_past_unreadable_repositories() {
+    within(90, "catalog_pages_past_unreadable_repositories", async {
+        let (berth, _dir) = start(
+            "workspaces.toml",
+            &["admin", "ws-a-builder", "ws-b-builder"],
+        )
+        .await;
+        let r = reqwest::get(format!("{}/v2/_catalog", berth.url()))
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 401, "anonymous catalog");
+        assert!(header_str(r.headers(), "www-authenticate").is_some());
+        let r = reqwest::get(format!("{}/api/keys", berth.url()))
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 401, "anonymous /api/keys");
+
+        let admin = Client::new(&berth, Some("admin"));
+        for (i, repo) in [
+            "workspace-a/app",
+            "workspace-a/lib",
+            "workspace-b/app",
+            "workspace-b/lib",
+        ]
+        .iter()
+        .enumerate()
+        {
+            let image = make_single(80 + i as u64, 2_000);
+            assert_eq!(admin.push_image(repo, "v1", &image).await, 201, "{repo}");
+        }
+        let page = |user: &'static str, query: String| {
+            let c = Client::new(&berth, Some(user));
+            async move {
+                let r = c
+                    .req("GET", &format!("/v2/_catalog{query}"))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status().as_u16(), 200);
+                let link = header_str(r.headers(), "link").map(str::to_owned);
+                let v: serde_json::Value = r.json().await.unwrap();
+                (v["repositories"].clone(), link)
+            }
+        };
+        // ws-b's repositories come after two it may not read.
+        let (repos, link) = page("ws-b-builder", "?n=2".into()).await;
+        assert_eq!(
+            repos,
+            serde_json::json!(["workspace-b/app", "workspace-b/lib"])
+        );
+        assert_eq!(link, None);
+        // One at a time, following the Link.
+        let (repos, link) = page("ws-b-builder", "?n=1".into()).await;
+        assert_eq!(repos, serde_json::json!(["workspace-b/app"]));
+        let link = link.expect("a Link to the rest");
+        assert_eq!(
+            link,
+            "</v2/_catalog?n=1&last=workspace-b%2Fapp>; rel=\"next\""
+        );
+        let (repos, link) = page("ws-b-builder", "?n=1&last=workspace-b%2Fapp".into()).await;
+        assert_eq!(repos, serde_json::json!(["workspace-b/lib"]));
+        assert_eq!(link, None);
+        // ws-a's come first; unreadable ones after them are skipped to the end.
+        let (repos, _) = page("ws-a-builder", "?n=5".into()).await;
+        assert_eq!(
+            repos,
+            serde_json::json!(["workspace-a/app", "workspace-a/lib"])
+        );
+        let (repos, link) = page("ws-a-builder", "?n=1&last=workspace-a%2Flib".into()).await;
+        assert_eq!(repos, serde_json::json!([]));
+        assert_eq!(link, None);
+    })
+    .await;
+}
+
+/// The token realm never comes from the client's `Host` header: with TLS it defaults to
+/// `https://<listen address>/token`, and `[server] external_url` sets it.
+#[tokio::test(flavor = "multi_thread")]
+async fn token_realm_comes_from_the_configuration() {
+    within(90, "token_realm_comes_from_the_configuration", async {
+        let pki = tempdir();
+        let d = pki.path();
+        openssl(
+            d,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+        );
+        let tls = format!(
+            "tls = {{ cert = \"{}\", key = \"{}\" }}",
+            d.join("server.pem").display(),
+            d.join("server.key").display()
+        );
+        let dir = tempdir();
+        let berth = start_with_tokens_and(dir.path(), "berth", "5m", &tls, "").await;
+        let realm_for = |scheme: &'static str, port: u16, host: &'static str| {
+            let client = berth.client.clone();
+            async move {
+                let r = client
+                    .get(format!("{scheme}://127.0.0.1:{port}/v2/team/app/tags/list"))
+                    .header("Host", host)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status().as_u16(), 401);
+                header_str(r.headers(), "www-authenticate")
+                    .unwrap()
+                    .to_owned()
+            }
+        };
+        let c = realm_for("https", berth.port(), "evil.example").await;
+        assert!(
+            c.starts_with(&format!(
+                "Bearer realm=\"https://127.0.0.1:{}/token\"",
+                berth.port()
+            )),
+            "{c}"
+        );
+        assert!(!c.contains("evil"), "{c}");
+
+        let dir = tempdir();
+        let external = start_with_tokens_and(
+            dir.path(),
+            "berth",
+            "5m",
+            "external_url = \"https://berth.example:5000\"",
+            "",
+        )
+        .await;
+        let c = realm_for("http", external.port(), "evil.example").await;
+        assert!(
+            c.starts_with("Bearer realm=\"https://berth.example:5000/token\""),
+            "{c}"
+        );
+    })
+    .await;
+}
+
+/// A berth process started here on `listen` (the support helpers listen on loopback only).
+struct Listening {
+    child: std::process::Child,
+    log: std::path::PathBuf,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Listening {
+    /// Starts berth with `config` on `ip` and a free port, and waits until `/v2/` answers
+    /// on 127.0.0.1.
+    async fn start(config: &str, ip: &str) -> Listening {
+        let dir = tempdir();
+        std::fs::write(dir.path().join("berth.toml"), config).unwrap();
+        let log = dir.path().join("berth.log");
+        let port = free_port();
+        let out = std::fs::File::create(&log).unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+            .arg("serve")
+            .arg("--config")
+            .arg(dir.path().join("berth.toml"))
+            .arg("--listen")
+            .arg(format!("{ip}:{port}"))
+            .arg("--store")
+            .arg(dir.path().join("store"))
+            .env_remove("BERTH_CONFIG")
+            .env_remove("BERTH_LISTEN")
+            .env_remove("BERTH_STORE")
+            .env("NO_COLOR", "1")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap();
+        let mut me = Listening {
+            child,
+            log,
+            port,
+            _dir: dir,
+        };
+        let deadline = std::time::Instant::now() + READY_TIMEOUT;
+        loop {
+            if let Ok(r) = reqwest::get(me.url("/v2/")).await {
+                if r.status().as_u16() == 200 {
+                    return me;
+                }
+            }
+            assert!(
+                me.child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline,
+                "berth on {ip}:{port} did not start:\n{}",
+                me.log()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn log(&self) -> String {
+        strip_ansi(&std::fs::read_to_string(&self.log).unwrap_or_default())
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A listener beyond loopback without `[access]` serves pulls to anyone but refuses
+/// pushes and deletes, naming the setting that opens them; `[access] open = true` opens
+/// them. The start-up log states the mode.
+#[tokio::test(flavor = "multi_thread")]
+async fn beyond_loopback_without_access_serves_pulls_only() {
+    within(
+        60,
+        "beyond_loopback_without_access_serves_pulls_only",
+        async {
+            let http = reqwest::Client::new();
+            let berth = Listening::start("", "0.0.0.0").await;
+            assert!(berth.log().contains("access=pulls only"), "{}", berth.log());
+            let r = http
+                .post(berth.url("/v2/team/app/blobs/uploads/"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 403, "an anonymous upload");
+            let (code, msg) = oci_error(&r.bytes().await.unwrap(), "upload");
+            assert_eq!(code, "DENIED");
+            assert!(msg.contains("[access] open = true"), "{msg}");
+            let r = http
+                .delete(berth.url("/v2/team/app/manifests/v1"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 403, "an anonymous delete");
+            // Pulls still work (404: nothing there).
+            let r = http
+                .get(berth.url("/v2/team/app/tags/list"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 404);
+            drop(berth);
+
+            let open = Listening::start("[access]\nopen = true\n", "0.0.0.0").await;
+            assert!(
+                open.log().contains(
+                    "access=open: anyone may pull, push and delete ([access] open = true)"
+                ),
+                "{}",
+                open.log()
+            );
+            let r = http
+                .post(open.url("/v2/team/app/blobs/uploads/"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 202, "an upload with open = true");
+            drop(open);
+
+            // The default loopback listener stays open, and says so.
+            let local = Berth::start(&[]).await;
+            assert!(local.log().contains("access=open:"), "{}", local.log());
+            assert!(local.log().contains("loopback"), "{}", local.log());
+        },
+    )
+    .await;
+}
+
+/// Checking a password with bcrypt does not hold up other requests: while more slow
+/// logins are in flight than berth has worker threads, `/healthz` is answered before
+/// any of them (in berth's access log, which records requests as they finish).
+#[tokio::test(flavor = "multi_thread")]
+async fn bcrypt_does_not_block_other_requests() {
+    within(120, "bcrypt_does_not_block_other_requests", async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempdir();
+        let logins = 2 * std::thread::available_parallelism().map_or(2, |n| n.get()) + 2;
+        // One slow hash (cost 12) for every user: each user's first login pays it.
+        let hash = bcrypt::hash(PASSWORD, 12).unwrap();
+        let users: Vec<String> = (0..logins).map(|i| format!("user{i}")).collect();
+        let lines: String = users.iter().map(|u| format!("{u}:{hash}\n")).collect();
+        std::fs::write(dir.path().join("htpasswd"), lines).unwrap();
+        let config = format!(
+            "[auth]\nhtpasswd = \"{}\"\n[access]\n[[access.repository]]\npattern = \"**\"\ndefault = [\"read\"]\n",
+            dir.path().join("htpasswd").display()
+        );
+        let berth = Berth::start_with_config(&config, &[]).await;
+        let mark = berth.log_len();
+        let addr = berth.host();
+        // The connection /healthz is asked on, open before the logins start.
+        let mut health = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let (written_tx, mut written) = tokio::sync::mpsc::channel(logins);
+        let mut tasks = Vec::new();
+        for u in &users {
+            let request = format!(
+                "GET /v2/team/app/tags/list HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {}\r\nConnection: close\r\n\r\n",
+                basic_auth(u, PASSWORD)
+            );
+            let addr = addr.clone();
+            let written_tx = written_tx.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut s = tokio::net::TcpStream::connect(&addr).await.unwrap();
+                s.write_all(request.as_bytes()).await.unwrap();
+                written_tx.send(()).await.unwrap();
+                let mut answer = Vec::new();
+                s.read_to_end(&mut answer).await.unwrap();
+                String::from_utf8_lossy(&answer).into_owned()
+            }));
+        }
+        for _ in 0..logins {
+            written.recv().await.unwrap();
+        }
+        health
+            .write_all(format!("GET /healthz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        health.read_to_end(&mut answer).await.unwrap();
+        assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+        for t in tasks {
+            let answer = t.await.unwrap();
+            assert!(answer.starts_with("HTTP/1.1 404"), "a login: {answer}");
+        }
+        let log = berth.log_since(mark);
+        let access: Vec<&str> = log.lines().filter(|l| l.contains("berth::access")).collect();
+        let first_login = access.iter().position(|l| l.contains("path=/v2/team/app/tags/list"));
+        let health_at = access.iter().position(|l| l.contains("path=/healthz"));
+        assert!(
+            health_at.is_some() && first_login.is_some() && health_at < first_login,
+            "/healthz waited for bcrypt:\n{}",
+            access.join("\n")
+        );
     })
     .await;
 }
