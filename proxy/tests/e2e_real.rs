@@ -151,12 +151,13 @@ async fn containerd_pulls_docker_io_and_ghcr_io_through_berth() {
             ])
             .await;
             let ctd = Containerd::start().await;
+            // containerd falls back to `server` when the mirror fails: make that a port
+            // this test holds closed, so a failing berth fails the pull instead of
+            // sending it to the Internet.
+            let fallback = ClosedPort::new();
             let hosts = ctd.hosts_dir(
                 &berth.url(),
-                &[
-                    ("docker.io", "https://registry-1.docker.io"),
-                    ("ghcr.io", "https://ghcr.io"),
-                ],
+                &[("docker.io", &fallback.url()), ("ghcr.io", &fallback.url())],
             );
 
             let o = ctd

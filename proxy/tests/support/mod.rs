@@ -60,10 +60,66 @@ pub fn basic_auth(user: &str, pass: &str) -> String {
     format!("Basic {}", b64std(format!("{user}:{pass}").as_bytes()))
 }
 
-/// A port that was free a moment ago.
+/// A port that was free a moment ago. Racy (anyone may take it before it is used): never
+/// use it for an address a test expects to be closed; see [`ClosedPort`].
 pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     l.local_addr().unwrap().port()
+}
+
+/// A loopback port that refuses connections, held for as long as this value lives: a
+/// socket bound to `127.0.0.1:0` that never listens. Connecting to it is refused at once,
+/// and nothing else can bind the port meanwhile (the socket does not set
+/// `SO_REUSEADDR`), so a test can name it as an upstream or a fallback that must never
+/// answer, and no traffic can leave the machine through it.
+pub struct ClosedPort {
+    _socket: tokio::net::TcpSocket,
+    port: u16,
+}
+
+impl ClosedPort {
+    pub fn new() -> ClosedPort {
+        let socket = tokio::net::TcpSocket::new_v4().expect("create a TCP socket");
+        socket
+            .bind("127.0.0.1:0".parse().unwrap())
+            .expect("bind 127.0.0.1:0");
+        let port = socket.local_addr().unwrap().port();
+        ClosedPort {
+            _socket: socket,
+            port,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Default for ClosedPort {
+    fn default() -> Self {
+        ClosedPort::new()
+    }
+}
+
+/// Panics unless every URL in `text` (anything after a `scheme://`) names a loopback
+/// host: a test must never configure anything that could contact another machine.
+pub fn assert_loopback_only(text: &str, what: &str) {
+    for (i, _) in text.match_indices("://") {
+        let host = &text[i + 3..];
+        assert!(
+            host.starts_with("127.0.0.1:")
+                || host.starts_with("127.0.0.1/")
+                || host.starts_with("[::1]:")
+                || host.starts_with("localhost:"),
+            "{what} names a host that is not loopback: {:?}",
+            host.chars().take(60).collect::<String>()
+        );
+    }
 }
 
 /// A temporary directory with a short path (containerd's socket path must be < 108 bytes).
@@ -1271,6 +1327,7 @@ impl Berth {
 
     /// Starts berth with the configuration file `config`.
     pub async fn start_with_config(config: &str, env: &[(&str, &str)]) -> Berth {
+        assert_loopback_only(config, "berth's test configuration");
         let dir = tempdir();
         fs::write(dir.path().join("berth.toml"), config).unwrap();
         let log = dir.path().join("berth.log");
@@ -1865,7 +1922,9 @@ disabled_plugins = [
     /// returns the hosts directory.
     pub fn hosts_dir(&self, mirror: &str, registries: &[(&str, &str)]) -> PathBuf {
         let hosts = self.dir.path().join("hosts");
+        assert_loopback_only(mirror, "the containerd mirror");
         for (registry, server) in registries {
+            assert_loopback_only(server, "a containerd fallback server");
             let d = hosts.join(registry);
             fs::create_dir_all(&d).unwrap();
             fs::write(
