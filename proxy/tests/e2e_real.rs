@@ -699,7 +699,11 @@ async fn stale_tags_are_served_when_the_upstream_is_down_or_hung() {
             reg.pusher(None)
                 .image("library/stale", Some("v1"), &img)
                 .await;
-            let berth = Berth::start(&[Upstream::new("docker.io", &reg.url(), &["library/**"])
+            // berth's upstream is a port this test holds for its whole life, relayed to the
+            // registry, then to a closed port (stopped), then to a listener that never
+            // answers (hung): no port is given up for another process to take meanwhile.
+            let relay = TapProxy::start(reg.port());
+            let berth = Berth::start(&[Upstream::new("docker.io", &relay.url(), &["library/**"])
                 .tag_ttl("1s")
                 .read_timeout("2s")])
             .await;
@@ -730,6 +734,8 @@ async fn stale_tags_are_served_when_the_upstream_is_down_or_hung() {
             );
 
             // (a) The upstream is stopped.
+            let closed = ClosedPort::new();
+            relay.retarget(closed.port());
             reg.stop();
             tokio::time::sleep(Duration::from_millis(1500)).await;
             assert_served_stale(&berth, path, &accept, &img, "upstream stopped").await;
@@ -745,7 +751,8 @@ async fn stale_tags_are_served_when_the_upstream_is_down_or_hung() {
             assert!(h.get("warning").is_none());
 
             // (b) The upstream hangs: something accepts on its port and never answers.
-            let hung = HungListener::bind(reg.port());
+            let hung = HungListener::start();
+            relay.retarget(hung.port());
             tokio::time::sleep(Duration::from_millis(1500)).await;
             assert_served_stale(&berth, path, &accept, &img, "upstream hung").await;
             assert!(
