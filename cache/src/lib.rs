@@ -17,6 +17,7 @@
 //! [`Cache::tags_list`] with a configured upstream namespace and a validated repository.
 
 pub mod access;
+pub mod clock;
 pub mod config;
 pub mod fill;
 pub mod glob;
@@ -26,7 +27,6 @@ pub mod upstream;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, StreamExt};
@@ -35,6 +35,7 @@ use reqwest::Method;
 use berth_store::oci::{Digest, Reference, MANIFEST_ACCEPT_DEFAULT};
 use berth_store::{ManifestRecord, Store, StoreError, StoredBlob, TagKey, TagRecord};
 
+use clock::Clock;
 use config::Config;
 use fill::{BlobFill, BlobFills, FillLock, FillProgress, Role};
 use metrics::CacheMetrics;
@@ -216,15 +217,11 @@ pub struct Cache {
     tag_lock: FillLock<TagKey, (Arc<Manifest>, Outcome)>,
     hot_tags: moka::future::Cache<TagKey, TagRecord>,
     hot_manifests: moka::future::Cache<Digest, Arc<Manifest>>,
-    /// When a tag's revalidation last failed (kept for [`tags::REVALIDATION_BACKOFF`]).
-    failed_revalidations: moka::future::Cache<TagKey, std::time::Instant>,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    /// When (by [`Cache::clock`], in ms) a tag's revalidation last failed (kept for
+    /// [`tags::REVALIDATION_BACKOFF`]).
+    failed_revalidations: moka::future::Cache<TagKey, u64>,
+    /// The time tag freshness and the backoff are judged by.
+    clock: Clock,
 }
 
 impl Cache {
@@ -234,6 +231,7 @@ impl Cache {
         config: &Config,
         store: Arc<Store>,
         metrics: CacheMetrics,
+        clock: Clock,
     ) -> Result<Arc<Cache>, String> {
         let mut upstreams = HashMap::new();
         for u in &config.upstreams {
@@ -257,6 +255,7 @@ impl Cache {
                 .max_capacity(100_000)
                 .time_to_live(tags::REVALIDATION_BACKOFF)
                 .build(),
+            clock,
         }))
     }
 
@@ -298,7 +297,7 @@ impl Cache {
     async fn confirm_tag(&self, key: &TagKey, digest: &Digest) -> Result<(), CacheError> {
         let rec = TagRecord {
             digest: digest.clone(),
-            confirmed_at_ms: now_ms(),
+            confirmed_at_ms: self.clock.now_ms(),
         };
         self.store.meta.put_tag(key, &rec)?;
         self.hot_tags.insert(key.clone(), rec).await;
@@ -350,10 +349,12 @@ impl Cache {
                     variant: berth_store::oci::accept_variant(&accept),
                 };
                 let cached = match self.tag_record(&key).await? {
-                    Some(rec) => self
-                        .stored_manifest(&rec.digest)
-                        .await?
-                        .map(|m| (m, tags::freshness(&rec, now_ms(), client.config.tag_ttl))),
+                    Some(rec) => self.stored_manifest(&rec.digest).await?.map(|m| {
+                        (
+                            m,
+                            tags::freshness(&rec, self.clock.now_ms(), client.config.tag_ttl),
+                        )
+                    }),
                     None => None,
                 };
                 let this = self.clone();
@@ -361,7 +362,7 @@ impl Cache {
                     Some((m, Freshness::Fresh)) => return Ok((m, Outcome::Hit)),
                     Some((m, Freshness::Revalidate))
                         if self.failed_revalidations.get(&key).await.is_some_and(|at| {
-                            at.elapsed() < tags::REVALIDATION_BACKOFF.min(client.config.tag_ttl)
+                            tags::in_backoff(at, self.clock.now_ms(), client.config.tag_ttl)
                         }) =>
                     {
                         // The upstream failed to confirm this tag moments ago: serve it
@@ -442,7 +443,7 @@ impl Cache {
             "serving a stale tag: the upstream could not confirm it"
         );
         self.failed_revalidations
-            .insert(key.clone(), std::time::Instant::now())
+            .insert(key.clone(), self.clock.now_ms())
             .await;
         Ok((cached, Outcome::Stale))
     }
@@ -685,7 +686,7 @@ impl Cache {
         if let Err(e) = self
             .store
             .meta
-            .record_blob(digest, size, repo_key, now_ms())
+            .record_blob(digest, size, repo_key, self.clock.now_ms())
         {
             tracing::error!(digest = %digest, error = %e, "could not index a stored blob");
         }

@@ -9,6 +9,7 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
 use pingora::services::listening::Service;
 
+use berth_cache::clock::Clock;
 use berth_cache::config::{Config, DEFAULT_CONFIG};
 use berth_cache::Cache;
 use berth_registry::Registry;
@@ -224,7 +225,7 @@ fn serve(args: ServeArgs) -> i32 {
     if let Some(t) = config.server.upload_timeout {
         registry_options.upload_timeout = t;
     }
-    let cache = match Cache::new(&config, store, metrics.cache.clone()) {
+    let cache = match Cache::new(&config, store, metrics.cache.clone(), Clock::from_env()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("berth: {e}");

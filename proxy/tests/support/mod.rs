@@ -1374,6 +1374,9 @@ pub fn berth_config(upstreams: &[Upstream]) -> String {
     out
 }
 
+/// The file, in berth's test directory, holding its clock offset in milliseconds.
+const CLOCK_FILE: &str = "clock-offset-ms";
+
 pub struct Berth {
     proc: ProcGuard,
     port: u16,
@@ -1452,6 +1455,8 @@ impl Berth {
             .stdin(Stdio::null())
             .stdout(logf.try_clone().unwrap())
             .stderr(logf);
+        // berth's clock follows this file (see `Berth::advance_clock`).
+        cmd.env("BERTH_TEST_CLOCK_FILE", dir.join(CLOCK_FILE));
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -1581,6 +1586,38 @@ impl Berth {
 
     pub fn store_dir(&self) -> PathBuf {
         self.dir.path().join("store")
+    }
+
+    /// Moves berth's clock (the one its tag TTLs and revalidation backoff are judged by)
+    /// `by` forward, through its `BERTH_TEST_CLOCK_FILE` testing hook, and waits (bounded)
+    /// until berth has logged that it adopted the new offset. The offset is kept across
+    /// restarts.
+    pub async fn advance_clock(&self, by: Duration) {
+        assert!(
+            !by.is_zero(),
+            "advance_clock: a zero step would never be logged"
+        );
+        let file = self.dir.path().join(CLOCK_FILE);
+        let now: u64 = fs::read_to_string(&file)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0);
+        let next = now + u64::try_from(by.as_millis()).unwrap();
+        let mark = self.log_len();
+        // Written whole, then renamed: berth never reads half a number.
+        let tmp = file.with_extension("tmp");
+        fs::write(&tmp, next.to_string()).unwrap();
+        fs::rename(&tmp, &file).unwrap();
+        let adopted = format!("offset_ms={next}");
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while !self.log_since(mark).contains(&adopted) {
+            assert!(
+                Instant::now() < deadline,
+                "berth never adopted the test clock offset {next} ms:\n{}",
+                tail(&self.log, 40)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub async fn get(&self, path: &str, headers: &[(&str, &str)]) -> reqwest::Response {
