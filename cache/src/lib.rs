@@ -19,6 +19,7 @@
 //! call [`Cache::manifest`], [`Cache::blob`], [`Cache::blob_size`] and
 //! [`Cache::tags_list`] with a configured upstream namespace and a validated repository.
 
+pub mod clock;
 pub mod fill;
 pub mod metrics;
 pub mod tags;
@@ -26,7 +27,6 @@ pub mod upstream;
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, StreamExt};
@@ -36,6 +36,7 @@ use berth_store::oci::{Digest, Reference, MANIFEST_ACCEPT_DEFAULT};
 use berth_store::{ManifestRecord, Store, StoreError, StoredBlob, TagKey, TagRecord};
 
 use berth_config::Config;
+use clock::Clock;
 use fill::{BlobFill, BlobFills, FillLock, FillProgress, Role};
 use metrics::CacheMetrics;
 use tags::Freshness;
@@ -222,18 +223,14 @@ pub struct Cache {
     tag_lock: FillLock<TagKey, (Arc<Manifest>, Outcome)>,
     hot_tags: moka::future::Cache<TagKey, TagRecord>,
     hot_manifests: moka::future::Cache<Digest, Arc<Manifest>>,
-    /// When a tag's revalidation last failed (kept for [`tags::REVALIDATION_BACKOFF`]).
-    failed_revalidations: moka::future::Cache<TagKey, std::time::Instant>,
+    /// When (by [`Cache::clock`], in ms) a tag's revalidation last failed (kept for
+    /// [`tags::REVALIDATION_BACKOFF`]).
+    failed_revalidations: moka::future::Cache<TagKey, u64>,
+    /// The time tag freshness and the backoff are judged by.
+    clock: Clock,
     /// The largest blob a fill stores (`[server] max_upload_size`), whether or not the
     /// upstream announced its length.
     max_blob_size: u64,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 impl Cache {
@@ -243,6 +240,7 @@ impl Cache {
         config: &Config,
         store: Arc<Store>,
         metrics: CacheMetrics,
+        clock: Clock,
     ) -> Result<Arc<Cache>, String> {
         let mut upstreams = HashMap::new();
         for u in &config.upstreams {
@@ -272,6 +270,7 @@ impl Cache {
                 .server
                 .max_upload_size
                 .unwrap_or(berth_config::DEFAULT_MAX_BLOB_SIZE),
+            clock,
         }))
     }
 
@@ -352,7 +351,7 @@ impl Cache {
     /// Remembers that the upstream has `digest` in `repo`.
     async fn link(&self, namespace: &str, repo: &str, digest: &Digest) -> Result<(), CacheError> {
         let (ns, r, d) = (namespace.to_owned(), repo.to_owned(), digest.clone());
-        let now = now_ms();
+        let now = self.clock.now_ms();
         self.on_store(move |s| s.meta.put_cache_link(&ns, &r, &d, now))
             .await?;
         self.hot_links
@@ -399,7 +398,7 @@ impl Cache {
     async fn confirm_tag(&self, key: &TagKey, digest: &Digest) -> Result<(), CacheError> {
         let rec = TagRecord {
             digest: digest.clone(),
-            confirmed_at_ms: now_ms(),
+            confirmed_at_ms: self.clock.now_ms(),
         };
         let (k, r) = (key.clone(), rec.clone());
         self.on_store(move |s| s.meta.put_tag(&k, &r)).await?;
@@ -461,10 +460,12 @@ impl Cache {
                     variant: berth_store::oci::accept_variant(&accept),
                 };
                 let cached = match self.tag_record(&key).await? {
-                    Some(rec) => self
-                        .stored_manifest(&rec.digest)
-                        .await?
-                        .map(|m| (m, tags::freshness(&rec, now_ms(), client.config.tag_ttl))),
+                    Some(rec) => self.stored_manifest(&rec.digest).await?.map(|m| {
+                        (
+                            m,
+                            tags::freshness(&rec, self.clock.now_ms(), client.config.tag_ttl),
+                        )
+                    }),
                     None => None,
                 };
                 let this = self.clone();
@@ -472,7 +473,7 @@ impl Cache {
                     Some((m, Freshness::Fresh)) => return Ok((m, Outcome::Hit)),
                     Some((m, Freshness::Revalidate))
                         if self.failed_revalidations.get(&key).await.is_some_and(|at| {
-                            at.elapsed() < tags::REVALIDATION_BACKOFF.min(client.config.tag_ttl)
+                            tags::in_backoff(at, self.clock.now_ms(), client.config.tag_ttl)
                         }) =>
                     {
                         // The upstream failed to confirm this tag moments ago: serve it
@@ -526,7 +527,7 @@ impl Cache {
         match self.tag_record(key).await? {
             Some(rec)
                 if matches!(
-                    tags::freshness(&rec, now_ms(), client.config.tag_ttl),
+                    tags::freshness(&rec, self.clock.now_ms(), client.config.tag_ttl),
                     Freshness::Fresh
                 ) =>
             {
@@ -580,7 +581,7 @@ impl Cache {
             "serving a stale tag: the upstream could not confirm it"
         );
         self.failed_revalidations
-            .insert(key.clone(), std::time::Instant::now())
+            .insert(key.clone(), self.clock.now_ms())
             .await;
         Ok((cached, Outcome::Stale))
     }
@@ -863,7 +864,7 @@ impl Cache {
         }
         // The blob is verified and published: a failure to index it must not fail the
         // clients reading it.
-        let (d, r, now) = (digest.clone(), repo_key.to_owned(), now_ms());
+        let (d, r, now) = (digest.clone(), repo_key.to_owned(), self.clock.now_ms());
         if let Err(e) = self
             .on_store(move |s| s.meta.record_blob(&d, size, &r, now))
             .await

@@ -11,6 +11,9 @@
 //!   stale without asking again, so a hung upstream costs one timeout, not one per request.
 //!
 //! A tag confirmed "in the future" (the clock was set back) is revalidated.
+//!
+//! Every time here is read from the [`crate::clock::Clock`] the cache was given, so tests
+//! move it instead of waiting for it.
 
 use std::time::Duration;
 
@@ -43,6 +46,14 @@ pub fn freshness(record: &TagRecord, now_ms: u64, ttl: Duration) -> Freshness {
 /// most its TTL).
 pub const REVALIDATION_BACKOFF: Duration = Duration::from_secs(30);
 
+/// Whether a tag whose revalidation failed at `failed_at_ms` is still served stale
+/// without asking the upstream at `now_ms`: for [`REVALIDATION_BACKOFF`], or its `ttl`
+/// if that is shorter. A failure "in the future" (the clock was set back) has ended.
+pub fn in_backoff(failed_at_ms: u64, now_ms: u64, ttl: Duration) -> bool {
+    let window = u64::try_from(REVALIDATION_BACKOFF.min(ttl).as_millis()).unwrap_or(u64::MAX);
+    failed_at_ms <= now_ms && now_ms - failed_at_ms < window
+}
+
 /// The `Warning` header value sent with a tag served after a failed revalidation.
 pub const STALE_WARNING: &str = "110 berth \"Response is Stale\"";
 
@@ -70,5 +81,21 @@ mod tests {
             ..r
         };
         assert_eq!(freshness(&ahead, 1_000, ttl), Freshness::Revalidate);
+    }
+
+    #[test]
+    fn a_failed_revalidation_backs_off_for_at_most_the_ttl() {
+        let long = Duration::from_secs(3600);
+        assert!(in_backoff(1_000, 1_000, long));
+        assert!(in_backoff(1_000, 30_999, long));
+        assert!(!in_backoff(1_000, 31_000, long), "30 s at most");
+        let short = Duration::from_secs(2);
+        assert!(in_backoff(1_000, 2_999, short));
+        assert!(!in_backoff(1_000, 3_000, short), "no longer than the TTL");
+        assert!(
+            !in_backoff(1_000, 5, long),
+            "the clock went back: ask again"
+        );
+        assert!(!in_backoff(1_000, 1_000, Duration::ZERO));
     }
 }

@@ -579,10 +579,10 @@ async fn http_and_connection_errors_are_counted_by_kind() {
     assert_eq!(r.errors.get("platform_not_found"), Some(&2));
     assert_eq!(r.requests.tag_manifest.ok, 2);
 
-    // Nothing listening.
-    let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    // Nothing listening: a port held bound (so nobody else can take it) but not listening.
+    let closed = tokio::net::TcpSocket::new_v4().unwrap();
+    closed.bind("127.0.0.1:0".parse().unwrap()).unwrap();
     let url = format!("http://{}", closed.local_addr().unwrap());
-    drop(closed);
     let mut config = pull_config(&server, 2, 1);
     config.target = Target::new(&url, None).unwrap();
     let r = run(&config).await.unwrap();

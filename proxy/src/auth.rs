@@ -135,36 +135,44 @@ pub struct Auth {
     mode: Mode,
     users: Option<Htpasswd>,
     tokens: Option<Tokens>,
-    /// The token endpoint's URL in challenges, settled at start-up (never from `Host`).
-    realm: String,
+    /// The token endpoint's URL in challenges, when settled at start-up; `None` when it is
+    /// built from the address each connection arrived on (never from `Host`).
+    realm: Option<String>,
+    /// `http` or `https`, for a realm built from a connection's address.
+    scheme: &'static str,
+    listen: SocketAddr,
     /// Where API keys are kept.
     store: Option<std::sync::Arc<berth_store::Store>>,
 }
 
 /// The token endpoint's URL: `[auth] token.realm`, else `[server] external_url` + `/token`,
-/// else the listen address (`https://` with TLS). A request's `Host` header is never used:
-/// a client could name any host there and send others' credentials to it.
-pub fn token_realm(config: &Config, listen: SocketAddr) -> String {
+/// else the listen address (`https://` with TLS). `None` when the listen address names no
+/// one address clients can use (`0.0.0.0`, `[::]`, or port 0): then the realm is built
+/// from the local address each connection arrived on, which the client cannot choose.
+/// A request's `Host` header is never used: a client could name any host there and send
+/// others' credentials to it.
+pub fn token_realm(config: &Config, listen: SocketAddr) -> Option<String> {
     if let Some(realm) = config
         .access
         .as_ref()
         .and_then(|a| a.token.as_ref())
         .and_then(|t| t.realm.clone())
     {
-        return realm;
+        return Some(realm);
     }
-    let base = match &config.server.external_url {
-        Some(url) => url.clone(),
-        None => {
-            let scheme = if config.server.tls.is_some() {
-                "https"
-            } else {
-                "http"
-            };
-            format!("{scheme}://{listen}")
-        }
-    };
-    format!("{base}/token")
+    match &config.server.external_url {
+        Some(url) => Some(format!("{url}/token")),
+        None if listen.ip().is_unspecified() || listen.port() == 0 => None,
+        None => Some(format!("{}://{listen}/token", scheme(config))),
+    }
+}
+
+fn scheme(config: &Config) -> &'static str {
+    if config.server.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    }
 }
 
 impl Auth {
@@ -189,6 +197,8 @@ impl Auth {
             users,
             tokens,
             realm: token_realm(config, listen),
+            scheme: scheme(config),
+            listen,
             store,
         })
     }
@@ -203,9 +213,12 @@ impl Auth {
         &self.mode
     }
 
-    /// The token endpoint's URL clients are sent to.
-    pub fn realm(&self) -> &str {
-        &self.realm
+    /// The token endpoint's URL for a client whose connection arrived on `local`.
+    pub fn realm(&self, local: Option<SocketAddr>) -> String {
+        match &self.realm {
+            Some(realm) => realm.clone(),
+            None => format!("{}://{}/token", self.scheme, local.unwrap_or(self.listen)),
+        }
     }
 
     /// The longest an API key may live.
@@ -218,13 +231,13 @@ impl Auth {
 
     /// The `WWW-Authenticate` challenge for a refused request, naming the scope it needs
     /// (`repository:team/app:pull`) when there is one.
-    pub fn challenge(&self, scope: Option<&str>) -> String {
+    pub fn challenge(&self, scope: Option<&str>, local: Option<SocketAddr>) -> String {
         let Some(tokens) = &self.tokens else {
             return BASIC_CHALLENGE.to_owned();
         };
         let mut c = format!(
             "Bearer realm=\"{}\",service=\"{}\"",
-            self.realm,
+            self.realm(local),
             tokens.service()
         );
         if let Some(scope) = scope {
@@ -702,19 +715,31 @@ mod tests {
 
         let token = "[auth]\ntoken = { key = \"/k\" }\n[access]\n";
         let c = Config::parse(token).unwrap();
-        assert_eq!(token_realm(&c, local), "http://127.0.0.1:5000/token");
+        assert_eq!(
+            token_realm(&c, local).unwrap(),
+            "http://127.0.0.1:5000/token"
+        );
+        // No one address to name: built from each connection's local address instead.
+        assert_eq!(token_realm(&c, "127.0.0.1:0".parse().unwrap()), None);
+        assert_eq!(token_realm(&c, "0.0.0.0:5000".parse().unwrap()), None);
         let tls = format!("[server]\ntls = {{ cert = \"/c\", key = \"/k\" }}\n{token}");
         let c = Config::parse(&tls).unwrap();
-        assert_eq!(token_realm(&c, local), "https://127.0.0.1:5000/token");
+        assert_eq!(
+            token_realm(&c, local).unwrap(),
+            "https://127.0.0.1:5000/token"
+        );
         let ext = format!("[server]\nexternal_url = \"https://berth.example:5000\"\n{token}");
         let c = Config::parse(&ext).unwrap();
-        assert_eq!(token_realm(&c, local), "https://berth.example:5000/token");
+        assert_eq!(
+            token_realm(&c, local).unwrap(),
+            "https://berth.example:5000/token"
+        );
         let set = token.replace(
             "key = \"/k\"",
             "key = \"/k\", realm = \"https://r.example/t\"",
         );
         let c = Config::parse(&set).unwrap();
-        assert_eq!(token_realm(&c, local), "https://r.example/t");
+        assert_eq!(token_realm(&c, local).unwrap(), "https://r.example/t");
     }
 
     #[test]

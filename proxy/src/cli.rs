@@ -9,6 +9,7 @@ use pingora::server::configuration::ServerConf;
 use pingora::server::Server;
 use pingora::services::listening::Service;
 
+use berth_cache::clock::Clock;
 use berth_cache::Cache;
 use berth_config::{Config, DEFAULT_CONFIG};
 use berth_registry::Registry;
@@ -232,7 +233,7 @@ fn serve(args: ServeArgs) -> i32 {
     if let Some(n) = config.server.max_upload_size {
         registry_options.max_upload_size = n;
     }
-    let cache = match Cache::new(&config, store, metrics.cache.clone()) {
+    let cache = match Cache::new(&config, store, metrics.cache.clone(), Clock::from_env()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("berth: {e}");
@@ -248,13 +249,11 @@ fn serve(args: ServeArgs) -> i32 {
     tracing::info!(%listen, store = %store_dir.display(), config = %source,
         upstreams = %upstreams.join(","), access = %mode.describe(), "berth starting");
     let token = config.access.as_ref().and_then(|a| a.token.as_ref());
-    if token.is_some_and(|t| t.realm.is_none())
-        && config.server.external_url.is_none()
-        && listen_addr.ip().is_unspecified()
-    {
-        tracing::warn!(realm = %crate::auth::token_realm(&config, listen_addr),
-            "the token realm is built from the listen address, which clients cannot reach: \
-             set [server] external_url (or [auth] token.realm) to the URL clients use");
+    if token.is_some() && crate::auth::token_realm(&config, listen_addr).is_none() {
+        tracing::warn!(
+            "the token realm is built from the address each connection arrived on: \
+             set [server] external_url (or [auth] token.realm) to the URL clients use"
+        );
     }
 
     let threads = std::thread::available_parallelism()

@@ -380,12 +380,7 @@ impl App {
         let tags: Vec<String> = req
             .query
             .as_deref()
-            .map(|q| {
-                q.split('&')
-                    .filter_map(|p| p.strip_prefix("tag="))
-                    .map(crate::route::percent_decode)
-                    .collect()
-            })
+            .map(|q| crate::route::query_values(q, "tag").collect())
             .unwrap_or_default();
         let main_tag = match reference {
             Reference::Tag(t) => Some(t),
@@ -697,14 +692,7 @@ async fn send_page_after(
 }
 
 fn percent_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
+    form_urlencoded::byte_serialize(s.as_bytes()).collect()
 }
 
 /// Reads the whole request body, refusing one over `limit` bytes.

@@ -305,12 +305,16 @@ pub fn allow(upstream: &UpstreamConfig, repo: &str) -> Result<(), ApiError> {
     ))
 }
 
-/// The value of `key` in a query string, percent-decoded.
+/// The first value of `key` in a query string, decoded.
 pub fn query_param(query: &str, key: &str) -> Option<String> {
-    query.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == key).then(|| percent_decode(v))
-    })
+    query_values(query, key).next()
+}
+
+/// Every value of `key` in a query string (`?tag=a&tag=b`), decoded.
+pub fn query_values<'a>(query: &'a str, key: &'a str) -> impl Iterator<Item = String> + 'a {
+    form_urlencoded::parse(query.as_bytes())
+        .filter(move |(k, _)| k == key)
+        .map(|(_, v)| v.into_owned())
 }
 
 /// The `tags/list` pagination parameters, without berth's own (`ns`).
@@ -320,25 +324,6 @@ fn tags_query(query: &str) -> String {
         .filter(|p| p.starts_with("n=") || p.starts_with("last="))
         .collect::<Vec<_>>()
         .join("&")
-}
-
-pub fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        if b[i] == b'%' && i + 2 < b.len() {
-            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
-                out.push((h * 16 + l) as u8);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -541,5 +526,9 @@ prefixes = []
         assert_eq!(query_param("x=%", "x").unwrap(), "%");
         assert_eq!(query_param("x=%4", "x").unwrap(), "%4");
         assert_eq!(query_param("x", "ns"), None);
+        assert_eq!(
+            query_values("tag=a&n=1&tag=b%2Bc", "tag").collect::<Vec<_>>(),
+            ["a", "b+c"]
+        );
     }
 }

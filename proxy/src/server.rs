@@ -64,6 +64,9 @@ pub(crate) struct Request {
     pub content_range: Option<String>,
     /// Never logged.
     pub authorization: Option<String>,
+    /// The local address the connection arrived on (a default token realm is built from
+    /// it; a client cannot choose it, unlike `Host`).
+    pub local: Option<std::net::SocketAddr>,
 }
 
 impl Request {
@@ -84,6 +87,7 @@ impl Request {
             content_type: header_value(h, "content-type"),
             content_range: header_value(h, "content-range"),
             authorization: header_value(h, "authorization"),
+            local: session.server_addr().and_then(|a| a.as_inet()).copied(),
         }
     }
 
@@ -264,7 +268,7 @@ impl App {
                     Code::Unauthorized,
                     "the credentials were not accepted: check the user name and password, or log in again for a new token",
                 )
-                .with_headers(vec![("WWW-Authenticate", self.auth.challenge(None))]);
+                .with_headers(vec![("WWW-Authenticate", self.auth.challenge(None, req.local))]);
                 return refuse(session, req, &e).await;
             }
         };
@@ -746,9 +750,7 @@ impl App {
     /// (so that clients log in, for `scope` when given), 403 for a user who may not.
     pub(crate) fn deny(
         &self,
-        // Unused since the challenge no longer depends on the request's `Host`; kept so
-        // that the callers stay as they are.
-        _req: &Request,
+        req: &Request,
         who: &Identity,
         what: &str,
         scope: Option<String>,
@@ -760,7 +762,7 @@ impl App {
             )
             .with_headers(vec![(
                 "WWW-Authenticate",
-                self.auth.challenge(scope.as_deref()),
+                self.auth.challenge(scope.as_deref(), req.local),
             )]),
             // A token that does not cover the request: the client asks for another, for
             // this scope (the token service grants only what the policies allow).
@@ -772,7 +774,7 @@ impl App {
             )
             .with_headers(vec![(
                 "WWW-Authenticate",
-                self.auth.challenge(scope.as_deref()),
+                self.auth.challenge(scope.as_deref(), req.local),
             )]),
             Identity::User { name, .. } => {
                 ApiError::new(Code::Denied, format!("user {name} is not allowed {what}"))

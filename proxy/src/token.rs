@@ -208,12 +208,9 @@ fn now_secs() -> u64 {
 
 /// `bytes` random bytes from the system, in hex.
 pub(crate) fn random_hex(bytes: usize) -> Result<String, String> {
-    use ring::rand::SecureRandom;
     let mut b = vec![0u8; bytes];
-    ring::rand::SystemRandom::new()
-        .fill(&mut b)
-        .map_err(|_| "no system randomness".to_owned())?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+    getrandom::fill(&mut b).map_err(|e| format!("no system randomness: {e}"))?;
+    Ok(hex::encode(b))
 }
 
 /// base64url as JWTs use it: no padding written; padding accepted when decoding.

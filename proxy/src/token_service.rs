@@ -10,7 +10,7 @@ use berth_config::access::Action;
 
 use crate::auth::Identity;
 use crate::errors::{ApiError, Code};
-use crate::route::{percent_decode, query_param};
+use crate::route::{query_param, query_values};
 use crate::server::{send_bytes, App, Request, Served};
 use crate::token::Grant;
 
@@ -52,12 +52,9 @@ impl App {
             }
         };
         // Every `scope=` parameter, each possibly several scopes separated by spaces.
-        let asked: Vec<Grant> = query
-            .split('&')
-            .filter_map(|p| p.strip_prefix("scope="))
+        let asked: Vec<Grant> = query_values(query, "scope")
             .flat_map(|v| {
-                percent_decode(&v.replace('+', " "))
-                    .split(' ')
+                v.split(' ')
                     .filter_map(Grant::parse_scope)
                     .collect::<Vec<_>>()
             })

@@ -5,7 +5,7 @@ mod support;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use support::{Berth, Upstream};
+use support::{Berth, ClosedPort, Upstream};
 
 fn berth() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_berth"));
@@ -117,12 +117,8 @@ fn help_documents_the_commands_and_environment() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_berth_within_its_drain_time() {
-    let mut b = Berth::start(&[Upstream::new(
-        "docker.io",
-        "http://127.0.0.1:9",
-        &["library/**"],
-    )])
-    .await;
+    let upstream = ClosedPort::new();
+    let mut b = Berth::start(&[Upstream::new("docker.io", &upstream.url(), &["library/**"])]).await;
     let status = Command::new("kill")
         .args(["-TERM", &b.pid().to_string()])
         .status()

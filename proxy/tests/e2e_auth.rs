@@ -12,9 +12,11 @@ use support::*;
 const PASSWORD: &str = "correct horse";
 
 /// Starts berth with `examples/auth/<name>`, its htpasswd file holding `users` (all with
-/// [`PASSWORD`]), and its upstream pointed at a closed port.
-async fn start(name: &str, users: &[&str]) -> (Berth, tempfile::TempDir) {
+/// [`PASSWORD`]), and its upstream pointed at a closed port; the port and the directory
+/// are held by the second value, for as long as the test keeps it.
+async fn start(name: &str, users: &[&str]) -> (Berth, (tempfile::TempDir, ClosedPort)) {
     let dir = tempdir();
+    let upstream = ClosedPort::new();
     let htpasswd = dir.path().join("htpasswd");
     let lines: String = users
         .iter()
@@ -27,8 +29,11 @@ async fn start(name: &str, users: &[&str]) -> (Berth, tempfile::TempDir) {
     let config = std::fs::read_to_string(&example)
         .unwrap()
         .replace("/etc/berth/htpasswd", htpasswd.to_str().unwrap())
-        .replace("https://registry-1.docker.io", "http://127.0.0.1:9");
-    (Berth::start_with_config(&config, &[]).await, dir)
+        .replace("https://registry-1.docker.io", &upstream.url());
+    (
+        Berth::start_with_config(&config, &[]).await,
+        (dir, upstream),
+    )
 }
 
 /// What a request does.
@@ -1326,13 +1331,13 @@ async fn token_realm_comes_from_the_configuration() {
             dir.path(),
             "berth",
             "5m",
-            "external_url = \"https://berth.example:5000\"",
+            "external_url = \"https://localhost:5999\"",
             "",
         )
         .await;
         let c = realm_for("http", external.port(), "evil.example").await;
         assert!(
-            c.starts_with("Bearer realm=\"https://berth.example:5000/token\""),
+            c.starts_with("Bearer realm=\"https://localhost:5999/token\""),
             "{c}"
         );
     })

@@ -151,12 +151,13 @@ async fn containerd_pulls_docker_io_and_ghcr_io_through_berth() {
             ])
             .await;
             let ctd = Containerd::start().await;
+            // containerd falls back to `server` when the mirror fails: make that a port
+            // this test holds closed, so a failing berth fails the pull instead of
+            // sending it to the Internet.
+            let fallback = ClosedPort::new();
             let hosts = ctd.hosts_dir(
                 &berth.url(),
-                &[
-                    ("docker.io", "https://registry-1.docker.io"),
-                    ("ghcr.io", "https://ghcr.io"),
-                ],
+                &[("docker.io", &fallback.url()), ("ghcr.io", &fallback.url())],
             );
 
             let o = ctd
@@ -700,8 +701,12 @@ async fn stale_tags_are_served_when_the_upstream_is_down_or_hung() {
             reg.pusher(None)
                 .image("library/stale", Some("v1"), &img)
                 .await;
-            let berth = Berth::start(&[Upstream::new("docker.io", &reg.url(), &["library/**"])
-                .tag_ttl("1s")
+            // berth's upstream is a port this test holds for its whole life, relayed to the
+            // registry, then to a closed port (stopped), then to a listener that never
+            // answers (hung): no port is given up for another process to take meanwhile.
+            let relay = TapProxy::start(reg.port());
+            let berth = Berth::start(&[Upstream::new("docker.io", &relay.url(), &["library/**"])
+                .tag_ttl("1h")
                 .read_timeout("2s")])
             .await;
             let path = "/v2/docker.io/library/stale/manifests/v1";
@@ -712,8 +717,22 @@ async fn stale_tags_are_served_when_the_upstream_is_down_or_hung() {
             assert_eq!(body, img.manifest);
             assert!(h.get("warning").is_none(), "a fresh tag carries a Warning");
 
-            // Fresh within the TTL? Not asserted (timing); past the TTL it revalidates:
-            tokio::time::sleep(Duration::from_millis(1500)).await;
+            // Within the TTL, served without asking (real time never reaches the 1 h TTL:
+            // the test is bounded to 3 minutes, and berth's clock is moved by the test).
+            let before = reg.requests().await.len();
+            let (status, h, body) = berth.fetch(path, &accept).await;
+            assert_eq!((status, &body), (200, &img.manifest));
+            assert!(h.get("warning").is_none(), "a fresh tag carries a Warning");
+            let after = reg.requests().await;
+            assert_eq!(
+                after.len(),
+                before,
+                "a GET within the TTL reached the upstream: {:#?}",
+                &after[before..]
+            );
+
+            // Past the TTL it revalidates:
+            berth.advance_clock(Duration::from_secs(61 * 60)).await;
             let before = reg.requests().await.len();
             let (status, h, body) = berth.fetch(path, &accept).await;
             assert_eq!(status, 200);
@@ -731,8 +750,10 @@ async fn stale_tags_are_served_when_the_upstream_is_down_or_hung() {
             );
 
             // (a) The upstream is stopped.
+            let closed = ClosedPort::new();
+            relay.retarget(closed.port());
             reg.stop();
-            tokio::time::sleep(Duration::from_millis(1500)).await;
+            berth.advance_clock(Duration::from_secs(61 * 60)).await;
             assert_served_stale(&berth, path, &accept, &img, "upstream stopped").await;
             // Content by digest needs no upstream at all.
             let (status, h, body) = berth
@@ -746,8 +767,10 @@ async fn stale_tags_are_served_when_the_upstream_is_down_or_hung() {
             assert!(h.get("warning").is_none());
 
             // (b) The upstream hangs: something accepts on its port and never answers.
-            let hung = HungListener::bind(reg.port());
-            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let hung = HungListener::start();
+            relay.retarget(hung.port());
+            // Past the TTL, and past the backoff after the failed revalidation above.
+            berth.advance_clock(Duration::from_secs(61 * 60)).await;
             assert_served_stale(&berth, path, &accept, &img, "upstream hung").await;
             assert!(
                 hung.accepted() > 0,

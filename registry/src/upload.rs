@@ -5,7 +5,6 @@
 //! Sessions live in memory: an upload in progress does not survive a restart (its
 //! temporary file is removed when the store is opened), and the client starts again.
 
-use std::io::Read;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -87,8 +86,9 @@ impl Upload {
 /// A fresh upload id: 128 random bits in hex.
 fn new_id() -> Result<String, RegistryError> {
     let mut bytes = [0u8; 16];
-    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    getrandom::fill(&mut bytes)
+        .map_err(|e| std::io::Error::other(format!("no system randomness: {e}")))?;
+    Ok(hex::encode(bytes))
 }
 
 fn valid_id(id: &str) -> bool {

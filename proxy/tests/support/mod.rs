@@ -13,7 +13,7 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -60,10 +60,66 @@ pub fn basic_auth(user: &str, pass: &str) -> String {
     format!("Basic {}", b64std(format!("{user}:{pass}").as_bytes()))
 }
 
-/// A port that was free a moment ago.
+/// A port that was free a moment ago. Racy (anyone may take it before it is used): never
+/// use it for an address a test expects to be closed; see [`ClosedPort`].
 pub fn free_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     l.local_addr().unwrap().port()
+}
+
+/// A loopback port that refuses connections, held for as long as this value lives: a
+/// socket bound to `127.0.0.1:0` that never listens. Connecting to it is refused at once,
+/// and nothing else can bind the port meanwhile (the socket does not set
+/// `SO_REUSEADDR`), so a test can name it as an upstream or a fallback that must never
+/// answer, and no traffic can leave the machine through it.
+pub struct ClosedPort {
+    _socket: tokio::net::TcpSocket,
+    port: u16,
+}
+
+impl ClosedPort {
+    pub fn new() -> ClosedPort {
+        let socket = tokio::net::TcpSocket::new_v4().expect("create a TCP socket");
+        socket
+            .bind("127.0.0.1:0".parse().unwrap())
+            .expect("bind 127.0.0.1:0");
+        let port = socket.local_addr().unwrap().port();
+        ClosedPort {
+            _socket: socket,
+            port,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Default for ClosedPort {
+    fn default() -> Self {
+        ClosedPort::new()
+    }
+}
+
+/// Panics unless every URL in `text` (anything after a `scheme://`) names a loopback
+/// host: a test must never configure anything that could contact another machine.
+pub fn assert_loopback_only(text: &str, what: &str) {
+    for (i, _) in text.match_indices("://") {
+        let host = &text[i + 3..];
+        assert!(
+            host.starts_with("127.0.0.1:")
+                || host.starts_with("127.0.0.1/")
+                || host.starts_with("[::1]:")
+                || host.starts_with("localhost:"),
+            "{what} names a host that is not loopback: {:?}",
+            host.chars().take(60).collect::<String>()
+        );
+    }
 }
 
 /// A temporary directory with a short path (containerd's socket path must be < 108 bytes).
@@ -1053,8 +1109,14 @@ fn token_connection(inner: &TokenInner, mut conn: TcpStream) {
 // ---------------------------------------------------------------------------------------
 // A TCP tap: forwards to a port and records every byte sent towards it.
 
+/// A loopback port the test holds for its whole life, forwarding each connection to a
+/// target port that can be changed ([`TapProxy::retarget`]): so an upstream can stop (a
+/// [`ClosedPort`] target: connections are closed at once) or hang (a [`HungListener`])
+/// while berth's configuration keeps naming the same address, and no port is ever given
+/// up for someone else to take.
 pub struct TapProxy {
     port: u16,
+    target: Arc<AtomicU16>,
     captured: Arc<Mutex<Vec<u8>>>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -1066,17 +1128,20 @@ impl TapProxy {
         let port = listener.local_addr().unwrap().port();
         let captured = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
+        let target = Arc::new(AtomicU16::new(target_port));
         let thread = {
             let captured = captured.clone();
             let stop = stop.clone();
+            let target = target.clone();
             std::thread::spawn(move || {
                 for conn in listener.incoming() {
                     if stop.load(Ordering::SeqCst) {
                         break;
                     }
                     let Ok(client) = conn else { continue };
-                    let Ok(server) = TcpStream::connect(("127.0.0.1", target_port)) else {
-                        continue;
+                    let to = target.load(Ordering::SeqCst);
+                    let Ok(server) = TcpStream::connect(("127.0.0.1", to)) else {
+                        continue; // the client's connection is closed
                     };
                     let captured = captured.clone();
                     let (mut c_read, mut s_write) =
@@ -1106,6 +1171,7 @@ impl TapProxy {
         };
         TapProxy {
             port,
+            target,
             captured,
             stop,
             thread: Some(thread),
@@ -1114,6 +1180,15 @@ impl TapProxy {
 
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Sends new connections to `target_port` (connections already open stay as they are).
+    pub fn retarget(&self, target_port: u16) {
+        self.target.store(target_port, Ordering::SeqCst);
     }
 
     /// Everything sent towards the target so far, as text (bodies are lossy).
@@ -1146,13 +1221,20 @@ impl Drop for TapProxy {
 // A hung upstream: accepts connections and never answers.
 
 pub struct HungListener {
+    port: u16,
     accepted: Arc<AtomicUsize>,
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
 }
 
 impl HungListener {
-    /// Binds `127.0.0.1:port` (retrying briefly while the old owner lets go of it).
+    /// Listens on a port of its own, chosen at run time ([`HungListener::port`]).
+    pub fn start() -> HungListener {
+        Self::bind(0)
+    }
+
+    /// Binds `127.0.0.1:port` (retrying briefly while the old owner lets go of it). A port
+    /// another process let go of may be taken by anyone: prefer [`HungListener::start`].
     pub fn bind(port: u16) -> HungListener {
         let deadline = Instant::now() + Duration::from_secs(10);
         let listener = loop {
@@ -1168,6 +1250,7 @@ impl HungListener {
             }
         };
         listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
         let accepted = Arc::new(AtomicUsize::new(0));
         let stop = Arc::new(AtomicBool::new(false));
         let thread = {
@@ -1187,6 +1270,7 @@ impl HungListener {
             })
         };
         HungListener {
+            port,
             accepted,
             stop,
             thread: Some(thread),
@@ -1195,6 +1279,10 @@ impl HungListener {
 
     pub fn accepted(&self) -> usize {
         self.accepted.load(Ordering::SeqCst)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
     }
 }
 
@@ -1209,6 +1297,42 @@ impl Drop for HungListener {
 
 // ---------------------------------------------------------------------------------------
 // berth
+
+/// The port process `pid` accepts TCP connections on, once it listens: the LISTEN entry of
+/// `/proc/<pid>/net/tcp` whose socket is one of the process's open files. `None` before it
+/// listens; panics if it listens on more than one port.
+pub fn listening_port(pid: u32) -> Option<u16> {
+    let inodes: std::collections::HashSet<String> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|target| {
+            let t = target.to_str()?;
+            Some(t.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let table = fs::read_to_string(format!("/proc/{pid}/net/tcp")).ok()?;
+    let mut ports: Vec<u16> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            // sl local_address rem_address st tx_queue:rx_queue tr:tm->when retrnsmt uid
+            // timeout inode ...; state 0A is LISTEN, addresses are hex IP:port.
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() > 9 && f[3] == "0A" && inodes.contains(f[9]) {
+                u16::from_str_radix(f[1].split_once(':')?.1, 16).ok()
+            } else {
+                None
+            }
+        })
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    assert!(
+        ports.len() <= 1,
+        "process {pid} listens on several ports: {ports:?}"
+    );
+    ports.first().copied()
+}
 
 /// One `[[upstream]]` entry.
 #[derive(Clone, Debug)]
@@ -1306,6 +1430,9 @@ pub fn berth_config(upstreams: &[Upstream]) -> String {
     out
 }
 
+/// The file, in berth's test directory, holding its clock offset in milliseconds.
+const CLOCK_FILE: &str = "clock-offset-ms";
+
 pub struct Berth {
     proc: ProcGuard,
     port: u16,
@@ -1327,6 +1454,7 @@ impl Berth {
 
     /// Starts berth with the configuration file `config`.
     pub async fn start_with_config(config: &str, env: &[(&str, &str)]) -> Berth {
+        assert_loopback_only(config, "berth's test configuration");
         let dir = tempdir();
         fs::write(dir.path().join("berth.toml"), config).unwrap();
         let log = dir.path().join("berth.log");
@@ -1351,8 +1479,9 @@ impl Berth {
         }
     }
 
-    /// Starts the berth binary with the configuration and store under `dir` on a free
-    /// port, and waits until `/v2/` answers 200.
+    /// Starts the berth binary with the configuration and store under `dir`, listening on
+    /// `127.0.0.1:0` (the kernel picks the port, so no other process can hold it), learns
+    /// the port it got from `/proc`, and waits until `/v2/` answers 200 (or 401).
     async fn spawn(
         dir: &Path,
         log: &Path,
@@ -1362,49 +1491,51 @@ impl Berth {
         let config = dir.join("berth.toml");
         let store = dir.join("store");
         let deadline = Instant::now() + READY_TIMEOUT;
-        for attempt in 0..5 {
-            let port = free_port();
-            let logf = fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(log)
-                .unwrap();
-            let mut cmd = Command::new(env!("CARGO_BIN_EXE_berth"));
-            cmd.arg("serve")
-                .arg("--config")
-                .arg(&config)
-                .arg("--listen")
-                .arg(format!("127.0.0.1:{port}"))
-                .arg("--store")
-                .arg(&store)
-                .env_remove("BERTH_CONFIG")
-                .env_remove("BERTH_LISTEN")
-                .env_remove("BERTH_STORE")
-                .env("NO_COLOR", "1")
-                .stdin(Stdio::null())
-                .stdout(logf.try_clone().unwrap())
-                .stderr(logf);
-            for (k, v) in env {
-                cmd.env(k, v);
+        let logf = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_berth"));
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&config)
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--store")
+            .arg(&store)
+            .env_remove("BERTH_CONFIG")
+            .env_remove("BERTH_LISTEN")
+            .env_remove("BERTH_STORE")
+            .env("NO_COLOR", "1")
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf);
+        // berth's clock follows this file (see `Berth::advance_clock`).
+        cmd.env("BERTH_TEST_CLOCK_FILE", dir.join(CLOCK_FILE));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let log_start = fs::metadata(log).map(|m| m.len()).unwrap_or(0) as usize;
+        let child = cmd.spawn().expect("start berth");
+        let mut proc = ProcGuard::new("berth", child, Some(log.to_owned()));
+        let pid = proc.pid().unwrap();
+        let scheme = if fs::read_to_string(&config).is_ok_and(|c| c.contains("tls = {")) {
+            "https"
+        } else {
+            "http"
+        };
+        let mut port = None;
+        loop {
+            if let Some(status) = proc.exited() {
+                let text = fs::read(log).unwrap_or_default();
+                let text = String::from_utf8_lossy(&text[log_start.min(text.len())..]).into_owned();
+                panic!("berth exited ({status}) while starting:\n{text}");
             }
-            let log_start = fs::metadata(log).map(|m| m.len()).unwrap_or(0) as usize;
-            let child = cmd.spawn().expect("start berth");
-            let mut proc = ProcGuard::new("berth", child, Some(log.to_owned()));
-            loop {
-                if let Some(status) = proc.exited() {
-                    let text = fs::read(log).unwrap_or_default();
-                    let text =
-                        String::from_utf8_lossy(&text[log_start.min(text.len())..]).into_owned();
-                    if attempt < 4 && text.to_ascii_lowercase().contains("address") {
-                        break; // probably lost the port to someone else: try another
-                    }
-                    panic!("berth exited ({status}) while starting:\n{text}");
-                }
-                let scheme = if fs::read_to_string(&config).is_ok_and(|c| c.contains("tls = {")) {
-                    "https"
-                } else {
-                    "http"
-                };
+            if port.is_none() {
+                port = listening_port(pid);
+            }
+            if let Some(port) = port {
                 if let Ok(r) = client
                     .get(format!("{scheme}://127.0.0.1:{port}/v2/"))
                     .send()
@@ -1415,16 +1546,15 @@ impl Berth {
                         return (proc, port);
                     }
                 }
-                if Instant::now() > deadline {
-                    panic!(
-                        "berth did not become ready on port {port}:\n{}",
-                        tail(log, 100)
-                    );
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
             }
+            if Instant::now() > deadline {
+                panic!(
+                    "berth did not become ready (listening port: {port:?}):\n{}",
+                    tail(log, 100)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("berth could not start:\n{}", tail(log, 100));
     }
 
     /// Stops berth with SIGTERM and waits (bounded) for it to exit; panics if it does not
@@ -1512,6 +1642,38 @@ impl Berth {
 
     pub fn store_dir(&self) -> PathBuf {
         self.dir.path().join("store")
+    }
+
+    /// Moves berth's clock (the one its tag TTLs and revalidation backoff are judged by)
+    /// `by` forward, through its `BERTH_TEST_CLOCK_FILE` testing hook, and waits (bounded)
+    /// until berth has logged that it adopted the new offset. The offset is kept across
+    /// restarts.
+    pub async fn advance_clock(&self, by: Duration) {
+        assert!(
+            !by.is_zero(),
+            "advance_clock: a zero step would never be logged"
+        );
+        let file = self.dir.path().join(CLOCK_FILE);
+        let now: u64 = fs::read_to_string(&file)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or(0);
+        let next = now + u64::try_from(by.as_millis()).unwrap();
+        let mark = self.log_len();
+        // Written whole, then renamed: berth never reads half a number.
+        let tmp = file.with_extension("tmp");
+        fs::write(&tmp, next.to_string()).unwrap();
+        fs::rename(&tmp, &file).unwrap();
+        let adopted = format!("offset_ms={next}");
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while !self.log_since(mark).contains(&adopted) {
+            assert!(
+                Instant::now() < deadline,
+                "berth never adopted the test clock offset {next} ms:\n{}",
+                tail(&self.log, 40)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     pub async fn get(&self, path: &str, headers: &[(&str, &str)]) -> reqwest::Response {
@@ -1921,7 +2083,9 @@ disabled_plugins = [
     /// returns the hosts directory.
     pub fn hosts_dir(&self, mirror: &str, registries: &[(&str, &str)]) -> PathBuf {
         let hosts = self.dir.path().join("hosts");
+        assert_loopback_only(mirror, "the containerd mirror");
         for (registry, server) in registries {
+            assert_loopback_only(server, "a containerd fallback server");
             let d = hosts.join(registry);
             fs::create_dir_all(&d).unwrap();
             fs::write(
