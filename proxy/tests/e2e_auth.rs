@@ -1274,26 +1274,8 @@ async fn catalog_needs_credentials_and_pages_past_unreadable_repositories() {
 #[tokio::test(flavor = "multi_thread")]
 async fn token_realm_comes_from_the_configuration() {
     within(90, "token_realm_comes_from_the_configuration", async {
-        let pki = tempdir();
+        let pki = test_pki();
         let d = pki.path();
-        openssl(
-            d,
-            &[
-                "req",
-                "-x509",
-                "-newkey",
-                "rsa:2048",
-                "-nodes",
-                "-keyout",
-                "server.key",
-                "-out",
-                "server.pem",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=127.0.0.1",
-            ],
-        );
         let tls = format!(
             "tls = {{ cert = \"{}\", key = \"{}\" }}",
             d.join("server.pem").display(),
