@@ -83,7 +83,12 @@ impl Mark {
 
     fn read(&mut self, meta: &MetaStore, repo: &str, digest: &Digest) -> Result<(), RegistryError> {
         let parsed = match meta.get_private_manifest(digest) {
-            Ok(Some(rec)) => manifest::parse(&rec.media_type, &rec.body).map_err(|e| e.to_string()),
+            // Parsed as the type it was pushed to this repository with.
+            Ok(Some(rec)) => match meta.repo_manifest_type(repo, digest) {
+                Ok(t) => manifest::parse(t.as_deref().unwrap_or(&rec.media_type), &rec.body)
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(format!("its type in the repository cannot be read: {e}")),
+            },
             Ok(None) => Err("its record is missing".to_owned()),
             Err(StoreError::Corrupt(e)) => Err(format!("its record is corrupt: {e}")),
             Err(e) => return Err(e.into()),

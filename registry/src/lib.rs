@@ -386,6 +386,10 @@ impl Registry {
 
     /// Deletes a manifest by digest (with every tag pointing at it), or a tag.
     pub fn delete_manifest(&self, repo: &str, reference: &Reference) -> Result<(), RegistryError> {
+        // Held from resolving to writing: a concurrent push cannot move a tag in between
+        // (a deleted tag would take the new manifest with it) or tag the manifest being
+        // deleted (the tag would name a manifest the repository no longer holds).
+        let _tags = self.tag_lock(repo);
         let digest = self.resolve(repo, reference)?;
         let mut b = Batch::default();
         match reference {
@@ -398,7 +402,9 @@ impl Registry {
                 }
                 b.unlink_manifest(repo, d);
                 if let Some(rec) = self.store.meta.get_private_manifest(d)? {
-                    if let Ok(parsed) = manifest::parse(&rec.media_type, &rec.body) {
+                    let media_type = self.store.meta.repo_manifest_type(repo, d)?;
+                    let media_type = media_type.as_deref().unwrap_or(&rec.media_type);
+                    if let Ok(parsed) = manifest::parse(media_type, &rec.body) {
                         if let Some(subject) = parsed.subject {
                             b.delete_referrer(repo, &subject.digest, &digest);
                         }

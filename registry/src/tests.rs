@@ -512,3 +512,94 @@ async fn an_upload_over_the_size_limit_is_refused_and_removed() {
         "the upload took more after the refusal"
     );
 }
+
+/// A push that tags a manifest while the manifest is being deleted by digest: either the
+/// push comes first (and the delete removes its tag too) or the delete does (and the push
+/// links the manifest again). Never a tag left naming a manifest the repository lost,
+/// which would make an acknowledged push disappear.
+#[tokio::test]
+async fn a_delete_by_digest_and_a_concurrent_tag_push_stay_consistent() {
+    let (_dir, r) = registry();
+    let r = Arc::new(r);
+    let config = push_blob(&r, "d/app", b"{}").await;
+    let layer = push_blob(&r, "d/app", b"layer").await;
+    let body = image_manifest(&config, 2, &layer, 5);
+    let digest = Digest::sha256_of(&body);
+    for round in 0..200 {
+        r.put_manifest(
+            "d/app",
+            &Reference::Tag("a".into()),
+            &[],
+            OCI_MANIFEST,
+            body.clone(),
+        )
+        .unwrap();
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let pusher = {
+            let (r, barrier, body) = (r.clone(), barrier.clone(), body.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                r.put_manifest(
+                    "d/app",
+                    &Reference::Tag("b".into()),
+                    &[],
+                    OCI_MANIFEST,
+                    body,
+                )
+                .unwrap();
+            })
+        };
+        barrier.wait();
+        r.delete_manifest("d/app", &Reference::Digest(digest.clone()))
+            .unwrap();
+        pusher.join().unwrap();
+        let tagged = r.store.meta.repo_tag("d/app", "b").unwrap().is_some();
+        let linked = r
+            .store
+            .meta
+            .repo_manifest("d/app", &digest)
+            .unwrap()
+            .is_some();
+        assert_eq!(
+            tagged, linked,
+            "round {round}: tag b exists: {tagged}, its manifest is in the repository: {linked}"
+        );
+        // Start the next round with neither.
+        if linked {
+            r.delete_manifest("d/app", &Reference::Digest(digest.clone()))
+                .unwrap();
+        }
+    }
+}
+
+/// The same manifest bytes pushed to two repositories with two Content-Types (possible
+/// for a body without `mediaType` that has both `manifests` and `config`/`layers`): GC
+/// reads each repository's copy as the type it was pushed there with, so the image
+/// manifest's blobs stay even though the index was stored last.
+#[tokio::test]
+async fn gc_reads_a_manifest_as_each_repository_pushed_it() {
+    let (_dir, r) = registry();
+    let ambiguous = |config: &Digest, layer: &Digest| {
+        Bytes::from(format!(
+            r#"{{"schemaVersion":2,"manifests":[],"config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config}","size":2}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{layer}","size":5}}]}}"#
+        ))
+    };
+    let config = push_blob(&r, "b/two", b"{}").await;
+    let layer = push_blob(&r, "b/two", b"layer").await;
+    let body = ambiguous(&config, &layer);
+    r.put_manifest(
+        "b/two",
+        &Reference::Tag("m".into()),
+        &[],
+        OCI_MANIFEST,
+        body.clone(),
+    )
+    .unwrap();
+    // Stored last, so the record's type is the index's.
+    r.put_manifest("a/one", &Reference::Tag("i".into()), &[], OCI_INDEX, body)
+        .unwrap();
+    let report = r.collect_garbage(Duration::ZERO).unwrap();
+    assert!(report.unreadable_manifests.is_empty(), "{report:?}");
+    assert_eq!(r.blob_size("b/two", &layer).unwrap(), 5, "{report:?}");
+    assert_eq!(r.blob_size("b/two", &config).unwrap(), 2, "{report:?}");
+}
