@@ -264,25 +264,22 @@ fn size(path: &str, v: &Value, p: &mut Problems) -> Option<u64> {
     }
 }
 
-/// Parses a size in bytes: a whole number with a unit `B`, `KiB`, `MiB`, `GiB` or `TiB`
-/// (powers of 1024), such as `"512MiB"` or `"10GiB"`. Zero is not a size.
+/// Parses a size in bytes: a number with a unit, `B`, `KiB`, `MiB`, `GiB` or `TiB` (powers
+/// of 1024) or `KB`, `MB`, `GB`, `TB` (powers of 1000), such as `"512MiB"`, `"10GiB"` or
+/// `"1.5TB"`. A bare number is refused (bytes or gigabytes?), and so is zero.
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let bad = || format!("{s:?} is not a size such as \"512MiB\", \"10GiB\" or \"1TiB\"");
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: u64 = num.parse().map_err(|_| bad())?;
-    let shift = match unit.trim() {
-        "B" => 0,
-        "KiB" => 10,
-        "MiB" => 20,
-        "GiB" => 30,
-        "TiB" => 40,
-        _ => return Err(bad()),
-    };
-    match n.checked_mul(1 << shift) {
-        Some(0) => Err(format!("{s:?}: the size must be more than zero")),
-        Some(bytes) => Ok(bytes),
-        None => Err(format!("{s:?} is larger than any disk")),
+    if !s.trim_end().ends_with(|c: char| c.is_ascii_alphabetic()) {
+        return Err(format!(
+            "{s:?} has no unit: write it as \"512MiB\", \"10GiB\" or \"1TiB\""
+        ));
+    }
+    match parse_size::parse_size(s) {
+        Ok(0) => Err(format!("{s:?}: the size must be more than zero")),
+        Ok(bytes) => Ok(bytes),
+        Err(parse_size::Error::PosOverflow) => Err(format!("{s:?} is larger than any disk")),
+        Err(e) => Err(format!(
+            "{s:?} is not a size such as \"512MiB\", \"10GiB\" or \"1TiB\": {e}"
+        )),
     }
 }
 
@@ -669,7 +666,17 @@ credentials = {{ username = "bot", password_file = "{}" }}
         assert_eq!(parse_size("512MiB").unwrap(), 512 << 20);
         assert_eq!(parse_size("1B").unwrap(), 1);
         assert_eq!(parse_size("3KiB").unwrap(), 3072);
-        for bad in ["10", "10GB", "GiB", "-1MiB", "0GiB", "99999999999TiB", ""] {
+        assert_eq!(parse_size("10GB").unwrap(), 10_000_000_000);
+        assert_eq!(parse_size("1.5 KiB").unwrap(), 1536);
+        for bad in [
+            "10",
+            "GiB",
+            "-1MiB",
+            "0GiB",
+            "99999999999TiB",
+            "",
+            "10 parsecs",
+        ] {
             assert!(parse_size(bad).is_err(), "{bad:?}");
         }
         let c = Config::parse("[server]\nmax_upload_size = \"1MiB\"\n").unwrap();
