@@ -127,6 +127,7 @@ impl App {
                 let (id, key, record) = self
                     .auth
                     .create_api_key(&owner, &key_name, lifetime)
+                    .await
                     .map_err(internal)?;
                 tracing::info!(id = %id, owner = %owner, by = %name, "API key created");
                 let body = serde_json::json!({
@@ -144,6 +145,7 @@ impl App {
                 let keys: Vec<serde_json::Value> = self
                     .auth
                     .api_keys(who)
+                    .await
                     .map_err(internal)?
                     .into_iter()
                     .map(|(id, r)| {
@@ -157,7 +159,7 @@ impl App {
                 Ok(send_bytes(session, 200, headers, Bytes::from(body), false, None).await)
             }
             ("DELETE", Some(id)) => {
-                if self.auth.revoke_api_key(who, id).map_err(internal)? {
+                if self.auth.revoke_api_key(who, id).await.map_err(internal)? {
                     tracing::info!(id = %id, by = %name, "API key revoked");
                     Ok(send_head(session, 204, Vec::new(), 0, None).await)
                 } else {

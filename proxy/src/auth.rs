@@ -1,7 +1,8 @@
 //! Who a request comes from (Basic credentials checked against an htpasswd file, API
 //! keys, registry tokens), and whether the access policies let it do what it asks.
 //!
-//! The htpasswd file is read again when it changes (checked at most once a second), so
+//! The htpasswd file is read again when it changes (looked at once a second, by a thread
+//! of its own), so
 //! users are added and removed without a restart; an API key or a token of a user who is
 //! no longer in the file stops working. bcrypt is slow on purpose, so it runs on the
 //! blocking pool, never on a worker thread that serves other requests; a successful check
@@ -11,9 +12,10 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use berth_cache::clock::Clock;
 use berth_config::access::{AccessConfig, Action};
 use berth_config::Config;
 use sha2::{Digest as _, Sha256};
@@ -143,6 +145,8 @@ pub struct Auth {
     listen: SocketAddr,
     /// Where API keys are kept.
     store: Option<std::sync::Arc<berth_store::Store>>,
+    /// What token and API key expiry is judged by.
+    clock: Clock,
 }
 
 /// The token endpoint's URL: `[auth] token.realm`, else `[server] external_url` + `/token`,
@@ -181,6 +185,7 @@ impl Auth {
         config: &Config,
         listen: SocketAddr,
         store: Option<std::sync::Arc<berth_store::Store>>,
+        clock: Clock,
     ) -> Result<Self, String> {
         let access = config.access.clone();
         let users = access
@@ -188,7 +193,7 @@ impl Auth {
             .and_then(|a| a.htpasswd.clone())
             .map(Htpasswd::new);
         let tokens = match access.as_ref().and_then(|a| a.token.as_ref()) {
-            Some(t) => Some(Tokens::load(&t.key, &t.service, t.lifetime)?),
+            Some(t) => Some(Tokens::load(&t.key, &t.service, t.lifetime, clock.clone())?),
             None => None,
         };
         Ok(Auth {
@@ -200,6 +205,7 @@ impl Auth {
             scheme: scheme(config),
             listen,
             store,
+            clock,
         })
     }
 
@@ -291,7 +297,7 @@ impl Auth {
         }
         let (user, password) = parse_basic(header).ok_or(AuthError::BadCredentials)?;
         let (valid, login) = if password.starts_with(API_KEY_PREFIX) {
-            (self.verify_api_key(&user, &password), Login::ApiKey)
+            (self.verify_api_key(&user, &password).await, Login::ApiKey)
         } else {
             let users = self.users.as_ref().ok_or(AuthError::BadCredentials)?;
             (users.verify(&user, &password).await, Login::Password)
@@ -322,19 +328,31 @@ impl Auth {
         }
     }
 
+    /// Runs `f` on the store from the blocking pool: RocksDB calls never hold up an
+    /// async worker (and every other request on it).
+    async fn on_store<T, F>(&self, f: F) -> Result<T, String>
+    where
+        T: Send + 'static,
+        F: FnOnce(&berth_store::Store) -> Result<T, berth_store::StoreError> + Send + 'static,
+    {
+        let store = self.store.clone().ok_or("no store for API keys")?;
+        tokio::task::spawn_blocking(move || f(&store))
+            .await
+            .map_err(|e| format!("store task failed: {e}"))?
+            .map_err(|e| e.to_string())
+    }
+
     /// Whether `key` (`berth_<id>_<secret>`) is a live API key of `user`, who is still in
     /// the htpasswd file.
-    fn verify_api_key(&self, user: &str, key: &str) -> bool {
-        let Some(store) = &self.store else {
-            return false;
-        };
+    async fn verify_api_key(&self, user: &str, key: &str) -> bool {
         let Some((id, secret)) = key
             .strip_prefix(API_KEY_PREFIX)
             .and_then(|rest| rest.split_once('_'))
         else {
             return false;
         };
-        let Ok(Some(record)) = store.meta.get_api_key(id) else {
+        let id = id.to_owned();
+        let Ok(Some(record)) = self.on_store(move |s| s.meta.get_api_key(&id)).await else {
             return false;
         };
         let hash: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
@@ -344,20 +362,20 @@ impl Auth {
             .fold(0u8, |acc, (a, b)| acc | (a ^ b))
             == 0;
         same && record.owner == user
-            && berth_registry::now_ms() < record.expires_ms
+            && self.clock.now_ms() < record.expires_ms
             && self.user_exists(user)
     }
+
     /// Makes an API key for `owner`; returns its id and the key (shown once).
-    pub fn create_api_key(
+    pub async fn create_api_key(
         &self,
         owner: &str,
         name: &str,
         lifetime: Duration,
     ) -> Result<(String, String, berth_store::ApiKeyRecord), String> {
-        let store = self.store.as_ref().ok_or("no store for API keys")?;
         let id = random_hex(8)?;
         let secret = random_hex(32)?;
-        let now = berth_registry::now_ms();
+        let now = self.clock.now_ms();
         let record = berth_store::ApiKeyRecord {
             owner: owner.to_owned(),
             name: name.to_owned(),
@@ -365,20 +383,17 @@ impl Auth {
             created_ms: now,
             expires_ms: now.saturating_add(lifetime.as_millis() as u64),
         };
-        store
-            .meta
-            .put_api_key(&id, &record)
-            .map_err(|e| e.to_string())?;
+        let (i, r) = (id.clone(), record.clone());
+        self.on_store(move |s| s.meta.put_api_key(&i, &r)).await?;
         Ok((id.clone(), format!("{API_KEY_PREFIX}{id}_{secret}"), record))
     }
 
     /// The API keys `who` may see: their own, or every key for an administrator.
-    pub fn api_keys(
+    pub async fn api_keys(
         &self,
         who: &Identity,
     ) -> Result<Vec<(String, berth_store::ApiKeyRecord)>, String> {
-        let store = self.store.as_ref().ok_or("no store for API keys")?;
-        let all = store.meta.api_keys().map_err(|e| e.to_string())?;
+        let all = self.on_store(|s| s.meta.api_keys()).await?;
         let admin = self.is_admin(who);
         Ok(all
             .into_iter()
@@ -387,12 +402,12 @@ impl Auth {
     }
 
     /// Revokes key `id` if `who` may see it; returns whether it did.
-    pub fn revoke_api_key(&self, who: &Identity, id: &str) -> Result<bool, String> {
-        if !self.api_keys(who)?.iter().any(|(k, _)| k == id) {
+    pub async fn revoke_api_key(&self, who: &Identity, id: &str) -> Result<bool, String> {
+        if !self.api_keys(who).await?.iter().any(|(k, _)| k == id) {
             return Ok(false);
         }
-        let store = self.store.as_ref().ok_or("no store for API keys")?;
-        store.meta.delete_api_key(id).map_err(|e| e.to_string())?;
+        let id = id.to_owned();
+        self.on_store(move |s| s.meta.delete_api_key(&id)).await?;
         Ok(true)
     }
 
@@ -525,16 +540,15 @@ fn parse_basic(header: &str) -> Option<(String, String)> {
     Some((user.to_owned(), password.to_owned()))
 }
 
-/// Users from an htpasswd file, re-read when it changes.
+/// Users from an htpasswd file, re-read when it changes. The file is looked at from a
+/// thread of its own, never from a request: a slow disk holds up no async worker.
 struct Htpasswd {
-    path: PathBuf,
-    state: Mutex<HtpasswdState>,
+    state: Arc<Mutex<HtpasswdState>>,
 }
 
 #[derive(Default)]
 struct HtpasswdState {
     modified: Option<SystemTime>,
-    checked: Option<Instant>,
     /// Counts the versions of the file loaded, so that a check against an older version
     /// is not remembered for a newer one.
     generation: u64,
@@ -547,48 +561,29 @@ struct HtpasswdState {
 const RELOAD_CHECK: Duration = Duration::from_secs(1);
 
 impl Htpasswd {
+    /// Loads the file, and watches it for as long as the returned value lives.
     fn new(path: PathBuf) -> Self {
-        let h = Htpasswd {
-            path,
-            state: Mutex::new(HtpasswdState::default()),
-        };
-        h.refresh(&mut h.state.lock().expect("htpasswd"));
-        h
-    }
-
-    fn refresh(&self, state: &mut HtpasswdState) {
-        if state.checked.is_some_and(|t| t.elapsed() < RELOAD_CHECK) {
-            return;
-        }
-        state.checked = Some(Instant::now());
-        let modified = std::fs::metadata(&self.path)
-            .and_then(|m| m.modified())
-            .ok();
-        if modified.is_some() && modified == state.modified {
-            return;
-        }
-        match read_htpasswd(&self.path) {
-            Ok(hashes) => {
-                tracing::info!(path = %self.path.display(), users = hashes.len(), "htpasswd loaded");
-                *state = HtpasswdState {
-                    modified,
-                    checked: state.checked,
-                    generation: state.generation + 1,
-                    hashes,
-                    verified: HashSet::new(),
+        let state = Arc::new(Mutex::new(HtpasswdState::default()));
+        reload(&path, &state);
+        let weak = Arc::downgrade(&state);
+        let watcher = std::thread::Builder::new()
+            .name("berth-htpasswd".into())
+            .spawn(move || loop {
+                std::thread::sleep(RELOAD_CHECK);
+                let Some(state) = weak.upgrade() else {
+                    return;
                 };
-            }
-            Err(e) => {
-                tracing::error!(path = %self.path.display(), error = %e,
-                    "cannot read the htpasswd file; keeping the users loaded before");
-            }
+                reload(&path, &state);
+            });
+        if let Err(e) = watcher {
+            tracing::error!(error = %e, "cannot watch the htpasswd file: changes to it need a restart");
         }
+        Htpasswd { state }
     }
 
     /// Whether `user` is in the current version of the file.
     fn has_user(&self, user: &str) -> bool {
-        let mut state = self.state.lock().expect("htpasswd");
-        self.refresh(&mut state);
+        let state = self.state.lock().expect("htpasswd");
         state.hashes.contains_key(user)
     }
 
@@ -598,8 +593,7 @@ impl Htpasswd {
     async fn verify(&self, user: &str, password: &str) -> bool {
         let key: [u8; 32] = Sha256::digest(format!("{user}:{password}").as_bytes()).into();
         let (hash, generation) = {
-            let mut state = self.state.lock().expect("htpasswd");
-            self.refresh(&mut state);
+            let state = self.state.lock().expect("htpasswd");
             if state.verified.contains(&key) {
                 return true;
             }
@@ -620,6 +614,32 @@ impl Htpasswd {
             }
         }
         ok
+    }
+}
+
+/// Reads `path` again if its modification time changed (the file is read and parsed
+/// before the lock is taken).
+fn reload(path: &Path, state: &Mutex<HtpasswdState>) {
+    let modified = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+    let loaded = state.lock().expect("htpasswd").modified;
+    if modified.is_some() && modified == loaded {
+        return;
+    }
+    match read_htpasswd(path) {
+        Ok(hashes) => {
+            tracing::info!(path = %path.display(), users = hashes.len(), "htpasswd loaded");
+            let mut state = state.lock().expect("htpasswd");
+            *state = HtpasswdState {
+                modified,
+                generation: state.generation + 1,
+                hashes,
+                verified: HashSet::new(),
+            };
+        }
+        Err(e) => {
+            tracing::error!(path = %path.display(), error = %e,
+                "cannot read the htpasswd file; keeping the users loaded before");
+        }
     }
 }
 
@@ -689,7 +709,13 @@ mod tests {
             .unwrap()
             .set_modified(later)
             .unwrap();
-        h.state.lock().unwrap().checked = None;
+        // The watcher looks once a second.
+        for _ in 0..100 {
+            if !h.has_user("alice") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         assert!(!h.verify("alice", "pw1").await);
         assert!(!h.has_user("alice"), "removed");
         assert!(h.verify("bob", "pw3").await);

@@ -233,7 +233,8 @@ fn serve(args: ServeArgs) -> i32 {
     if let Some(n) = config.server.max_upload_size {
         registry_options.max_upload_size = n;
     }
-    let cache = match Cache::new(&config, store, metrics.cache.clone(), Clock::from_env()) {
+    let clock = Clock::from_env();
+    let cache = match Cache::new(&config, store, metrics.cache.clone(), clock.clone()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("berth: {e}");
@@ -274,8 +275,12 @@ fn serve(args: ServeArgs) -> i32 {
     let mut server = Server::new_with_opt_and_conf(None, conf);
     server.bootstrap();
     let registry = Arc::new(Registry::new(store_for_registry.clone(), registry_options));
-    let auth = match crate::auth::Auth::new(&config, listen_addr, Some(store_for_registry.clone()))
-    {
+    let auth = match crate::auth::Auth::new(
+        &config,
+        listen_addr,
+        Some(store_for_registry.clone()),
+        clock,
+    ) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("berth: {e}");

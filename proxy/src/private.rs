@@ -293,14 +293,14 @@ impl App {
                 .as_ref()
                 .is_some_and(|w| self.auth.allows(w, repo, Action::Read))
         };
-        let (items, next) = self.readable_repos(n, last, readable)?;
+        let (items, next) = self.readable_repos(n, last, readable).await?;
         let body = serde_json::json!({"repositories": items});
         Ok(send_page_after(session, req, body, "/v2/_catalog", n, next.as_deref()).await)
     }
 
     /// Up to `n` repositories after `last` that pass `readable`, and the name to continue
     /// after when the listing goes on.
-    fn readable_repos(
+    async fn readable_repos(
         &self,
         n: usize,
         last: Option<String>,
@@ -316,10 +316,10 @@ impl App {
             let batch = (n - items.len())
                 .max(CATALOG_BATCH)
                 .min(CATALOG_SCAN_LIMIT - scanned);
+            let after = cursor.clone();
             let page = self
-                .registry
-                .catalog(Some(batch), cursor.as_deref())
-                .map_err(api)?;
+                .blocking(move |r| r.catalog(Some(batch), after.as_deref()))
+                .await?;
             let count = page.items.len();
             for (i, repo) in page.items.into_iter().enumerate() {
                 scanned += 1;

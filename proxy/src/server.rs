@@ -586,9 +586,14 @@ impl App {
                 .flatten()
             {
                 Some(socket) => Body::SendFile(socket, blob),
-                None => Body::Mapped(blob.map().map_err(|e| {
-                    ApiError::new(Code::Internal, format!("{what}: mapping it: {e}"))
-                })?),
+                None => Body::Mapped(
+                    tokio::task::spawn_blocking(move || blob.map())
+                        .await
+                        .map_err(|e| ApiError::new(Code::Internal, format!("{what}: {e}")))?
+                        .map_err(|e| {
+                            ApiError::new(Code::Internal, format!("{what}: mapping it: {e}"))
+                        })?,
+                ),
             },
             BlobSource::Filling { fill, .. } => {
                 match (!self.tls).then(|| Socket::of(session)).flatten() {

@@ -8,8 +8,9 @@
 //! checks them.
 
 use std::path::Path;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
+use berth_cache::clock::Clock;
 use ring::hmac;
 use serde_json::{json, Value};
 
@@ -77,11 +78,18 @@ pub struct Tokens {
     service: String,
     lifetime: Duration,
     leeway: u64,
+    /// What `iat`, `nbf` and `exp` are set and checked by.
+    clock: Clock,
 }
 
 impl Tokens {
     /// Loads the signing key from `path` (at least 32 bytes).
-    pub fn load(path: &Path, service: &str, lifetime: Duration) -> Result<Tokens, String> {
+    pub fn load(
+        path: &Path,
+        service: &str,
+        lifetime: Duration,
+        clock: Clock,
+    ) -> Result<Tokens, String> {
         let secret = std::fs::read(path)
             .map_err(|e| format!("cannot read the token signing key {}: {e}", path.display()))?;
         if secret.len() < 32 {
@@ -97,6 +105,7 @@ impl Tokens {
             service: service.to_owned(),
             lifetime,
             leeway: LEEWAY,
+            clock,
         })
     }
 
@@ -110,7 +119,7 @@ impl Tokens {
 
     /// A token for `subject` with `access`, valid from now for the lifetime.
     pub fn issue(&self, subject: Option<&str>, access: &[Grant]) -> (String, u64) {
-        let now = now_secs();
+        let now = self.clock.now_ms() / 1000;
         let jti = random_hex(16).unwrap_or_default();
         let claims = json!({
             "iss": ISSUER,
@@ -151,7 +160,7 @@ impl Tokens {
         let claims: Value = b64url_decode(payload)
             .and_then(|b| serde_json::from_slice(&b).ok())
             .ok_or(TokenError::Malformed)?;
-        let now = now_secs();
+        let now = self.clock.now_ms() / 1000;
         let exp = claims["exp"].as_u64().ok_or(TokenError::Malformed)?;
         if now > exp + self.leeway {
             return Err(TokenError::Expired);
@@ -199,13 +208,6 @@ impl Tokens {
     }
 }
 
-fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// `bytes` random bytes from the system, in hex.
 pub(crate) fn random_hex(bytes: usize) -> Result<String, String> {
     let mut b = vec![0u8; bytes];
@@ -237,7 +239,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("key");
         std::fs::write(&key, [7u8; 32]).unwrap();
-        let t = Tokens::load(&key, service, lifetime).unwrap();
+        let t = Tokens::load(&key, service, lifetime, Clock::system()).unwrap();
         (dir, t)
     }
 
@@ -279,9 +281,11 @@ mod tests {
 
         // Expired.
         let (_d3, mut short) = tokens("berth", Duration::ZERO);
+        let offset = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        short.clock = Clock::with_offset(offset.clone());
         short.leeway = 0;
         let (token, _) = short.issue(Some("alice"), &[]);
-        std::thread::sleep(Duration::from_millis(1100));
+        offset.store(1_100, std::sync::atomic::Ordering::Relaxed);
         assert_eq!(short.verify(&token), Err(TokenError::Expired));
         assert!(Grant::parse_scope("repository::pull").is_none());
     }
@@ -291,7 +295,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("key");
         std::fs::write(&key, b"short").unwrap();
-        let e = Tokens::load(&key, "berth", Duration::from_secs(60))
+        let e = Tokens::load(&key, "berth", Duration::from_secs(60), Clock::system())
             .err()
             .unwrap();
         assert!(e.contains("openssl rand"), "{e}");

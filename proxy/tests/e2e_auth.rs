@@ -869,7 +869,8 @@ async fn expired_tokens_are_refused() {
             with_token(&berth, &t, "/v2/team/app/manifests/v1").await,
             404
         );
-        tokio::time::sleep(std::time::Duration::from_secs(7)).await;
+        // Past the lifetime and the 5 s leeway, by berth's clock.
+        berth.advance_clock(std::time::Duration::from_secs(7)).await;
         assert_eq!(
             with_token(&berth, &t, "/v2/team/app/manifests/v1").await,
             401
@@ -1117,6 +1118,18 @@ async fn api_keys_come_only_from_a_password_login() {
         let (status, v, _) = post_key(&berth, Some(&with_key), r#"{"name": "more"}"#).await;
         assert_eq!(status, 403, "a key made a key: {v}");
         assert!(message(&v).contains("password"), "{v}");
+
+        // No key outlives the maximum: 721 hours on, by berth's clock, it is refused.
+        berth
+            .advance_clock(std::time::Duration::from_secs(721 * 3600))
+            .await;
+        let r = reqwest::Client::new()
+            .get(format!("{}/v2/team/app/tags/list", berth.url()))
+            .header("Authorization", &with_key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 401, "an expired key was accepted");
     })
     .await;
 }
@@ -1343,7 +1356,7 @@ impl Listening {
         let log = dir.path().join("berth.log");
         let port = free_port();
         let out = std::fs::File::create(&log).unwrap();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+        let child = std::process::Command::new(support::berth_binary())
             .arg("serve")
             .arg("--config")
             .arg(dir.path().join("berth.toml"))
