@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use support::{Berth, ClosedPort, Upstream};
 
 fn berth() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_berth"));
+    let mut c = Command::new(support::berth_binary());
     c.env_remove("BERTH_CONFIG")
         .env_remove("BERTH_LISTEN")
         .env_remove("BERTH_STORE")

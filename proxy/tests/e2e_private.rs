@@ -586,7 +586,7 @@ async fn garbage_collection_after_deletes_frees_exactly_the_unreferenced() {
             assert_eq!(r.status().as_u16(), 202);
 
             let gc = |store: std::path::PathBuf| async move {
-                tokio::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+                tokio::process::Command::new(support::berth_binary())
                     .args(["gc", "--grace", "0s", "--store"])
                     .arg(store)
                     .output()
@@ -845,7 +845,7 @@ async fn garbage_collection_keeps_what_an_unreadable_manifest_may_reference() {
                 );
                 store.meta.write(b).unwrap();
             }
-            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_berth"))
+            let out = tokio::process::Command::new(support::berth_binary())
                 .args(["gc", "--grace", "0s", "--store"])
                 .arg(berth.store_dir())
                 .output()

@@ -1430,6 +1430,15 @@ pub fn berth_config(upstreams: &[Upstream]) -> String {
     out
 }
 
+/// The berth binary the tests run: this build's, or the one `BERTH_TEST_BINARY` names.
+/// Pointing it at an older build shows which tests fail without a change.
+pub fn berth_binary() -> PathBuf {
+    match std::env::var_os("BERTH_TEST_BINARY") {
+        Some(path) if !path.is_empty() => PathBuf::from(path),
+        _ => PathBuf::from(env!("CARGO_BIN_EXE_berth")),
+    }
+}
+
 /// The file, in berth's test directory, holding its clock offset in milliseconds.
 const CLOCK_FILE: &str = "clock-offset-ms";
 
@@ -1496,7 +1505,7 @@ impl Berth {
             .append(true)
             .open(log)
             .unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_berth"));
+        let mut cmd = Command::new(berth_binary());
         cmd.arg("serve")
             .arg("--config")
             .arg(&config)
@@ -1644,10 +1653,10 @@ impl Berth {
         self.dir.path().join("store")
     }
 
-    /// Moves berth's clock (the one its tag TTLs and revalidation backoff are judged by)
-    /// `by` forward, through its `BERTH_TEST_CLOCK_FILE` testing hook, and waits (bounded)
-    /// until berth has logged that it adopted the new offset. The offset is kept across
-    /// restarts.
+    /// Moves berth's clock (the one tag TTLs, revalidation backoff, and token and API key
+    /// expiry are judged by) `by` forward, through its `BERTH_TEST_CLOCK_FILE` testing
+    /// hook, and waits (bounded) until berth has logged that it adopted the new offset.
+    /// The offset is kept across restarts.
     pub async fn advance_clock(&self, by: Duration) {
         assert!(
             !by.is_zero(),
