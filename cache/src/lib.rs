@@ -191,6 +191,44 @@ impl Manifest {
     }
 }
 
+/// A manifest held in memory, with the repositories it was served for.
+struct HotManifest {
+    manifest: Arc<Manifest>,
+    /// `(upstream, repository)` pairs with a cache link to this manifest, found or made
+    /// while the manifest was in memory: a hit by digest through one of them needs no
+    /// other lookup. At most [`SERVED_FOR_MAX`]; past that, [`Cache::confirm`] answers.
+    served_for: std::sync::RwLock<Vec<(Box<str>, Box<str>)>>,
+}
+
+/// How many repositories a manifest in memory remembers being linked to.
+const SERVED_FOR_MAX: usize = 16;
+
+impl HotManifest {
+    fn new(manifest: Arc<Manifest>) -> Self {
+        HotManifest {
+            manifest,
+            served_for: Default::default(),
+        }
+    }
+
+    fn served_for(&self, namespace: &str, repo: &str) -> bool {
+        let list = self.served_for.read().unwrap_or_else(|e| e.into_inner());
+        list.iter().any(|(n, r)| **n == *namespace && **r == *repo)
+    }
+
+    /// Remembers that a cache link of `(namespace, repo)` names this manifest. Links are
+    /// never removed while the manifest stays stored; whatever removes one must drop the
+    /// manifest from memory too.
+    fn remember(&self, namespace: &str, repo: &str) {
+        let mut list = self.served_for.write().unwrap_or_else(|e| e.into_inner());
+        if list.len() < SERVED_FOR_MAX
+            && !list.iter().any(|(n, r)| **n == *namespace && **r == *repo)
+        {
+            list.push((namespace.into(), repo.into()));
+        }
+    }
+}
+
 /// Where a blob's bytes come from.
 pub enum BlobSource {
     /// A published, verified blob.
@@ -222,7 +260,7 @@ pub struct Cache {
     hot_links: moka::future::Cache<String, ()>,
     tag_lock: FillLock<TagKey, (Arc<Manifest>, Outcome)>,
     hot_tags: moka::future::Cache<TagKey, TagRecord>,
-    hot_manifests: moka::future::Cache<Digest, Arc<Manifest>>,
+    hot_manifests: moka::future::Cache<Digest, Arc<HotManifest>>,
     /// When (by [`Cache::clock`], in ms) a tag's revalidation last failed (kept for
     /// [`tags::REVALIDATION_BACKOFF`]).
     failed_revalidations: moka::future::Cache<TagKey, u64>,
@@ -259,7 +297,9 @@ impl Cache {
             tag_lock: FillLock::default(),
             hot_tags: moka::future::Cache::builder().max_capacity(100_000).build(),
             hot_manifests: moka::future::Cache::builder()
-                .weigher(|_, m: &Arc<Manifest>| m.body.len().try_into().unwrap_or(u32::MAX))
+                .weigher(|_, m: &Arc<HotManifest>| {
+                    m.manifest.body.len().try_into().unwrap_or(u32::MAX)
+                })
                 .max_capacity(16 * 1024 * 1024)
                 .build(),
             failed_revalidations: moka::future::Cache::builder()
@@ -301,6 +341,11 @@ impl Cache {
     }
 
     async fn stored_manifest(&self, digest: &Digest) -> Result<Option<Arc<Manifest>>, CacheError> {
+        Ok(self.hot_manifest(digest).await?.map(|h| h.manifest.clone()))
+    }
+
+    /// A stored manifest, from memory if it is there.
+    async fn hot_manifest(&self, digest: &Digest) -> Result<Option<Arc<HotManifest>>, CacheError> {
         if let Some(m) = self.hot_manifests.get(digest).await {
             return Ok(Some(m));
         }
@@ -308,9 +353,10 @@ impl Cache {
         let Some(rec) = self.on_store(move |s| s.meta.get_manifest(&d)).await? else {
             return Ok(None);
         };
-        let m = Arc::new(Manifest::new(digest.clone(), rec.media_type, rec.body));
-        self.hot_manifests.insert(digest.clone(), m.clone()).await;
-        Ok(Some(m))
+        let m = Manifest::new(digest.clone(), rec.media_type, rec.body);
+        let hot = Arc::new(HotManifest::new(Arc::new(m)));
+        self.hot_manifests.insert(digest.clone(), hot.clone()).await;
+        Ok(Some(hot))
     }
 
     async fn tag_record(&self, key: &TagKey) -> Result<Option<TagRecord>, CacheError> {
@@ -422,9 +468,12 @@ impl Cache {
             .to_owned();
         match reference {
             Reference::Digest(digest) => {
-                if let Some(m) = self.stored_manifest(digest).await? {
-                    self.confirm(&client, repo, digest, Kind::Manifest).await?;
-                    return Ok((m, Outcome::Hit));
+                if let Some(hot) = self.hot_manifest(digest).await? {
+                    if !hot.served_for(namespace, repo) {
+                        self.confirm(&client, repo, digest, Kind::Manifest).await?;
+                        hot.remember(namespace, repo);
+                    }
+                    return Ok((hot.manifest.clone(), Outcome::Hit));
                 }
                 let this = self.clone();
                 let (repo2, digest2) = (repo.to_owned(), digest.clone());
@@ -639,7 +688,9 @@ impl Cache {
             .await?;
         self.link(registry, repo, &digest).await?;
         let m = Arc::new(Manifest::new(digest.clone(), media_type, body));
-        self.hot_manifests.insert(digest, m.clone()).await;
+        let hot = HotManifest::new(m.clone());
+        hot.remember(registry, repo);
+        self.hot_manifests.insert(digest, Arc::new(hot)).await;
         Ok(m)
     }
 
@@ -921,7 +972,14 @@ enum Kind {
 /// The key of a cache link in memory: which digest is in which repository of which
 /// upstream.
 fn link_key(namespace: &str, repo: &str, digest: &Digest) -> String {
-    format!("{namespace}\0{repo}\0{digest}")
+    let algorithm = digest.algorithm().as_str();
+    let mut key = String::with_capacity(
+        namespace.len() + repo.len() + algorithm.len() + digest.hex().len() + 3,
+    );
+    for part in [namespace, "\0", repo, "\0", algorithm, ":", digest.hex()] {
+        key.push_str(part);
+    }
+    key
 }
 
 /// A blob fill's registration, removed when dropped.
