@@ -56,6 +56,12 @@ pub struct ServerConfig {
     /// `external_url`: berth's base URL as clients reach it (`https://berth.example:5000`,
     /// no path), for the token realm. Default: the listen address, `https://` with TLS.
     pub external_url: Option<String>,
+    /// `default_upstream`: the upstream that pull paths without a namespace mirror, such
+    /// as `docker.io` for Docker Engine's `registry-mirrors` (`GET
+    /// /v2/library/alpine/manifests/3.19`, no `?ns=`). Such a path goes to that upstream
+    /// when its repository matches the upstream's `prefixes`, and to a private repository
+    /// otherwise. Default: none (every path without a namespace is private).
+    pub default_upstream: Option<String>,
 }
 
 /// The certificate chain and private key files (PEM) berth serves HTTPS with.
@@ -180,6 +186,22 @@ impl Config {
                 );
             }
         }
+        if let Some(d) = &server.default_upstream {
+            if !upstreams.iter().any(|u| u.namespace == *d) {
+                let known: Vec<_> = upstreams.iter().map(|u| u.namespace.as_str()).collect();
+                p.add(
+                    "server.default_upstream",
+                    &format!(
+                        "{d:?} is not a configured upstream (configured: {})",
+                        if known.is_empty() {
+                            "none".to_owned()
+                        } else {
+                            known.join(", ")
+                        }
+                    ),
+                );
+            }
+        }
         let has_access = table.contains_key("access");
         if table.contains_key("auth") && !has_access {
             p.add(
@@ -204,6 +226,11 @@ impl Config {
         } else {
             Err(ConfigErrors(p.0))
         }
+    }
+
+    /// The upstream that pull paths without a namespace mirror, if one is configured.
+    pub fn default_upstream(&self) -> Option<&UpstreamConfig> {
+        self.upstream(self.server.default_upstream.as_deref()?)
     }
 
     /// The upstream clients name as `namespace`.
@@ -315,6 +342,7 @@ fn parse_server(v: &Value, p: &mut Problems) -> ServerConfig {
             "gc_interval" => s.gc_interval = duration(&path, value, p),
             "gc_grace" => s.gc_grace = duration(&path, value, p),
             "max_upload_size" => s.max_upload_size = size(&path, value, p),
+            "default_upstream" => s.default_upstream = string(&path, value, p),
             "external_url" => {
                 s.external_url = string(&path, value, p);
                 if let Some(u) = &s.external_url {
@@ -683,6 +711,22 @@ credentials = {{ username = "bot", password_file = "{}" }}
         assert_eq!(c.server.max_upload_size, Some(1 << 20));
         let e = Config::parse("[server]\nmax_upload_size = \"lots\"\n").unwrap_err();
         assert!(e.0[0].contains("server.max_upload_size"), "{:?}", e.0);
+    }
+
+    #[test]
+    fn default_upstream_must_be_configured() {
+        let up = "[[upstream]]\nnamespace = \"docker.io\"\nurl = \"https://registry-1.docker.io\"\nprefixes = [\"library/**\"]\n";
+        let c =
+            Config::parse(&format!("[server]\ndefault_upstream = \"docker.io\"\n{up}")).unwrap();
+        assert_eq!(c.default_upstream().unwrap().namespace, "docker.io");
+        let e =
+            Config::parse(&format!("[server]\ndefault_upstream = \"quay.io\"\n{up}")).unwrap_err();
+        assert!(
+            e.0[0].contains("server.default_upstream") && e.0[0].contains("docker.io"),
+            "{:?}",
+            e.0
+        );
+        assert!(Config::parse(up).unwrap().default_upstream().is_none());
     }
 
     #[test]

@@ -1,14 +1,17 @@
 //! Parsing a request into a typed, validated route, before anything else happens.
 //!
-//! Two path forms reach an upstream:
+//! Three path forms reach an upstream:
 //! - namespaced: `/v2/<namespace>/<repo>/…`, where `<namespace>` is a configured upstream
 //!   (`/v2/docker.io/library/nginx/manifests/1.27`);
-//! - containerd's mirror form: `/v2/<repo>/…?ns=<namespace>`.
+//! - containerd's mirror form: `/v2/<repo>/…?ns=<namespace>`;
+//! - Docker Engine's mirror form: `/v2/<repo>/…` with no namespace at all, for the
+//!   `[server] default_upstream`, when `<repo>` matches that upstream's prefixes.
 //!
 //! On docker.io a single-segment repository means `library/<name>`.
 //!
-//! Any other repository (its first segment is not a configured upstream namespace, and
-//! there is no `?ns=`) is private: pushed to and served by berth itself.
+//! Any other repository (its first segment is not a configured upstream namespace, there
+//! is no `?ns=`, and the default upstream does not mirror it) is private: pushed to and
+//! served by berth itself.
 
 use berth_config::{Config, UpstreamConfig};
 use berth_store::oci::{is_valid_name, is_valid_tag, Digest, Reference};
@@ -25,8 +28,19 @@ pub struct Target {
     pub upstream: String,
     /// The repository name at the upstream.
     pub repo: String,
-    /// Whether the request used `?ns=` (echoed back as `OCI-Namespace`).
-    pub via_ns: bool,
+    /// How the request named the upstream.
+    pub form: Form,
+}
+
+/// How a request names the upstream of a pull-through repository.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Form {
+    /// `/v2/<namespace>/<repo>/…`.
+    Namespaced,
+    /// `/v2/<repo>/…?ns=<namespace>` (echoed back as `OCI-Namespace`).
+    Ns,
+    /// `/v2/<repo>/…`: the default upstream's mirror.
+    Default,
 }
 
 /// What a request asks for.
@@ -55,8 +69,10 @@ pub enum Route {
     Catalog,
     /// `/metrics` (Prometheus text format).
     Metrics,
-    /// `/healthz`.
+    /// `/healthz`: berth is running.
     Health,
+    /// `/readyz`: berth's store answers and berth is not stopping.
+    Ready,
     /// `/token`: the Docker token service, when configured.
     Token,
     /// `/api/keys[/<id>]`: API keys of the authenticated user.
@@ -89,6 +105,7 @@ pub fn parse(path: &str, query: Option<&str>, config: &Config) -> Result<Route, 
         "/v2" | "/v2/" => return Ok(Route::Base),
         "/metrics" => return Ok(Route::Metrics),
         "/healthz" => return Ok(Route::Health),
+        "/readyz" => return Ok(Route::Ready),
         "/token" => return Ok(Route::Token),
         "/api/keys" => return Ok(Route::ApiKeys { id: None }),
         _ => {}
@@ -161,13 +178,17 @@ pub fn is_private_name(name: &str, config: &Config) -> bool {
 
 /// The refusal of a push, delete or referrers request to an upstream namespace.
 pub fn read_only(target: &Target) -> ApiError {
-    ApiError::new(
-        Code::Unsupported,
-        format!(
+    let message = match target.form {
+        Form::Default => format!(
+            "{} mirrors {} ([server] default_upstream, whose prefixes include it) and is read-only: push to a private repository whose name is outside {}'s prefixes",
+            target.repo, target.upstream, target.upstream
+        ),
+        _ => format!(
             "{}/{} is in the pull-through namespace {}, which is read-only: push to a private repository (one whose first path segment is not an upstream namespace)",
             target.upstream, target.repo, target.upstream
         ),
-    )
+    };
+    ApiError::new(Code::Unsupported, message)
 }
 
 fn blob_digest(s: &str) -> Result<Digest, ApiError> {
@@ -230,37 +251,54 @@ fn reference(s: &str) -> Result<Reference, ApiError> {
 /// Resolves the upstream and repository and applies the allowlist; `None` for a private
 /// repository.
 fn target(name: &str, ns: Option<&str>, config: &Config) -> Result<Option<Target>, ApiError> {
-    let (upstream, repo, via_ns) = match ns {
+    let (upstream, repo, form) = match ns {
         Some(ns) => {
             let up = config
                 .upstream(ns)
                 .ok_or_else(|| unknown_upstream(ns, config))?;
-            (up, name, true)
+            (up, name, Form::Ns)
         }
         None => {
             let upstream = name
                 .split_once('/')
                 .and_then(|(first, repo)| Some((config.upstream(first)?, repo)));
-            match upstream {
-                Some((up, repo)) => (up, repo, false),
-                None => return Ok(None),
+            match (upstream, config.default_upstream()) {
+                (Some((up, repo)), _) => (up, repo, Form::Namespaced),
+                (None, Some(up)) if mirrors(up, name) => (up, name, Form::Default),
+                (None, _) => return Ok(None),
             }
         }
     };
     if !is_valid_name(repo) {
         return Err(invalid_name(repo));
     }
-    let repo = if upstream.namespace == DOCKER_HUB && !repo.contains('/') {
-        format!("library/{repo}")
-    } else {
-        repo.to_owned()
-    };
+    let repo = upstream_repo(upstream, repo);
     allow(upstream, &repo)?;
     Ok(Some(Target {
         upstream: upstream.namespace.clone(),
         repo,
-        via_ns,
+        form,
     }))
+}
+
+/// The repository's name at `upstream` (on docker.io, `nginx` is `library/nginx`).
+fn upstream_repo(upstream: &UpstreamConfig, repo: &str) -> String {
+    if upstream.namespace == DOCKER_HUB && !repo.contains('/') {
+        format!("library/{repo}")
+    } else {
+        repo.to_owned()
+    }
+}
+
+/// Whether the default upstream mirrors `name` (a path without a namespace): it matches
+/// the upstream's prefixes. Anything else stays private, so private repositories keep
+/// names outside the mirrored prefixes, and a mirrored name can never be pushed.
+fn mirrors(upstream: &UpstreamConfig, name: &str) -> bool {
+    is_valid_name(name)
+        && upstream
+            .prefixes
+            .iter()
+            .any(|g| g.matches(&upstream_repo(upstream, name)))
 }
 
 fn unknown_upstream(ns: &str, config: &Config) -> ApiError {
@@ -354,7 +392,7 @@ prefixes = []
         Target {
             upstream: upstream.into(),
             repo: repo.into(),
-            via_ns,
+            form: if via_ns { Form::Ns } else { Form::Namespaced },
         }
     }
 
@@ -503,6 +541,73 @@ prefixes = []
             Code::NotFound
         );
         assert_eq!(code("/etc/passwd", None), Code::NotFound);
+    }
+
+    /// Docker Engine's mirror form: with `default_upstream`, a path without a namespace
+    /// whose repository the upstream's prefixes match is that upstream's; any other stays
+    /// private, and a push to a mirrored name is refused naming the rule.
+    #[test]
+    fn the_default_upstream_mirrors_its_prefixes_only() {
+        let text = format!(
+            "[server]\ndefault_upstream = \"docker.io\"\n{}",
+            "[[upstream]]\nnamespace = \"docker.io\"\nurl = \"https://registry-1.docker.io\"\nprefixes = [\"library/**\"]\n[[upstream]]\nnamespace = \"ghcr.io\"\nurl = \"https://ghcr.io\"\nprefixes = [\"a/**\"]\n"
+        );
+        let c = Config::parse(&text).unwrap();
+        let mirror = |repo: &str| Target {
+            upstream: "docker.io".into(),
+            repo: repo.into(),
+            form: Form::Default,
+        };
+        let tag = |s: &str| Reference::Tag(s.into());
+        assert_eq!(
+            parse("/v2/library/alpine/manifests/3.19", None, &c).unwrap(),
+            Route::Manifest {
+                target: mirror("library/alpine"),
+                reference: tag("3.19")
+            }
+        );
+        assert_eq!(
+            parse(&format!("/v2/library/alpine/blobs/{D}"), None, &c).unwrap(),
+            Route::Blob {
+                target: mirror("library/alpine"),
+                digest: D.parse().unwrap()
+            }
+        );
+        // A single name is library/<name> on docker.io.
+        assert_eq!(
+            parse("/v2/alpine/manifests/3.19", None, &c).unwrap(),
+            Route::Manifest {
+                target: mirror("library/alpine"),
+                reference: tag("3.19")
+            }
+        );
+        // Outside the prefixes: private, as without a default upstream.
+        assert_eq!(
+            parse("/v2/team/app/manifests/v1", None, &c).unwrap(),
+            p("team/app", Endpoint::Manifest(tag("v1")))
+        );
+        // The other forms are unchanged.
+        assert_eq!(
+            parse("/v2/a/b/manifests/v1", Some("ns=ghcr.io"), &c).unwrap(),
+            Route::Manifest {
+                target: t("ghcr.io", "a/b", true),
+                reference: tag("v1")
+            }
+        );
+        assert_eq!(
+            parse("/v2/docker.io/library/alpine/manifests/v1", None, &c).unwrap(),
+            Route::Manifest {
+                target: t("docker.io", "library/alpine", false),
+                reference: tag("v1")
+            }
+        );
+        let e = read_only(&mirror("library/alpine"));
+        assert!(format!("{e:?}").contains("default_upstream"), "{e:?}");
+        // Without default_upstream, the same path is private.
+        assert_eq!(
+            parse("/v2/library/alpine/manifests/3.19", None, &config()).unwrap(),
+            p("library/alpine", Endpoint::Manifest(tag("3.19")))
+        );
     }
 
     #[test]

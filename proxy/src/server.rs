@@ -24,7 +24,7 @@ use crate::auth::{AuthError, Identity};
 use crate::errors::{ApiError, Code, Subject};
 use crate::metrics::{Metrics, RequestLabels};
 use crate::range::{parse_range, ByteRange};
-use crate::route::{self, Endpoint, Route, Target};
+use crate::route::{self, Endpoint, Form, Route, Target};
 use crate::sendfile::Socket;
 use berth_config::access::Action;
 
@@ -67,6 +67,8 @@ pub(crate) struct Request {
     /// The local address the connection arrived on (a default token realm is built from
     /// it; a client cannot choose it, unlike `Host`).
     pub local: Option<std::net::SocketAddr>,
+    /// berth is stopping (`/readyz` answers 503).
+    pub draining: bool,
 }
 
 impl Request {
@@ -88,6 +90,7 @@ impl Request {
             content_range: header_value(h, "content-range"),
             authorization: header_value(h, "authorization"),
             local: session.server_addr().and_then(|a| a.as_inet()).copied(),
+            draining: false,
         }
     }
 
@@ -145,7 +148,8 @@ impl HttpServerApp for App {
         // being sent) forever.
         session.set_write_timeout(Some(CLIENT_WRITE_TIMEOUT));
         let started = Instant::now();
-        let req = Request::from_session(&session);
+        let mut req = Request::from_session(&session);
+        req.draining = *shutdown.borrow();
         let route = route::parse(&req.path, req.query.as_deref(), &self.config);
         let client_ip = session
             .client_addr()
@@ -195,6 +199,7 @@ fn route_kind(r: &Route) -> &'static str {
         Route::TagsList { .. } => "tags",
         Route::Metrics => "metrics",
         Route::Health => "health",
+        Route::Ready => "ready",
         Route::Catalog => "catalog",
         Route::Token => "token",
         Route::ApiKeys { .. } => "api_keys",
@@ -319,6 +324,34 @@ impl App {
                 None,
             )
             .await),
+            Route::Ready => {
+                let (status, body) = if req.draining {
+                    (
+                        503,
+                        "stopping: requests in flight are finishing\n".to_owned(),
+                    )
+                } else {
+                    match self.blocking(|r| r.check_store()).await {
+                        Ok(()) => (200, "ready\n".to_owned()),
+                        Err(e) => {
+                            tracing::warn!(error = ?e, "not ready: the store does not answer");
+                            (
+                                503,
+                                "not ready: the store does not answer (see the log)\n".into(),
+                            )
+                        }
+                    }
+                };
+                Ok(send_bytes(
+                    session,
+                    status,
+                    vec![("Content-Type", "text/plain".into())],
+                    Bytes::from(body),
+                    req.is_head(),
+                    None,
+                )
+                .await)
+            }
             Route::Metrics => {
                 let (content_type, body) = self
                     .metrics
@@ -389,7 +422,7 @@ impl App {
         let write = !req.is_read();
         let (path, action) = match route {
             // /api/keys checks its callers itself (a password login to make a key).
-            Route::Health | Route::Token | Route::ApiKeys { .. } => return Ok(()),
+            Route::Health | Route::Ready | Route::Token | Route::ApiKeys { .. } => return Ok(()),
             Route::Catalog => {
                 if *who == Identity::Anonymous && !self.auth.anonymous_may_read() {
                     let scope = Some("registry:catalog:*".to_owned());
@@ -715,10 +748,15 @@ impl App {
 
 /// Points an upstream pagination `Link` back at berth's path for the same repository.
 fn rewrite_link(link: &str, target: &Target) -> String {
-    if !target.via_ns {
-        let upstream_path = format!("/v2/{}/tags/list", target.repo);
-        let berth_path = format!("/v2/{}/{}/tags/list", target.upstream, target.repo);
-        return link.replacen(&upstream_path, &berth_path, 1);
+    match target.form {
+        Form::Namespaced => {
+            let upstream_path = format!("/v2/{}/tags/list", target.repo);
+            let berth_path = format!("/v2/{}/{}/tags/list", target.upstream, target.repo);
+            return link.replacen(&upstream_path, &berth_path, 1);
+        }
+        // The upstream's own path is the mirror's path.
+        Form::Default => return link.to_owned(),
+        Form::Ns => {}
     }
     // Keep containerd's form: the same path, with `ns` added to the query.
     match link.find('>') {
@@ -736,7 +774,7 @@ fn rewrite_link(link: &str, target: &Target) -> String {
 }
 
 fn ns_header(headers: &mut Headers, target: &Target) {
-    if target.via_ns {
+    if target.form == Form::Ns {
         headers.push(("OCI-Namespace", target.upstream.clone()));
     }
 }
@@ -917,7 +955,7 @@ mod tests {
         let t = Target {
             upstream: "docker.io".into(),
             repo: "library/nginx".into(),
-            via_ns: false,
+            form: Form::Namespaced,
         };
         assert_eq!(
             rewrite_link("</v2/library/nginx/tags/list?last=b&n=2>; rel=\"next\"", &t),
@@ -930,11 +968,22 @@ mod tests {
         let t = Target {
             upstream: "docker.io".into(),
             repo: "library/nginx".into(),
-            via_ns: true,
+            form: Form::Ns,
         };
         assert_eq!(
             rewrite_link("</v2/library/nginx/tags/list?last=b&n=2>; rel=\"next\"", &t),
             "</v2/library/nginx/tags/list?last=b&n=2&ns=docker.io>; rel=\"next\""
         );
+    }
+
+    #[test]
+    fn links_keep_the_default_mirror_form() {
+        let t = Target {
+            upstream: "docker.io".into(),
+            repo: "library/nginx".into(),
+            form: Form::Default,
+        };
+        let link = "</v2/library/nginx/tags/list?last=b&n=2>; rel=\"next\"";
+        assert_eq!(rewrite_link(link, &t), link);
     }
 }

@@ -144,6 +144,11 @@ impl Registry {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Whether the store answers (see [`berth_store::Store::check`]).
+    pub fn check_store(&self) -> Result<(), RegistryError> {
+        Ok(self.store.check()?)
+    }
+
     // --- blobs ---------------------------------------------------------------------
 
     /// A blob linked into `repo`.

@@ -100,6 +100,15 @@ impl Store {
             meta,
         })
     }
+
+    /// Whether the store answers: one metadata read and one look at the blob directory
+    /// (for a readiness probe).
+    pub fn check(&self) -> Result<(), StoreError> {
+        self.meta.repo_exists("berth-readiness-probe")?;
+        self.blobs
+            .stat(&Digest::sha256_of(b"berth-readiness-probe"))?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
