@@ -62,6 +62,44 @@ enum Command {
         #[arg(long, default_value = "1h")]
         grace: String,
     },
+    /// Print, or install with --write, a container runtime's configuration for pulling
+    /// every upstream of berth's configuration through berth.
+    NodeConfig(NodeConfigArgs),
+}
+
+#[derive(Args, Debug)]
+struct NodeConfigArgs {
+    /// The runtime: containerd (certs.d hosts.toml files), k3s (registries.yaml),
+    /// minikube (its file-sync folder, and the --registry-mirror flag) or docker
+    /// (daemon.json).
+    #[arg(value_enum)]
+    runtime: crate::node_config::Runtime,
+    /// berth's configuration file. Default: the embedded configuration.
+    #[arg(long, env = "BERTH_CONFIG")]
+    config: Option<PathBuf>,
+    /// berth's URL as the runtime reaches it. Default: [server] external_url, else the
+    /// listen address (127.0.0.1 for 0.0.0.0); for minikube, host.minikube.internal.
+    #[arg(long)]
+    url: Option<String>,
+    /// The CA certificate (PEM) the runtime checks an https:// berth with.
+    #[arg(long)]
+    ca: Option<PathBuf>,
+    /// A file holding the node's credential for berth, one `user:secret` line (a user of
+    /// the htpasswd file, or an API key as the secret). Written into the runtime's
+    /// configuration, which is then readable by its owner only.
+    #[arg(long)]
+    credentials_file: Option<PathBuf>,
+    /// Install into this folder (containerd: its certs.d, such as
+    /// /etc/containerd/certs.d; k3s: /etc/rancher/k3s; minikube: ~/.minikube/files;
+    /// docker: /etc/docker), keeping what was there as <file>.berth-backup.
+    #[arg(long)]
+    write: Option<PathBuf>,
+    /// With --write: put back what berth replaced, and delete what it created.
+    #[arg(long, requires = "write")]
+    remove: bool,
+    /// containerd's config.toml, checked for the registry config_path the mirrors need.
+    #[arg(long, default_value = "/etc/containerd/config.toml")]
+    containerd_config: PathBuf,
 }
 
 #[derive(Args, Debug, Default)]
@@ -85,6 +123,7 @@ pub fn main() -> i32 {
     match cli.command {
         Some(Command::Check { file }) => check(&file),
         Some(Command::Gc { store, grace }) => gc(store, &grace),
+        Some(Command::NodeConfig(args)) => node_config(args),
         Some(Command::Serve(args)) => serve(args),
         None => serve(cli.serve),
     }
@@ -110,6 +149,131 @@ fn check(file: &PathBuf) -> i32 {
             1
         }
     }
+}
+
+/// Reads berth's configuration: the file, or the embedded default. Returns its name too.
+fn load_config(path: Option<&PathBuf>) -> Result<(String, Config), Vec<String>> {
+    let (source, text) = match path {
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(t) => (path.display().to_string(), t),
+            Err(e) => return Err(vec![format!("cannot read {}: {e}", path.display())]),
+        },
+        None => ("embedded default".to_owned(), DEFAULT_CONFIG.to_owned()),
+    };
+    match Config::parse(&text) {
+        Ok(c) => Ok((source, c)),
+        Err(errors) => Err(errors.0.iter().map(|e| format!("{source}: {e}")).collect()),
+    }
+}
+
+fn node_config(args: NodeConfigArgs) -> i32 {
+    use crate::node_config::{self as nc, Runtime};
+    let fail = |e: &str| {
+        eprintln!("berth node-config: {e}");
+        2
+    };
+    let (_, config) = match load_config(args.config.as_ref()) {
+        Ok(c) => c,
+        Err(errors) => return fail(&errors.join("\n")),
+    };
+    let url = args
+        .url
+        .clone()
+        .unwrap_or_else(|| default_node_url(&config, args.runtime));
+    let credentials = match &args.credentials_file {
+        None => None,
+        Some(path) => match std::fs::read_to_string(path) {
+            Ok(text) => match text.trim().split_once(':') {
+                Some((user, secret)) if !user.is_empty() && !secret.is_empty() => {
+                    Some((user.to_owned(), secret.to_owned()))
+                }
+                _ => {
+                    return fail(&format!(
+                        "{} must hold one line user:secret",
+                        path.display()
+                    ))
+                }
+            },
+            Err(e) => return fail(&format!("cannot read {}: {e}", path.display())),
+        },
+    };
+    let daemon_json = match (args.runtime, &args.write) {
+        (Runtime::Docker, Some(dir)) => std::fs::read_to_string(dir.join("daemon.json")).ok(),
+        _ => None,
+    };
+    let options = nc::Options {
+        url,
+        ca: args.ca.clone(),
+        credentials,
+        daemon_json,
+    };
+    let mut warnings = nc::warnings(args.runtime, &config, &options);
+    if args.runtime == Runtime::Containerd {
+        let text = std::fs::read_to_string(&args.containerd_config).ok();
+        warnings.extend(nc::containerd_config_warnings(
+            text.as_deref(),
+            args.write.as_deref(),
+        ));
+    }
+    let files = match nc::render(args.runtime, &config, &options) {
+        Ok(f) => f,
+        Err(e) => return fail(&e),
+    };
+    for w in &warnings {
+        eprintln!("berth node-config: warning: {w}");
+    }
+    let Some(dir) = &args.write else {
+        for f in &files {
+            println!("# {}\n{}", f.path.display(), f.contents);
+        }
+        if args.runtime == Runtime::Minikube {
+            println!(
+                "# minikube's Docker runtime: minikube start --registry-mirror={}",
+                options.url
+            );
+        }
+        return 0;
+    };
+    for f in &files {
+        let result = if args.remove {
+            nc::uninstall(dir, f)
+        } else {
+            nc::install(dir, f)
+        };
+        match result {
+            Ok(change) => println!("{:?}: {}", change, dir.join(&f.path).display()),
+            Err(e) => return fail(&e),
+        }
+    }
+    0
+}
+
+/// berth's URL for a node's runtime when `--url` is not given.
+fn default_node_url(config: &Config, runtime: crate::node_config::Runtime) -> String {
+    if let Some(url) = &config.server.external_url {
+        return url.clone();
+    }
+    let scheme = if config.server.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let listen = config
+        .server
+        .listen
+        .as_deref()
+        .unwrap_or(DEFAULT_LISTEN)
+        .parse::<std::net::SocketAddr>()
+        .unwrap_or_else(|_| DEFAULT_LISTEN.parse().expect("valid default"));
+    let host = match runtime {
+        crate::node_config::Runtime::Minikube => "host.minikube.internal".to_owned(),
+        _ if listen.ip().is_unspecified() => "127.0.0.1".to_owned(),
+        _ => match listen {
+            std::net::SocketAddr::V6(a) => format!("[{}]", a.ip()),
+            std::net::SocketAddr::V4(a) => a.ip().to_string(),
+        },
+    };
+    format!("{scheme}://{host}:{}", listen.port())
 }
 
 fn gc(store: Option<PathBuf>, grace: &str) -> i32 {
@@ -182,21 +346,11 @@ fn init_logging() {
 
 fn serve(args: ServeArgs) -> i32 {
     init_logging();
-    let (source, text) = match &args.config {
-        Some(path) => match std::fs::read_to_string(path) {
-            Ok(t) => (path.display().to_string(), t),
-            Err(e) => {
-                eprintln!("berth: cannot read {}: {e}", path.display());
-                return 2;
-            }
-        },
-        None => ("embedded default".to_owned(), DEFAULT_CONFIG.to_owned()),
-    };
-    let config = match Config::parse(&text) {
+    let (source, config) = match load_config(args.config.as_ref()) {
         Ok(c) => c,
         Err(errors) => {
-            for e in &errors.0 {
-                eprintln!("berth: {source}: {e}");
+            for e in &errors {
+                eprintln!("berth: {e}");
             }
             return 2;
         }

@@ -19,6 +19,7 @@ pub mod cli;
 mod drain;
 pub mod errors;
 pub mod metrics;
+pub mod node_config;
 pub mod private;
 pub mod range;
 pub mod route;

@@ -1649,6 +1649,11 @@ impl Berth {
         strip_ansi(&String::from_utf8_lossy(&b[offset.min(b.len())..]))
     }
 
+    /// berth's configuration file.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("berth.toml")
+    }
+
     pub fn store_dir(&self) -> PathBuf {
         self.dir.path().join("store")
     }

@@ -1,0 +1,219 @@
+//! berth on a node: `berth node-config` files used by a real containerd, and Docker
+//! Engine's mirror requests (no namespace) served through `[server] default_upstream`,
+//! all against the real docker-registry.
+
+mod support;
+
+use std::path::Path;
+
+use support::*;
+
+fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "aarch64" => "arm64",
+        _ => "amd64",
+    }
+}
+
+/// Runs `berth node-config <args>`; returns (success, stdout, stderr).
+fn node_config(args: &[&str]) -> (bool, String, String) {
+    let out = std::process::Command::new(berth_binary())
+        .arg("node-config")
+        .args(args)
+        .env_remove("BERTH_CONFIG")
+        .output()
+        .expect("run berth node-config");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// `berth node-config containerd --write` installs one hosts.toml per upstream (backing up
+/// what was there), a real containerd pulls both namespaces through berth with them and
+/// never asks the registry itself, a second run changes nothing, and `--remove` puts the
+/// node back as it was.
+#[tokio::test(flavor = "multi_thread")]
+async fn containerd_pulls_through_the_files_node_config_writes() {
+    within(
+        300,
+        "containerd_pulls_through_the_files_node_config_writes",
+        async {
+            let reg = Registry::start().await;
+            let lib = make_multiarch(21, 120_000);
+            let app = make_multiarch(22, 120_000);
+            let push = reg.pusher(None);
+            push.index("library/nodeimg", "v1", &lib).await;
+            push.index("team/app", "v2", &app).await;
+            let berth = Berth::start(&[
+                Upstream::new("docker.io", &reg.url(), &["library/**"]),
+                Upstream::new("ghcr.io", &reg.url(), &["team/**"]),
+            ])
+            .await;
+            let certs = tempdir();
+            let certs_d = certs.path().join("certs.d");
+            std::fs::create_dir_all(certs_d.join("docker.io")).unwrap();
+            std::fs::write(certs_d.join("docker.io/hosts.toml"), "# the node's own\n").unwrap();
+            let config = berth.config_path();
+            let args = [
+                "containerd",
+                "--config",
+                config.to_str().unwrap(),
+                "--url",
+                &berth.url(),
+                "--write",
+                certs_d.to_str().unwrap(),
+                "--containerd-config",
+                "/nonexistent/config.toml",
+            ];
+            let (ok, out, err) = node_config(&args);
+            assert!(ok, "node-config failed:\n{out}\n{err}");
+            assert!(out.contains("Replaced") && out.contains("Created"), "{out}");
+            assert!(
+                err.contains("config_path"),
+                "no warning about config_path: {err}"
+            );
+            let written = read(&certs_d.join("docker.io/hosts.toml"));
+            assert_loopback_only(&written, "the hosts.toml node-config wrote");
+            assert!(
+                written.contains(&format!("[host.\"{}\"]", berth.url())),
+                "{written}"
+            );
+            assert_eq!(
+                read(&certs_d.join("docker.io/hosts.toml.berth-backup")),
+                "# the node's own\n"
+            );
+            let (ok, again, _) = node_config(&args);
+            assert!(ok && again.matches("Unchanged").count() == 2, "{again}");
+
+            let ctd = Containerd::start().await;
+            for image in ["docker.io/library/nodeimg:v1", "ghcr.io/team/app:v2"] {
+                let o = ctd.pull("node-e2e", image, &certs_d).await;
+                assert!(
+                    o.status.success(),
+                    "ctr pull {image} failed:\n{}\nberth log:\n{}",
+                    output_text(&o),
+                    berth.log()
+                );
+            }
+            let reqs = reg.requests().await;
+            assert!(
+                !reqs.iter().any(|r| r.user_agent.contains("containerd")),
+                "containerd went to the registry itself: {reqs:#?}"
+            );
+            for (repo, index) in [("library/nodeimg", &lib), ("team/app", &app)] {
+                for blob in index.image(host_arch()).blobs() {
+                    let path = format!("/v2/{repo}/blobs/{}", blob.digest);
+                    assert!(
+                        reqs.iter()
+                            .any(|r| r.path == path && r.user_agent.starts_with("berth/")),
+                        "berth never fetched {path}"
+                    );
+                }
+            }
+
+            let mut remove = args.to_vec();
+            remove.push("--remove");
+            let (ok, out, err) = node_config(&remove);
+            assert!(ok, "node-config --remove failed:\n{out}\n{err}");
+            assert_eq!(
+                read(&certs_d.join("docker.io/hosts.toml")),
+                "# the node's own\n"
+            );
+            assert!(!certs_d.join("ghcr.io").exists(), "{out}");
+            assert!(!certs_d.join("docker.io/hosts.toml.berth-backup").exists());
+        },
+    )
+    .await;
+}
+
+/// Docker Engine's `registry-mirrors` requests carry no namespace: `GET /v2/`, then
+/// `HEAD` and `GET /v2/library/<name>/manifests/<tag>`, then blobs. With
+/// `default_upstream = "docker.io"` they are docker.io's (within its prefixes); other
+/// names stay private, and a push to a mirrored name is refused saying why.
+#[tokio::test(flavor = "multi_thread")]
+async fn docker_mirror_requests_pull_through_the_default_upstream() {
+    within(120, "docker_mirror_requests_pull_through_the_default_upstream", async {
+        let reg = Registry::start().await;
+        let index = make_multiarch(23, 50_000);
+        reg.pusher(None).index("library/dockerimg", "3.19", &index).await;
+        let config = format!(
+            "[server]\ndefault_upstream = \"docker.io\"\n{}",
+            berth_config(&[Upstream::new("docker.io", &reg.url(), &["library/**"])])
+        );
+        let berth = Berth::start_with_config(&config, &[]).await;
+        let accept = [(
+            "Accept",
+            "application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.oci.image.manifest.v1+json",
+        )];
+        assert_eq!(berth.get("/v2/", &[]).await.status().as_u16(), 200);
+        // The readiness probe a DaemonSet uses: the store answers.
+        let ready = berth.get("/readyz", &[]).await;
+        assert_eq!(ready.status().as_u16(), 200);
+        assert_eq!(ready.text().await.unwrap(), "ready\n");
+        let head = berth
+            .head("/v2/library/dockerimg/manifests/3.19", &accept)
+            .await;
+        assert_eq!(head.status().as_u16(), 200, "{}", berth.log());
+        assert_eq!(
+            head.headers()["docker-content-digest"].to_str().unwrap(),
+            index.digest
+        );
+        let get = berth
+            .get("/v2/library/dockerimg/manifests/3.19", &accept)
+            .await;
+        assert_eq!(get.status().as_u16(), 200);
+        assert!(get.headers().get("oci-namespace").is_none());
+        assert_eq!(get.bytes().await.unwrap(), index.bytes, "the index was rewritten");
+        let image = index.image(host_arch());
+        for blob in image.blobs() {
+            let r = berth
+                .get(&format!("/v2/library/dockerimg/blobs/{}", blob.digest), &[])
+                .await;
+            assert_eq!(r.status().as_u16(), 200, "{}", blob.digest);
+            assert_eq!(r.bytes().await.unwrap(), blob.bytes);
+        }
+        // Docker's single-name form.
+        let short = berth.get("/v2/dockerimg/manifests/3.19", &accept).await;
+        assert_eq!(short.status().as_u16(), 200);
+
+        // A push to a mirrored name: refused, naming the rule.
+        let r = berth
+            .request(
+                reqwest::Method::POST,
+                "/v2/library/dockerimg/blobs/uploads/",
+                &[],
+            )
+            .await;
+        let status = r.status().as_u16();
+        let body = r.text().await.unwrap();
+        assert_eq!(status, 405, "{body}");
+        assert!(body.contains("default_upstream"), "{body}");
+        // Other names are private, as before.
+        let r = berth
+            .request(reqwest::Method::POST, "/v2/team/app/blobs/uploads/", &[])
+            .await;
+        assert_eq!(r.status().as_u16(), 202);
+        let r = berth.get("/v2/team/app/manifests/v1", &accept).await;
+        assert_eq!(r.status().as_u16(), 404);
+        // skopeo, the way Docker asks: no namespace.
+        let dest = tempdir();
+        let out = tokio::process::Command::new("skopeo")
+            .args(["--override-arch", host_arch(), "copy", "--src-tls-verify=false"])
+            .arg(format!(
+                "docker://{}/library/dockerimg:3.19",
+                berth.url().trim_start_matches("http://")
+            ))
+            .arg(format!("oci:{}:x", dest.path().display()))
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success(), "{}", output_text(&out));
+    })
+    .await;
+}
