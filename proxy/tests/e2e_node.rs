@@ -217,3 +217,96 @@ async fn docker_mirror_requests_pull_through_the_default_upstream() {
     })
     .await;
 }
+
+/// A real Docker Engine configured by `berth node-config docker` pulls a docker.io image
+/// through berth: `registry-mirrors` names berth, and its namespace-less requests reach
+/// the default upstream. The machine has no route to Docker Hub, so a pull that
+/// succeeds came through berth; the registry confirms that Docker never asked it.
+#[tokio::test(flavor = "multi_thread")]
+async fn docker_engine_pulls_through_the_daemon_json_node_config_writes() {
+    within(
+        300,
+        "docker_engine_pulls_through_the_daemon_json_node_config_writes",
+        async {
+            let reg = Registry::start().await;
+            let index = make_multiarch(24, 80_000);
+            reg.pusher(None)
+                .index("library/enginetest", "1.0", &index)
+                .await;
+            let config = format!(
+                "[server]\ndefault_upstream = \"docker.io\"\n{}",
+                berth_config(&[Upstream::new("docker.io", &reg.url(), &["library/**"])])
+            );
+            let berth = Berth::start_with_config(&config, &[]).await;
+            let etc = tempdir();
+            std::fs::write(
+                etc.path().join("daemon.json"),
+                "{\"log-level\": \"info\"}\n",
+            )
+            .unwrap();
+            let config_path = berth.config_path();
+            let (ok, out, err) = node_config(&[
+                "docker",
+                "--config",
+                config_path.to_str().unwrap(),
+                "--url",
+                &berth.url(),
+                "--write",
+                etc.path().to_str().unwrap(),
+            ]);
+            assert!(ok && err.is_empty(), "node-config docker:\n{out}\n{err}");
+            let daemon_json = read(&etc.path().join("daemon.json"));
+            assert_loopback_only(&daemon_json, "daemon.json");
+            let v: serde_json::Value = serde_json::from_str(&daemon_json).unwrap();
+            assert_eq!(v["log-level"], "info", "{daemon_json}");
+            assert_eq!(v["registry-mirrors"], serde_json::json!([berth.url()]));
+
+            let dockerd = Dockerd::start(&etc.path().join("daemon.json")).await;
+            let info = dockerd
+                .docker(&["info", "--format", "{{json .RegistryConfig.Mirrors}}"])
+                .await;
+            assert!(
+                String::from_utf8_lossy(&info.stdout).contains(&berth.url()),
+                "dockerd does not list berth as a mirror: {}",
+                output_text(&info)
+            );
+            let pull = dockerd.docker(&["pull", "enginetest:1.0"]).await;
+            assert!(
+                pull.status.success(),
+                "docker pull enginetest:1.0 failed:\n{}\nberth log:\n{}\ndockerd log:\n{}",
+                output_text(&pull),
+                berth.log(),
+                dockerd.log()
+            );
+            let image = index.image(host_arch());
+            let inspect = dockerd
+                .docker(&["image", "inspect", "--format", "{{.Id}}", "enginetest:1.0"])
+                .await;
+            assert_eq!(
+                String::from_utf8_lossy(&inspect.stdout).trim(),
+                image.config.digest,
+                "docker's image is not the registry's"
+            );
+            // Asked in Docker's form (no namespace), and answered by berth.
+            let log = berth.log().replace('"', "");
+            assert!(
+                log.lines()
+                    .any(|l| l.contains("path=/v2/library/enginetest/manifests/1.0")
+                        && l.contains("status=200")),
+                "berth's log has no namespace-less manifest request:\n{log}"
+            );
+            let reqs = reg.requests().await;
+            assert!(
+                !reqs.iter().any(|r| r.user_agent.contains("docker/")),
+                "Docker asked the registry itself: {reqs:#?}"
+            );
+            assert!(
+                reqs.iter()
+                    .any(|r| r.path == "/v2/library/enginetest/manifests/1.0"
+                        && r.user_agent.starts_with("berth/")),
+                "berth never fetched the tag: {reqs:#?}"
+            );
+        },
+    )
+    .await;
+}

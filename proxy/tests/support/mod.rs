@@ -206,6 +206,115 @@ impl Drop for ProcGuard {
     }
 }
 
+/// A private Docker Engine: its own data root, exec root, socket and pidfile, no
+/// iptables and no bridge, the vfs storage driver (no mounts), configured by the
+/// `daemon.json` given. Stopped with SIGTERM (dockerd then stops the containerd it
+/// started), and SIGKILL if it has not stopped within 20 s.
+pub struct Dockerd {
+    child: Option<Child>,
+    sock: PathBuf,
+    log: PathBuf,
+    _dir: TempDir,
+}
+
+impl Dockerd {
+    pub async fn start(daemon_json: &Path) -> Dockerd {
+        require_tool("dockerd");
+        require_tool("docker");
+        let dir = tempdir();
+        let d = dir.path();
+        let sock = d.join("docker.sock");
+        let log = d.join("dockerd.log");
+        let child = Command::new("dockerd")
+            .arg("--config-file")
+            .arg(daemon_json)
+            .arg("--data-root")
+            .arg(d.join("data"))
+            .arg("--exec-root")
+            .arg(d.join("exec"))
+            .arg("--pidfile")
+            .arg(d.join("docker.pid"))
+            .arg("-H")
+            .arg(format!("unix://{}", sock.display()))
+            .args(["--iptables=false", "--ip6tables=false", "--bridge=none"])
+            .args(["--storage-driver", "vfs"])
+            .stdin(Stdio::null())
+            .stdout(fs::File::create(&log).unwrap())
+            .stderr(fs::OpenOptions::new().append(true).open(&log).unwrap())
+            .spawn()
+            .expect("start dockerd");
+        let mut this = Dockerd {
+            child: Some(child),
+            sock,
+            log,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if this.docker(&["version"]).await.status.success() {
+                return this;
+            }
+            if let Some(status) = this
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("dockerd exited ({status}):\n{}", tail(&this.log, 50));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "dockerd did not start:\n{}",
+                tail(&this.log, 50)
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Runs `docker -H unix://SOCK <args>`.
+    pub async fn docker(&self, args: &[&str]) -> std::process::Output {
+        let mut cmd = tokio::process::Command::new("docker");
+        cmd.arg("-H")
+            .arg(format!("unix://{}", self.sock.display()))
+            .args(args)
+            .env("DOCKER_CONFIG", self._dir.path().join("client"))
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
+        within(180, &format!("docker {args:?}"), cmd.output())
+            .await
+            .expect("run docker")
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if child.try_wait().ok().flatten().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "----- dockerd log, last lines -----\n{}\n-----",
+                tail(&self.log, 40)
+            );
+        }
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Image generation
 
