@@ -310,3 +310,166 @@ async fn docker_engine_pulls_through_the_daemon_json_node_config_writes() {
     )
     .await;
 }
+
+/// A protobuf length-delimited field.
+fn pb_bytes(field: u8, bytes: &[u8]) -> Vec<u8> {
+    let mut out = vec![(field << 3) | 2];
+    let mut n = bytes.len();
+    loop {
+        let b = (n & 0x7f) as u8;
+        n >>= 7;
+        out.push(if n > 0 { b | 0x80 } else { b });
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(bytes);
+    out
+}
+
+/// The CRI image service's `PullImage` for `image`, over containerd's socket: one gRPC
+/// call made with curl (HTTP/2 over the Unix socket, a hand-encoded
+/// `PullImageRequest{image: ImageSpec{image}}`). Returns the `image_ref` berth's content
+/// became, or gRPC's error.
+async fn cri_pull(sock: &Path, image: &str) -> Result<String, String> {
+    let msg = pb_bytes(1, &pb_bytes(1, image.as_bytes()));
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    frame.extend_from_slice(&msg);
+    let dir = tempdir();
+    let (req, resp, headers) = (
+        dir.path().join("req"),
+        dir.path().join("resp"),
+        dir.path().join("headers"),
+    );
+    std::fs::write(&req, frame).unwrap();
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--http2-prior-knowledge", "--max-time", "120"])
+        .arg("--unix-socket")
+        .arg(sock)
+        .args(["-H", "content-type: application/grpc", "-H", "te: trailers"])
+        .arg("--data-binary")
+        .arg(format!("@{}", req.display()))
+        .arg("-o")
+        .arg(&resp)
+        .arg("-D")
+        .arg(&headers)
+        .arg("http://localhost/runtime.v1.ImageService/PullImage")
+        .output()
+        .await
+        .unwrap();
+    let headers = std::fs::read_to_string(&headers).unwrap_or_default();
+    if !out.status.success()
+        || headers
+            .lines()
+            .any(|l| l.starts_with("grpc-status: ") && l.trim() != "grpc-status: 0")
+    {
+        return Err(format!("{}\n{headers}", output_text(&out)));
+    }
+    let body = std::fs::read(&resp).unwrap_or_default();
+    // A gRPC frame (5 bytes), then PullImageResponse{image_ref = 1}.
+    match body.get(5..) {
+        Some([0x0a, n, rest @ ..]) if rest.len() >= *n as usize => {
+            Ok(String::from_utf8_lossy(&rest[..*n as usize]).into_owned())
+        }
+        _ => Err(format!("an unexpected answer: {body:?}\n{headers}")),
+    }
+}
+
+/// The CRI image service (what the kubelet calls) of a real containerd, whose registry
+/// `config_path` names the certs.d folder `berth node-config containerd` wrote, pulls an
+/// image through berth; node-config finds nothing to warn about in that containerd's
+/// config.toml.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_cri_image_service_pulls_through_node_config_s_files() {
+    within(300, "the_cri_image_service_pulls_through_node_config_s_files", async {
+        require_tool("containerd");
+        let reg = Registry::start().await;
+        let index = make_multiarch(25, 90_000);
+        reg.pusher(None).index("library/criimg", "v1", &index).await;
+        let berth = Berth::start(&[Upstream::new("docker.io", &reg.url(), &["library/**"])]).await;
+        let dir = tempdir();
+        let d = dir.path();
+        let certs_d = d.join("certs.d");
+        let sock = d.join("c.sock");
+        let config = format!(
+            r#"version = 2
+root = "{root}"
+state = "{state}"
+disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs"]
+[grpc]
+  address = "{sock}"
+[ttrpc]
+  address = "{sock}.ttrpc"
+[plugins."io.containerd.grpc.v1.cri"]
+  disable_tcp_service = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  disable_cgroup = true
+  disable_apparmor = true
+  restrict_oom_score_adj = true
+[plugins."io.containerd.grpc.v1.cri".containerd]
+  snapshotter = "native"
+[plugins."io.containerd.grpc.v1.cri".cni]
+  bin_dir = "{d}/cni-bin"
+  conf_dir = "{d}/cni-conf"
+[plugins."io.containerd.grpc.v1.cri".registry]
+  config_path = "{certs}"
+"#,
+            root = d.join("root").display(),
+            state = d.join("state").display(),
+            sock = sock.display(),
+            d = d.display(),
+            certs = certs_d.display(),
+        );
+        let containerd_config = d.join("config.toml");
+        std::fs::write(&containerd_config, config).unwrap();
+        let berth_config = berth.config_path();
+        let (ok, out, err) = node_config(&[
+            "containerd",
+            "--config",
+            berth_config.to_str().unwrap(),
+            "--url",
+            &berth.url(),
+            "--write",
+            certs_d.to_str().unwrap(),
+            "--containerd-config",
+            containerd_config.to_str().unwrap(),
+        ]);
+        assert!(ok, "node-config failed:\n{out}\n{err}");
+        assert!(err.is_empty(), "warnings for a containerd set up right: {err}");
+
+        let log = d.join("containerd.log");
+        let child = std::process::Command::new("containerd")
+            .arg("--config")
+            .arg(&containerd_config)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::fs::File::create(&log).unwrap())
+            .stderr(std::fs::OpenOptions::new().append(true).open(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let _containerd = ProcGuard::new("containerd (CRI)", child, Some(log.clone()));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !read(&log).contains("serving...") {
+            assert!(std::time::Instant::now() < deadline, "containerd did not start:\n{}", read(&log));
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let image_ref = cri_pull(&sock, "docker.io/library/criimg:v1")
+            .await
+            .unwrap_or_else(|e| panic!("CRI PullImage failed: {e}\nberth log:\n{}", berth.log()));
+        assert_eq!(image_ref, index.image(host_arch()).config.digest);
+        let reqs = reg.requests().await;
+        assert!(
+            !reqs.iter().any(|r| r.user_agent.contains("containerd")),
+            "containerd went to the registry itself: {reqs:#?}"
+        );
+        let berth_log = berth.log().replace('"', "");
+        assert!(
+            berth_log.lines().any(|l| l.contains("path=/v2/library/criimg/manifests/v1")
+                && l.contains("ns=docker.io")
+                && l.contains("status=200")),
+            "berth's log has no CRI pull:\n{berth_log}"
+        );
+    })
+    .await;
+}

@@ -147,7 +147,7 @@ fn tail(path: &Path, max_lines: usize) -> String {
     lines[start..].join("\n")
 }
 
-fn require_tool(name: &str) {
+pub fn require_tool(name: &str) {
     let found = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
         .unwrap_or(false);
@@ -163,7 +163,7 @@ pub struct ProcGuard {
 }
 
 impl ProcGuard {
-    fn new(name: &str, child: Child, log: Option<PathBuf>) -> Self {
+    pub fn new(name: &str, child: Child, log: Option<PathBuf>) -> Self {
         ProcGuard {
             child: Some(child),
             name: name.to_owned(),
