@@ -128,6 +128,13 @@ bcrypt='$2y$05$abcdefghijklmnopqrstuuABCDEFGHIJKLMNOPQRSTUVWXYZ01234'
 check "checksum/config changes with a config value" compare differs 1 "" "--set config.server.drain=10s"
 check "checksum/config changes with the port" compare differs 1 "" "--set port=5001"
 check "checksum/config stays with a value outside the config" compare same 1 "" "--set logLevel=debug"
+check "checksum/secrets changes with an upstream password" compare differs 2 \
+    '--set-json config.upstreams=[{"namespace":"docker.io","url":"https://registry-1.docker.io","prefixes":["library/**"],"credentials":{"username":"u","password":"first"}}]' \
+    '--set-json config.upstreams=[{"namespace":"docker.io","url":"https://registry-1.docker.io","prefixes":["library/**"],"credentials":{"username":"u","password":"second"}}]'
+check "checksums stay when only the chart version changes" bash -c '
+    cp -r "$1" "$2/chart-next" && sed -i "s/^version: .*/version: 99.0.0/" "$2/chart-next/Chart.yaml" &&
+    a="$("$3" template berth "$1" | grep checksum/)" && b="$("$3" template berth "$2/chart-next" | grep checksum/)" &&
+    [ -n "$a" ] && [ "$a" = "$b" ]' _ "$chart" "$work" "$HELM"
 check "checksum/secrets changes with the token key" compare differs 2 \
     "--set tokenKey.value=first-key-0123456789abcdef0123456789" "--set tokenKey.value=second-key-0123456789abcdef012345678"
 check "checksum/config stays when htpasswd users change (berth re-reads the file)" \
@@ -140,6 +147,7 @@ refuses "a plain-text htpasswd entry" "not a bcrypt entry" --set-string htpasswd
 refuses "a short token key" "at least 32 bytes" --set tokenKey.value=short
 refuses "config.auth.token without a key" "needs a signing key" --set config.auth.token.lifetime=5m
 refuses "TLS without a certificate" "tls.enabled needs" --set tls.enabled=true
+refuses "node wiring without the host network" "only with daemonset.hostNetwork: true" --set daemonset.hostNetwork=false
 refuses "a ServiceMonitor on a loopback node cache" "berth listens on loopback only" --set serviceMonitor.enabled=true
 refuses "[server] listen in config (the chart owns it)" "additional properties 'listen' not allowed" --set config.server.listen=0.0.0.0:5000
 refuses "two replicas on one store" "/deployment/replicas" --set mode=deployment --set deployment.replicas=2

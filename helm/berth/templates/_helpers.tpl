@@ -171,6 +171,9 @@ render fails early with a message that says what to change.
 {{- if and .Values.tls.enabled (not .Values.tls.existingSecret) (not (and .Values.tls.cert .Values.tls.key)) }}
 {{- fail "tls.enabled needs tls.existingSecret, or both tls.cert and tls.key" }}
 {{- end }}
+{{- if and (include "berth.nodeWiring" .) (not .Values.daemonset.hostNetwork) }}
+{{- fail "nodeWiring points containerd at 127.0.0.1, which reaches berth only with daemonset.hostNetwork: true" }}
+{{- end }}
 {{- if and .Values.serviceMonitor.enabled (include "berth.daemonset" .) (include "berth.loopbackListener" .) }}
 {{- fail "serviceMonitor in daemonset mode: berth listens on loopback only, so Prometheus cannot scrape it; set daemonset.listenAddress (for example 0.0.0.0) and access rules that you mean" }}
 {{- end }}
@@ -233,9 +236,8 @@ berth.toml, rendered from values. toToml writes the TOML; the chart adds what it
 {{- $access = dict "metrics" (dict "anonymous" true) "repository" (list (dict "pattern" "**" "anonymous" (list "read"))) }}
 {{- end }}
 {{- $_ := set $doc "access" $access -}}
-# berth's configuration, rendered by the berth Helm chart ({{ include "berth.chart" . }}) from
-# its values; `berth check` validates it. Every key is in the configuration reference of
-# berth's README.
+# berth's configuration, rendered by the berth Helm chart from its values; `berth check`
+# validates it. Every key is in the configuration reference of berth's README.
 {{ toToml $doc }}
 {{- end }}
 
@@ -297,4 +299,18 @@ httpGet:
   {{- if and (include "berth.daemonset" $) $.Values.daemonset.hostNetwork (not (has (include "berth.listenHost" $) (list "0.0.0.0" "::"))) }}
   host: {{ include "berth.localHost" $ }}
   {{- end }}
+{{- end }}
+
+{{/*
+What berth reads once, at start-up, from Secrets: hashed into checksum/secrets so that a
+change rolls the pods. Values only (the Secrets' labels carry the chart version). The
+htpasswd file is not in it: berth re-reads that file when it changes.
+*/}}
+{{- define "berth.restartSecretsChecksum" -}}
+{{- $creds := list }}
+{{- range .Values.config.upstreams }}
+{{- with .credentials }}{{ $creds = append $creds (list .password .existingSecret .existingSecretKey) }}{{ end }}
+{{- end }}
+{{- $data := dict "token" (list .Values.tokenKey.value .Values.tokenKey.existingSecret .Values.tokenKey.existingSecretKey) "tls" (list .Values.tls.enabled .Values.tls.cert .Values.tls.key .Values.tls.existingSecret) "upstreams" $creds }}
+{{- toJson $data | sha256sum }}
 {{- end }}

@@ -12,7 +12,7 @@ metadata:
     {{- end }}
   annotations:
     checksum/config: {{ include "berth.config" . | sha256sum }}
-    checksum/secrets: {{ include "berth.restartSecrets" . | sha256sum }}
+    checksum/secrets: {{ include "berth.restartSecretsChecksum" . }}
     {{- with .Values.podAnnotations }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
