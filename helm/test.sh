@@ -83,6 +83,7 @@ scenarios=(
     "deployment|--set mode=deployment"
     "k3s|--set nodeWiring.runtime=k3s"
     "remove|--set nodeWiring.remove=true"
+    "node-credentials|--set nodeWiring.credentials.existingSecret=berth-node"
     "daemonset-all|-f helm/tests/daemonset-all.yaml"
     "deployment-all|-f helm/tests/deployment-all.yaml"
 )
@@ -203,6 +204,13 @@ if "$BERTH_BIN" node-config --help >/dev/null 2>&1; then
     check "node wiring: the post-delete hook's --remove restores the node's own file" \
         bash -c '"$@" && cmp "'"$work/original-hosts.toml"'" "'"$hosts/docker.io/hosts.toml"'" && ! [ -e "'"$hosts/ghcr.io/hosts.toml"'" ]' _ \
         "$PYTHON" "$checks" node-wiring "$default" remove "$BERTH_BIN" "$config" "$hosts"
+    # With a node credential (for a berth that allows no anonymous reads).
+    printf 'node:s3cret-node-credential\n' >"$work/node-credential"
+    mkdir -p "$work/certs.d-credentials"
+    check "node wiring with a credential: an Authorization header, files only root may read" \
+        bash -c '"$@" && "$1" "$2" hosts-written "$7" "$8" http://127.0.0.1:5000 node:s3cret-node-credential' _ \
+        "$PYTHON" "$checks" node-wiring "$work/node-credentials-${KUBE_VERSIONS%% *}.yaml" write "$BERTH_BIN" \
+        "$work/node-credentials.toml" "$work/certs.d-credentials" "$work/node-credential"
 else
     skipped=$((skipped + 1))
     echo "SKIP node wiring: $BERTH_BIN has no node-config subcommand yet"

@@ -7,8 +7,8 @@ Runs in the kubernetes-validate virtualenv (PyYAML and jsonschema come with it).
   chart_checks.py extract-config RENDERED OUT_TOML
   chart_checks.py properties SCENARIO RENDERED
   chart_checks.py annotations RENDERED            (prints checksum/config checksum/secrets)
-  chart_checks.py node-wiring RENDERED (write|remove) BERTH_BIN CONFIG HOSTS_DIR
-  chart_checks.py hosts-written CONFIG HOSTS_DIR URL
+  chart_checks.py node-wiring RENDERED (write|remove) BERTH_BIN CONFIG HOSTS_DIR [CREDENTIALS_FILE]
+  chart_checks.py hosts-written CONFIG HOSTS_DIR URL [USER:SECRET]
   chart_checks.py dashboard DASHBOARD_JSON REPO_ROOT RULES_OUT
   chart_checks.py serve-args RENDERED CONFIG LISTEN STORE
   chart_checks.py test-script RENDERED OUT_SCRIPT
@@ -259,11 +259,17 @@ def cmd_properties(scenario, rendered):
         want = ["/usr/local/bin/berth", "node-config", "containerd", "--config",
                 "/etc/berth/berth.toml", "--url", url, "--write", "/host/etc/containerd/certs.d"]
         remove = scenario == "remove"
+        credentials = scenario == "node-credentials"
+        extra = ["--remove"] if remove else (["--credentials-file", "/etc/berth-node/credentials"] if credentials else [])
         if expect(wiring is not None, "daemonset: no node-wiring init container"):
-            expect(wiring["command"] == want + (["--remove"] if remove else []),
-                   f"node-wiring command is {wiring['command']}")
+            expect(wiring["command"] == want + extra, f"node-wiring command is {wiring['command']}")
             wm = {m["name"]: m["mountPath"] for m in wiring["volumeMounts"]}
             expect(wm.get("hosts-dir") == "/host/etc/containerd/certs.d", "node-wiring: hosts-dir mount")
+            if credentials:
+                expect(wm.get("node-credentials") == "/etc/berth-node"
+                       and volumes["node-credentials"]["secret"]["secretName"] == "berth-node",
+                       "node-wiring: the node credential is not mounted at /etc/berth-node")
+                expect("node-credentials" not in mounts, "the berth container mounts the node credential")
             expect(volumes.get("hosts-dir", {}).get("hostPath", {}).get("path") == hosts_dir,
                    f"node-wiring: hosts-dir is not the hostPath {hosts_dir}")
         jobs = find(docs, "Job", suffix="-cleanup")
@@ -345,7 +351,7 @@ def cmd_annotations(rendered):
 
 # --- node wiring ------------------------------------------------------------------------
 
-def cmd_node_wiring(rendered, action, berth_bin, config, hosts_dir):
+def cmd_node_wiring(rendered, action, berth_bin, config, hosts_dir, credentials=None):
     """Runs the rendered init container's (write) or cleanup hook's (remove) command, with
     the container's paths mapped onto this machine's."""
     docs = load(rendered)
@@ -355,7 +361,7 @@ def cmd_node_wiring(rendered, action, berth_bin, config, hosts_dir):
     else:
         cmd = find(docs, "Job", suffix="-cleanup")[0]["spec"]["template"]["spec"]["containers"][0]["command"]
     mapping = {"/usr/local/bin/berth": berth_bin, "/etc/berth/berth.toml": config,
-               "/host/etc/containerd/certs.d": hosts_dir}
+               "/host/etc/containerd/certs.d": hosts_dir, "/etc/berth-node/credentials": credentials}
     cmd = [mapping.get(a, a) for a in cmd]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
@@ -363,7 +369,7 @@ def cmd_node_wiring(rendered, action, berth_bin, config, hosts_dir):
     finish()
 
 
-def cmd_hosts_written(config, hosts_dir, url):
+def cmd_hosts_written(config, hosts_dir, url, credential=None):
     with open(config, "rb") as f:
         upstreams = tomllib.load(f)["upstream"]
     for u in upstreams:
@@ -378,6 +384,14 @@ def cmd_hosts_written(config, hosts_dir, url):
             expect({"pull", "resolve"} <= set(host.get("capabilities", [])),
                    f"{path}: capabilities {host.get('capabilities')}")
             expect("push" not in host.get("capabilities", []), f"{path}: berth is a push host")
+            if credential:
+                import base64
+                want = "Basic " + base64.b64encode(credential.encode()).decode()
+                expect(host.get("header", {}).get("Authorization") in (want, [want]),
+                       f"{path}: no Authorization header with the node's credential")
+                expect(os.stat(path).st_mode & 0o077 == 0, f"{path} holds a credential but others may read it")
+            else:
+                expect("header" not in host, f"{path}: a header without a node credential")
     finish()
 
 

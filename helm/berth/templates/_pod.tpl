@@ -109,6 +109,11 @@ spec:
           readOnly: true
         - name: hosts-dir
           mountPath: /host/etc/containerd/certs.d
+        {{- if .Values.nodeWiring.credentials.existingSecret }}
+        - name: node-credentials
+          mountPath: /etc/berth-node
+          readOnly: true
+        {{- end }}
     {{- end }}
   {{- end }}
   containers:
@@ -178,6 +183,15 @@ spec:
       hostPath:
         path: {{ include "berth.hostsDir" . }}
         type: DirectoryOrCreate
+    {{- with .Values.nodeWiring.credentials.existingSecret }}
+    - name: node-credentials
+      secret:
+        secretName: {{ . }}
+        defaultMode: 0400
+        items:
+          - key: {{ $.Values.nodeWiring.credentials.key }}
+            path: credentials
+    {{- end }}
     {{- end }}
     {{- with .Values.extraVolumes }}
     {{- toYaml . | nindent 4 }}
@@ -200,6 +214,9 @@ The node wiring command: list (root context, remove?).
 - /host/etc/containerd/certs.d
 {{- if index . 1 }}
 - --remove
+{{- else if $.Values.nodeWiring.credentials.existingSecret }}
+- --credentials-file
+- /etc/berth-node/credentials
 {{- end }}
 {{- range $.Values.nodeWiring.extraArgs }}
 - {{ . | quote }}
