@@ -12,8 +12,12 @@
 #   directory, the post-delete hook, checksums that follow the configuration, Secrets
 #   that never reach the ConfigMap;
 # - values the chart must refuse;
-# - the rendered node wiring command run against a temporary hosts directory, and the
-#   cleanup hook's --remove restoring it (once `berth node-config` exists);
+# - a real berth started with the rendered args and berth.toml serves the helm test
+#   pod's own script (once it serves /readyz), and with nothing anonymous still answers
+#   the probes' unauthenticated /readyz and /healthz;
+# - the rendered node wiring command run against a temporary hosts directory (twice, and
+#   with a node credential), and the cleanup hook's --remove restoring it (once `berth
+#   node-config` exists);
 # - the Grafana dashboard's queries: berth's own metric names, valid PromQL (promtool);
 # - the chart README's values table is the one helm/gen-readme makes from values.yaml.
 #
@@ -184,6 +188,25 @@ else
 fi
 check "the pull-only default refuses an anonymous push (401)" \
     bash -c '[ "$(curl -s -o /dev/null -w "%{http_code}" -X POST "$1/v2/team/app/blobs/uploads/")" = 401 ]' _ "http://127.0.0.1:$bport"
+
+# With nothing anonymous (examples/no-anonymous.yaml), the kubelet's probes, which send no
+# credentials, still get 200 from /readyz and /healthz, and /v2/ asks for credentials.
+na="$work/no-anonymous"
+mkdir -p "$na"
+"$PYTHON" "$checks" extract-config "$work/example-no-anonymous-${KUBE_VERSIONS%% *}.yaml" "$na/berth.toml"
+sed -i "s|/etc/berth/htpasswd|$na/htpasswd|; s|/etc/berth/token.key|$na/token.key|" "$na/berth.toml"
+printf 'builder:%s\n' "$bcrypt" >"$na/htpasswd"
+head -c 48 /dev/urandom >"$na/token.key"
+naport="$("$PYTHON" "$checks" free-port)"
+"$BERTH_BIN" serve --config "$na/berth.toml" --listen "127.0.0.1:$naport" --store "$na/store" >"$na/berth.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do curl -fs -o /dev/null "http://127.0.0.1:$naport/healthz" && break; sleep 0.1; done
+status_is() { [ "$(curl -s -o /dev/null -w '%{http_code}' "$2")" = "$1" ]; }
+check "no-anonymous: the startup and readiness probe's /readyz answers 200 without credentials" \
+    status_is 200 "http://127.0.0.1:$naport/readyz"
+check "no-anonymous: the liveness probe's /healthz answers 200 without credentials" \
+    status_is 200 "http://127.0.0.1:$naport/healthz"
+check "no-anonymous: /v2/ without credentials is 401" status_is 401 "http://127.0.0.1:$naport/v2/"
 
 # The node wiring command, as rendered, against a temporary hosts directory.
 if "$BERTH_BIN" node-config --help >/dev/null 2>&1; then
