@@ -159,6 +159,8 @@ refuses "two replicas on one store" "/deployment/replicas" --set mode=deployment
 refuses "an unknown mode" "/mode" --set mode=statefulset
 refuses "an unknown access action" "/config/access/repository/0/anonymous/0" \
     --set 'config.access.repository[0].pattern=**' --set 'config.access.repository[0].anonymous[0]=pull'
+refuses "a default_upstream that is not an upstream" "is not one of config.upstreams" \
+    --set-json 'config.upstreams=[{"namespace":"quay.io","url":"https://quay.io","prefixes":["prometheus/**"]}]'
 refuses "two password sources for an upstream" "exactly one of password" \
     --set-json 'config.upstreams=[{"namespace":"docker.io","url":"https://registry-1.docker.io","prefixes":["library/**"],"credentials":{"username":"u","password":"p","password_env":"X"}}]'
 

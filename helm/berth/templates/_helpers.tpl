@@ -177,6 +177,13 @@ render fails early with a message that says what to change.
 {{- if and .Values.serviceMonitor.enabled (include "berth.daemonset" .) (include "berth.loopbackListener" .) }}
 {{- fail "serviceMonitor in daemonset mode: berth listens on loopback only, so Prometheus cannot scrape it; set daemonset.listenAddress (for example 0.0.0.0) and access rules that you mean" }}
 {{- end }}
+{{- with (.Values.config.server | default dict).default_upstream }}
+{{- $names := list }}
+{{- range $.Values.config.upstreams }}{{ $names = append $names .namespace }}{{ end }}
+{{- if not (has . $names) }}
+{{- fail (printf "config.server.default_upstream %q is not one of config.upstreams (%s): set it to one, or to null" . (join ", " $names)) }}
+{{- end }}
+{{- end }}
 {{- range $i, $u := .Values.config.upstreams }}
 {{- with $u.credentials }}
 {{- $n := 0 }}
