@@ -473,3 +473,143 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
     })
     .await;
 }
+
+/// A node cache that lets nothing anonymous in: containerd never sends a pod's
+/// imagePullSecrets to a mirror, so the node's own credential, which `node-config
+/// --credentials-file` writes into hosts.toml as an `Authorization` header, is what its
+/// pulls carry. Anonymous requests are refused; containerd pulls with the header, and
+/// never falls back to the registry.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_credential_in_hosts_toml_lets_containerd_pull_when_nothing_is_anonymous() {
+    within(
+        300,
+        "a_node_credential_in_hosts_toml_lets_containerd_pull_when_nothing_is_anonymous",
+        async {
+            let reg = Registry::start().await;
+            let index = make_multiarch(26, 60_000);
+            reg.pusher(None).index("library/authimg", "v1", &index).await;
+            let secrets = tempdir();
+            let htpasswd = secrets.path().join("htpasswd");
+            let hash = bcrypt::hash("node-secret", 4).unwrap();
+            std::fs::write(&htpasswd, format!("node:{hash}\n")).unwrap();
+            let credentials = secrets.path().join("node-credentials");
+            std::fs::write(&credentials, "node:node-secret\n").unwrap();
+            let config = format!(
+                "[auth]\nhtpasswd = \"{}\"\n[access]\n[[access.repository]]\npattern = \"docker.io/**\"\npolicies = [{{ users = [\"node\"], actions = [\"read\"] }}]\n{}",
+                htpasswd.display(),
+                berth_config(&[Upstream::new("docker.io", &reg.url(), &["library/**"])])
+            );
+            let berth = Berth::start_with_config(&config, &[]).await;
+            let anonymous = berth
+                .get("/v2/library/authimg/manifests/v1?ns=docker.io", &[])
+                .await;
+            assert_eq!(anonymous.status().as_u16(), 401, "an anonymous pull was served");
+
+            let certs = tempdir();
+            let berth_config = berth.config_path();
+            let (ok, out, err) = node_config(&[
+                "containerd",
+                "--config",
+                berth_config.to_str().unwrap(),
+                "--url",
+                &berth.url(),
+                "--credentials-file",
+                credentials.to_str().unwrap(),
+                "--write",
+                certs.path().to_str().unwrap(),
+                "--containerd-config",
+                "/nonexistent/config.toml",
+            ]);
+            assert!(ok, "node-config failed:\n{out}\n{err}");
+            let hosts = certs.path().join("docker.io/hosts.toml");
+            let mode = std::os::unix::fs::PermissionsExt::mode(
+                &std::fs::metadata(&hosts).unwrap().permissions(),
+            );
+            assert_eq!(mode & 0o777, 0o600, "a hosts.toml with a credential is readable by others");
+
+            let ctd = Containerd::start().await;
+            let o = ctd
+                .pull("node-auth", "docker.io/library/authimg:v1", certs.path())
+                .await;
+            assert!(
+                o.status.success(),
+                "ctr pull with the node credential failed:\n{}\nberth log:\n{}",
+                output_text(&o),
+                berth.log()
+            );
+            let reqs = reg.requests().await;
+            assert!(
+                !reqs.iter().any(|r| r.user_agent.contains("containerd")),
+                "containerd fell back to the registry: {reqs:#?}"
+            );
+            let log = berth.log().replace('"', "");
+            assert!(
+                log.lines().any(|l| l.contains("user=node")
+                    && l.contains("path=/v2/library/authimg/manifests/v1")
+                    && l.contains("status=200")),
+                "berth did not serve the pull as the node's user:\n{log}"
+            );
+        },
+    )
+    .await;
+}
+
+/// The `registries.yaml` for k3s, checked against the format k3s documents: top-level
+/// `mirrors` (a registry name to `endpoint`, a list of URLs) and `configs` (a registry
+/// host to `auth` {username, password} and `tls` {ca_file, cert_file, key_file,
+/// insecure_skip_verify}), parsed as YAML.
+#[test]
+fn k3s_registries_yaml_follows_k3s_s_format() {
+    let dir = tempdir();
+    let config = dir.path().join("berth.toml");
+    // Never contacted: node-config only reads the configuration.
+    let closed = ClosedPort::new();
+    std::fs::write(
+        &config,
+        berth_config(&[
+            Upstream::new("docker.io", &closed.url(), &["library/**"]),
+            Upstream::new("ghcr.io", &closed.url(), &["a/**"]),
+        ]),
+    )
+    .unwrap();
+    let credentials = dir.path().join("node");
+    std::fs::write(&credentials, "node:s3cret\n").unwrap();
+    let (ok, out, err) = node_config(&[
+        "k3s",
+        "--config",
+        config.to_str().unwrap(),
+        "--url",
+        "https://127.0.0.1:5443",
+        "--ca",
+        "/etc/berth/ca.pem",
+        "--credentials-file",
+        credentials.to_str().unwrap(),
+        "--write",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}\n{err}");
+    let check = r#"
+import sys, yaml
+doc = yaml.safe_load(open(sys.argv[1]))
+assert set(doc) <= {"mirrors", "configs"}, doc
+for name, m in doc["mirrors"].items():
+    assert set(m) <= {"endpoint", "rewrite"}, m
+    assert isinstance(m["endpoint"], list) and all(e.startswith(("http://", "https://")) for e in m["endpoint"]), m
+for host, c in doc["configs"].items():
+    assert "://" not in host, host
+    assert set(c) <= {"auth", "tls"}, c
+    assert set(c.get("auth", {})) <= {"username", "password", "auth", "identitytoken"}, c
+    assert set(c.get("tls", {})) <= {"ca_file", "cert_file", "key_file", "insecure_skip_verify"}, c
+print(sorted(doc["mirrors"]), doc["mirrors"]["docker.io"]["endpoint"], doc["configs"])
+"#;
+    let o = std::process::Command::new("python3")
+        .args(["-c", check])
+        .arg(dir.path().join("registries.yaml"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", output_text(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        "['docker.io', 'ghcr.io'] ['https://127.0.0.1:5443'] {'127.0.0.1:5443': {'auth': {'username': 'node', 'password': 's3cret'}, 'tls': {'ca_file': '/etc/berth/ca.pem'}}}"
+    );
+}
