@@ -172,7 +172,8 @@ pids+=($!)
 for _ in $(seq 50); do [ -s "$work/upstream.port" ] && break; sleep 0.1; done
 uport="$(cat "$work/upstream.port")"
 bport="$("$PYTHON" "$checks" free-port)"
-render --set-json "config.upstreams=[{\"namespace\":\"docker.io\",\"url\":\"http://127.0.0.1:$uport\",\"prefixes\":[\"library/**\"]}]" \
+render --set "port=$bport" \
+    --set-json "config.upstreams=[{\"namespace\":\"docker.io\",\"url\":\"http://127.0.0.1:$uport\",\"prefixes\":[\"library/**\"]}]" \
     >"$work/serve.yaml"
 "$PYTHON" "$checks" extract-config "$work/serve.yaml" "$work/serve.toml"
 mapfile -t serve_args < <("$PYTHON" "$checks" serve-args "$work/serve.yaml" "$work/serve.toml" "127.0.0.1:$bport" "$work/store")
@@ -236,6 +237,30 @@ if "$BERTH_BIN" node-config --help >/dev/null 2>&1; then
         bash -c '"$@" && "$1" "$2" hosts-written "$7" "$8" http://127.0.0.1:5000 node:s3cret-node-credential' _ \
         "$PYTHON" "$checks" node-wiring "$work/node-credentials-${KUBE_VERSIONS%% *}.yaml" write "$BERTH_BIN" \
         "$work/node-credentials.toml" "$work/certs.d-credentials" "$work/node-credential"
+    # The files the rendered command writes for the berth running above (rendered with its
+    # port), used by a real containerd: it pulls through berth, as the node would.
+    if command -v containerd >/dev/null && command -v ctr >/dev/null; then
+        live="$work/certs.d-live"
+        ctd="$work/containerd"
+        mkdir -p "$live" "$ctd"
+        printf '%s\n' 'version = 2' "root = \"$ctd/root\"" "state = \"$ctd/state\"" \
+            'disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt", "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs"]' \
+            '[grpc]' "  address = \"$ctd/c.sock\"" '[ttrpc]' "  address = \"$ctd/c.sock.ttrpc\"" \
+            >"$ctd/config.toml"
+        containerd --config "$ctd/config.toml" >"$ctd/log" 2>&1 &
+        pids+=($!)
+        for _ in $(seq 100); do ctr --address "$ctd/c.sock" version >/dev/null 2>&1 && break; sleep 0.1; done
+        ctr_pull() {
+            "$PYTHON" "$checks" node-wiring "$work/serve.yaml" write "$BERTH_BIN" "$work/serve.toml" "$live" &&
+                ctr --address "$ctd/c.sock" -n helm-test images pull --snapshotter native --hosts-dir "$live" \
+                    docker.io/library/busybox:1.37.0 >"$ctd/pull.log" 2>&1 &&
+                tr -d '"' <"$work/berth.log" | grep -q 'path=/v2/library/busybox/manifests/1.37.0 ns=docker.io status=200'
+        }
+        check "node wiring: containerd pulls through berth with the files the rendered command wrote" ctr_pull
+    else
+        skipped=$((skipped + 1))
+        echo "SKIP node wiring with a real containerd: no containerd (scripts/setup installs it)"
+    fi
 else
     skipped=$((skipped + 1))
     echo "SKIP node wiring: $BERTH_BIN has no node-config subcommand yet"

@@ -476,13 +476,19 @@ def cmd_test_script(rendered, out):
 
 
 def cmd_stand_in_upstream(port_file):
-    """A registry that serves one manifest, as an upstream of berth on loopback."""
+    """A registry that serves one image (a config and no layers), as an upstream of berth
+    on loopback: enough for curl and for containerd to pull."""
     import http.server
+    import platform
+    arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(platform.machine(), platform.machine())
+    config = json.dumps({"architecture": arch, "os": "linux",
+                         "rootfs": {"type": "layers", "diff_ids": []}}).encode()
+    config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
     manifest = json.dumps({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "size": 2,
-                   "digest": "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"},
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "size": len(config), "digest": config_digest},
         "layers": [],
     }).encode()
     digest = "sha256:" + hashlib.sha256(manifest).hexdigest()
@@ -497,6 +503,8 @@ def cmd_stand_in_upstream(port_file):
                 self.send(200, b"{}", "application/json")
             elif path in ("/v2/library/busybox/manifests/1.37.0", f"/v2/library/busybox/manifests/{digest}"):
                 self.send(200, manifest, "application/vnd.oci.image.manifest.v1+json", body, digest)
+            elif path == f"/v2/library/busybox/blobs/{config_digest}":
+                self.send(200, config, "application/octet-stream", body, config_digest)
             else:
                 self.send(404, b'{"errors":[{"code":"MANIFEST_UNKNOWN","message":"unknown"}]}', "application/json", body)
 
