@@ -34,6 +34,26 @@ fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+/// The client whose user agent contains `agent` never asked the registry itself: it went
+/// through berth, not around it (a mirror's fallback).
+async fn assert_not_asked_by(reg: &Registry, agent: &str) {
+    let reqs = reg.requests().await;
+    assert!(
+        !reqs.iter().any(|r| r.user_agent.contains(agent)),
+        "{agent} went to the registry itself: {reqs:#?}"
+    );
+}
+
+/// berth's access log has a line with every one of `parts` (`path=…`, `ns=…`,
+/// `status=200`).
+fn assert_logged(berth: &Berth, parts: &[&str]) {
+    let log = berth.log().replace('"', "");
+    assert!(
+        log.lines().any(|l| parts.iter().all(|p| l.contains(p))),
+        "berth's log has no line with {parts:?}:\n{log}"
+    );
+}
+
 /// `berth node-config containerd --write` installs one hosts.toml per upstream (backing up
 /// what was there), a real containerd pulls both namespaces through berth with them and
 /// never asks the registry itself, a second run changes nothing, and `--remove` puts the
@@ -101,11 +121,8 @@ async fn containerd_pulls_through_the_files_node_config_writes() {
                     berth.log()
                 );
             }
+            assert_not_asked_by(&reg, "containerd").await;
             let reqs = reg.requests().await;
-            assert!(
-                !reqs.iter().any(|r| r.user_agent.contains("containerd")),
-                "containerd went to the registry itself: {reqs:#?}"
-            );
             for (repo, index) in [("library/nodeimg", &lib), ("team/app", &app)] {
                 for blob in index.image(host_arch()).blobs() {
                     let path = format!("/v2/{repo}/blobs/{}", blob.digest);
@@ -288,18 +305,15 @@ async fn docker_engine_pulls_through_the_daemon_json_node_config_writes() {
                 "docker's image is not the registry's"
             );
             // Asked in Docker's form (no namespace), and answered by berth.
-            let log = berth.log().replace('"', "");
-            assert!(
-                log.lines()
-                    .any(|l| l.contains("path=/v2/library/enginetest/manifests/1.0")
-                        && l.contains("status=200")),
-                "berth's log has no namespace-less manifest request:\n{log}"
+            assert_logged(
+                &berth,
+                &[
+                    "path=/v2/library/enginetest/manifests/1.0 ns= ",
+                    "status=200",
+                ],
             );
+            assert_not_asked_by(&reg, "docker/").await;
             let reqs = reg.requests().await;
-            assert!(
-                !reqs.iter().any(|r| r.user_agent.contains("docker/")),
-                "Docker asked the registry itself: {reqs:#?}"
-            );
             assert!(
                 reqs.iter()
                     .any(|r| r.path == "/v2/library/enginetest/manifests/1.0"
@@ -458,17 +472,10 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
             .await
             .unwrap_or_else(|e| panic!("CRI PullImage failed: {e}\nberth log:\n{}", berth.log()));
         assert_eq!(image_ref, index.image(host_arch()).config.digest);
-        let reqs = reg.requests().await;
-        assert!(
-            !reqs.iter().any(|r| r.user_agent.contains("containerd")),
-            "containerd went to the registry itself: {reqs:#?}"
-        );
-        let berth_log = berth.log().replace('"', "");
-        assert!(
-            berth_log.lines().any(|l| l.contains("path=/v2/library/criimg/manifests/v1")
-                && l.contains("ns=docker.io")
-                && l.contains("status=200")),
-            "berth's log has no CRI pull:\n{berth_log}"
+        assert_not_asked_by(&reg, "containerd").await;
+        assert_logged(
+            &berth,
+            &["path=/v2/library/criimg/manifests/v1", "ns=docker.io", "status=200"],
         );
     })
     .await;
@@ -537,17 +544,10 @@ async fn a_node_credential_in_hosts_toml_lets_containerd_pull_when_nothing_is_an
                 output_text(&o),
                 berth.log()
             );
-            let reqs = reg.requests().await;
-            assert!(
-                !reqs.iter().any(|r| r.user_agent.contains("containerd")),
-                "containerd fell back to the registry: {reqs:#?}"
-            );
-            let log = berth.log().replace('"', "");
-            assert!(
-                log.lines().any(|l| l.contains("user=node")
-                    && l.contains("path=/v2/library/authimg/manifests/v1")
-                    && l.contains("status=200")),
-                "berth did not serve the pull as the node's user:\n{log}"
+            assert_not_asked_by(&reg, "containerd").await;
+            assert_logged(
+                &berth,
+                &["user=node", "path=/v2/library/authimg/manifests/v1", "status=200"],
             );
         },
     )
