@@ -171,7 +171,8 @@ pub fn token_realm(config: &Config, listen: SocketAddr) -> Option<String> {
     }
 }
 
-fn scheme(config: &Config) -> &'static str {
+/// `https` when berth serves TLS, else `http`.
+pub(crate) fn scheme(config: &Config) -> &'static str {
     if config.server.tls.is_some() {
         "https"
     } else {

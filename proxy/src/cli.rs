@@ -253,11 +253,7 @@ fn default_node_url(config: &Config, runtime: crate::node_config::Runtime) -> St
     if let Some(url) = &config.server.external_url {
         return url.clone();
     }
-    let scheme = if config.server.tls.is_some() {
-        "https"
-    } else {
-        "http"
-    };
+    let scheme = crate::auth::scheme(config);
     let listen = config
         .server
         .listen

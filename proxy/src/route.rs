@@ -264,8 +264,8 @@ fn target(name: &str, ns: Option<&str>, config: &Config) -> Result<Option<Target
                 .and_then(|(first, repo)| Some((config.upstream(first)?, repo)));
             match (upstream, config.default_upstream()) {
                 (Some((up, repo)), _) => (up, repo, Form::Namespaced),
-                (None, Some(up)) if mirrors(up, name) => (up, name, Form::Default),
-                (None, _) => return Ok(None),
+                (None, Some(up)) => return Ok(mirrored(up, name)),
+                (None, None) => return Ok(None),
             }
         }
     };
@@ -290,15 +290,25 @@ fn upstream_repo(upstream: &UpstreamConfig, repo: &str) -> String {
     }
 }
 
-/// Whether the default upstream mirrors `name` (a path without a namespace): it matches
-/// the upstream's prefixes. Anything else stays private, so private repositories keep
-/// names outside the mirrored prefixes, and a mirrored name can never be pushed.
-fn mirrors(upstream: &UpstreamConfig, name: &str) -> bool {
-    is_valid_name(name)
-        && upstream
-            .prefixes
-            .iter()
-            .any(|g| g.matches(&upstream_repo(upstream, name)))
+/// The default upstream's repository for `name` (a path without a namespace), if the
+/// upstream's prefixes admit it. Anything else stays private (`None`), so private
+/// repositories keep names outside the mirrored prefixes, and a mirrored name can never be
+/// pushed.
+fn mirrored(upstream: &UpstreamConfig, name: &str) -> Option<Target> {
+    if !is_valid_name(name) {
+        return None;
+    }
+    let repo = upstream_repo(upstream, name);
+    admits(upstream, &repo).then(|| Target {
+        upstream: upstream.namespace.clone(),
+        repo,
+        form: Form::Default,
+    })
+}
+
+/// Whether one of the upstream's prefixes matches `repo`.
+fn admits(upstream: &UpstreamConfig, repo: &str) -> bool {
+    upstream.prefixes.iter().any(|g| g.matches(repo))
 }
 
 fn unknown_upstream(ns: &str, config: &Config) -> ApiError {
@@ -318,7 +328,7 @@ fn unknown_upstream(ns: &str, config: &Config) -> ApiError {
 
 /// Refuses a repository that none of the upstream's prefixes match.
 pub fn allow(upstream: &UpstreamConfig, repo: &str) -> Result<(), ApiError> {
-    if upstream.prefixes.iter().any(|g| g.matches(repo)) {
+    if admits(upstream, repo) {
         return Ok(());
     }
     let rule = if upstream.prefixes.is_empty() {
