@@ -8,15 +8,8 @@ use std::path::Path;
 
 use support::*;
 
-fn host_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "aarch64" => "arm64",
-        _ => "amd64",
-    }
-}
-
 /// Runs `berth node-config <args>`; returns (success, stdout, stderr).
-fn node_config(args: &[&str]) -> (bool, String, String) {
+fn node_config<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (bool, String, String) {
     let out = std::process::Command::new(berth_binary())
         .arg("node-config")
         .args(args)
@@ -28,6 +21,29 @@ fn node_config(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// The arguments of `berth node-config containerd` for `berth`, writing `certs_d` and
+/// checking `containerd_config`, then `extra`.
+fn containerd_wiring(
+    berth: &Berth,
+    certs_d: &Path,
+    containerd_config: &Path,
+    extra: &[&str],
+) -> Vec<String> {
+    let mut args = vec![
+        "containerd".to_owned(),
+        "--config".to_owned(),
+        berth.config_path().display().to_string(),
+        "--url".to_owned(),
+        berth.url(),
+        "--write".to_owned(),
+        certs_d.display().to_string(),
+        "--containerd-config".to_owned(),
+        containerd_config.display().to_string(),
+    ];
+    args.extend(extra.iter().map(|a| a.to_string()));
+    args
 }
 
 fn read(path: &Path) -> String {
@@ -79,18 +95,8 @@ async fn containerd_pulls_through_the_files_node_config_writes() {
             let certs_d = certs.path().join("certs.d");
             std::fs::create_dir_all(certs_d.join("docker.io")).unwrap();
             std::fs::write(certs_d.join("docker.io/hosts.toml"), "# the node's own\n").unwrap();
-            let config = berth.config_path();
-            let args = [
-                "containerd",
-                "--config",
-                config.to_str().unwrap(),
-                "--url",
-                &berth.url(),
-                "--write",
-                certs_d.to_str().unwrap(),
-                "--containerd-config",
-                "/nonexistent/config.toml",
-            ];
+            let args =
+                containerd_wiring(&berth, &certs_d, Path::new("/nonexistent/config.toml"), &[]);
             let (ok, out, err) = node_config(&args);
             assert!(ok, "node-config failed:\n{out}\n{err}");
             assert!(out.contains("Replaced") && out.contains("Created"), "{out}");
@@ -134,8 +140,8 @@ async fn containerd_pulls_through_the_files_node_config_writes() {
                 }
             }
 
-            let mut remove = args.to_vec();
-            remove.push("--remove");
+            let mut remove = args.clone();
+            remove.push("--remove".to_owned());
             let (ok, out, err) = node_config(&remove);
             assert!(ok, "node-config --remove failed:\n{out}\n{err}");
             assert_eq!(
@@ -438,18 +444,8 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
         );
         let containerd_config = d.join("config.toml");
         std::fs::write(&containerd_config, config).unwrap();
-        let berth_config = berth.config_path();
-        let (ok, out, err) = node_config(&[
-            "containerd",
-            "--config",
-            berth_config.to_str().unwrap(),
-            "--url",
-            &berth.url(),
-            "--write",
-            certs_d.to_str().unwrap(),
-            "--containerd-config",
-            containerd_config.to_str().unwrap(),
-        ]);
+        let (ok, out, err) =
+            node_config(&containerd_wiring(&berth, &certs_d, &containerd_config, &[]));
         assert!(ok, "node-config failed:\n{out}\n{err}");
         assert!(err.is_empty(), "warnings for a containerd set up right: {err}");
 
@@ -513,20 +509,12 @@ async fn a_node_credential_in_hosts_toml_lets_containerd_pull_when_nothing_is_an
             assert_eq!(anonymous.status().as_u16(), 401, "an anonymous pull was served");
 
             let certs = tempdir();
-            let berth_config = berth.config_path();
-            let (ok, out, err) = node_config(&[
-                "containerd",
-                "--config",
-                berth_config.to_str().unwrap(),
-                "--url",
-                &berth.url(),
-                "--credentials-file",
-                credentials.to_str().unwrap(),
-                "--write",
-                certs.path().to_str().unwrap(),
-                "--containerd-config",
-                "/nonexistent/config.toml",
-            ]);
+            let (ok, out, err) = node_config(&containerd_wiring(
+                &berth,
+                certs.path(),
+                Path::new("/nonexistent/config.toml"),
+                &["--credentials-file", credentials.to_str().unwrap()],
+            ));
             assert!(ok, "node-config failed:\n{out}\n{err}");
             let hosts = certs.path().join("docker.io/hosts.toml");
             let mode = std::os::unix::fs::PermissionsExt::mode(

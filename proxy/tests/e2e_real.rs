@@ -10,14 +10,6 @@ use std::time::{Duration, Instant};
 
 use support::*;
 
-fn host_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => panic!("no test image for {other}"),
-    }
-}
-
 /// 1. skopeo copies of a single-arch image and of a multi-arch index through berth are
 ///    byte-identical to what was pushed upstream; containerd's `?ns=` form serves the
 ///    same bytes and says which namespace it used.

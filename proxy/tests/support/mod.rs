@@ -495,6 +495,15 @@ pub fn make_index(images: Vec<Image>) -> Index {
     }
 }
 
+/// The platform of [`make_multiarch`]'s images that a client on this machine pulls.
+pub fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => panic!("no test image for {other}"),
+    }
+}
+
 /// A two-platform (linux/amd64, linux/arm64) index: one shared layer plus one layer of
 /// its own per platform. `seed` makes every image distinct.
 pub fn make_multiarch(seed: u64, layer_size: usize) -> Index {
