@@ -9,15 +9,21 @@
 //! The invariant: a file exists under `blobs/` only if its bytes were hashed while they
 //! were written and matched the digest that names it (see [`BlobWriter::commit`]).
 //!
+//! Pins: a blob open for reading ([`BlobStore::open_blob`]) is pinned until its
+//! [`StoredBlob`] is dropped, and [`BlobStore::delete_unpinned`] (what eviction uses)
+//! leaves a pinned blob alone.
+//!
 //! Durability: every published file is synced before its rename. A push
 //! ([`BlobWriter::commit_as`]) also syncs the directory after the rename (and, for a new
 //! shard directory, its parents), so an acknowledged push survives a power loss; a
 //! pulled-through blob ([`BlobWriter::commit`]) can be fetched again and skips that.
 
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 
@@ -28,6 +34,10 @@ use crate::StoreError;
 #[derive(Debug)]
 pub struct BlobStore {
     root: PathBuf,
+    /// How many readers hold each blob open.
+    pins: Arc<Pins>,
+    /// Bytes published minus bytes deleted since the store was opened.
+    delta: Arc<AtomicI64>,
     /// How many directory syncs commits made (observed by tests).
     #[cfg(test)]
     dir_syncs: AtomicU64,
@@ -49,6 +59,8 @@ impl BlobStore {
         fs::create_dir_all(&tmp)?;
         Ok(BlobStore {
             root: root.to_owned(),
+            pins: Arc::default(),
+            delta: Arc::default(),
             #[cfg(test)]
             dir_syncs: AtomicU64::new(0),
         })
@@ -77,7 +89,11 @@ impl BlobStore {
         match File::open(self.path(digest)) {
             Ok(file) => {
                 let size = file.metadata()?.len();
-                Ok(Some(StoredBlob { file, size }))
+                Ok(Some(StoredBlob {
+                    file,
+                    size,
+                    _pin: Pin::new(&self.pins, digest),
+                }))
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e.into()),
@@ -105,6 +121,7 @@ impl BlobStore {
             expected: expected.clone(),
             written: 0,
             committed: false,
+            delta: self.delta.clone(),
         })
     }
 
@@ -150,9 +167,104 @@ impl BlobStore {
 
     /// Removes a published blob. Removing one that is not there is not an error.
     pub fn delete(&self, digest: &Digest) -> Result<(), StoreError> {
-        match fs::remove_file(self.path(digest)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e.into()),
-            _ => Ok(()),
+        self.remove(digest).map(|_| ())
+    }
+
+    /// Removes a published blob unless a reader holds it open; returns the bytes freed,
+    /// `None` if it is pinned. A reader that opens it after this looks finds it gone.
+    pub fn delete_unpinned(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        let pins = self.pins.0.lock().unwrap_or_else(|e| e.into_inner());
+        if pins.contains_key(digest) {
+            return Ok(None);
+        }
+        let freed = self.remove(digest)?;
+        drop(pins);
+        Ok(Some(freed))
+    }
+
+    /// Whether a reader holds `digest` open.
+    pub fn is_pinned(&self, digest: &Digest) -> bool {
+        self.pins
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains_key(digest)
+    }
+
+    fn remove(&self, digest: &Digest) -> Result<u64, StoreError> {
+        let path = self.path(digest);
+        let size = match fs::metadata(&path) {
+            Ok(m) => m.len(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(e.into()),
+        };
+        match fs::remove_file(path) {
+            Ok(()) => {
+                self.delta.fetch_sub(size as i64, Ordering::Relaxed);
+                Ok(size)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Bytes published minus bytes deleted since the store was opened: added to a count
+    /// of the stored bytes made at some moment, it keeps the count current.
+    pub fn bytes_delta(&self) -> i64 {
+        self.delta.load(Ordering::Relaxed)
+    }
+
+    /// The filesystem the store is on: `(available, total)` bytes, as an unprivileged
+    /// process may use them.
+    pub fn filesystem(&self) -> Result<(u64, u64), StoreError> {
+        let st = rustix::fs::statvfs(&self.root).map_err(io::Error::from)?;
+        let block = st.f_frsize.max(1);
+        Ok((
+            st.f_bavail.saturating_mul(block),
+            st.f_blocks.saturating_mul(block),
+        ))
+    }
+
+    /// The store's root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+}
+
+/// Readers per pinned blob.
+#[derive(Debug, Default)]
+struct Pins(Mutex<HashMap<Digest, usize>>);
+
+/// One reader's pin, released when dropped.
+#[derive(Debug)]
+struct Pin {
+    pins: Arc<Pins>,
+    digest: Digest,
+}
+
+impl Pin {
+    fn new(pins: &Arc<Pins>, digest: &Digest) -> Self {
+        *pins
+            .0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(digest.clone())
+            .or_insert(0) += 1;
+        Pin {
+            pins: pins.clone(),
+            digest: digest.clone(),
+        }
+    }
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let mut pins = self.pins.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = pins.get_mut(&self.digest) {
+            *n -= 1;
+            if *n == 0 {
+                pins.remove(&self.digest);
+            }
         }
     }
 }
@@ -163,6 +275,8 @@ impl BlobStore {
 pub struct StoredBlob {
     file: File,
     size: u64,
+    /// Keeps eviction off the blob while it is read.
+    _pin: Pin,
 }
 
 impl StoredBlob {
@@ -215,6 +329,7 @@ pub struct BlobWriter {
     expected: Digest,
     written: u64,
     committed: bool,
+    delta: Arc<AtomicI64>,
 }
 
 impl BlobWriter {
@@ -302,8 +417,11 @@ impl BlobWriter {
         let parent = self.dest.parent().unwrap_or(Path::new("."));
         let new_shard = !parent.exists();
         fs::create_dir_all(parent)?;
+        let replaced = fs::metadata(&self.dest).map(|m| m.len()).unwrap_or(0);
         fs::rename(&self.tmp, &self.dest)?;
         self.committed = true;
+        self.delta
+            .fetch_add(self.written as i64 - replaced as i64, Ordering::Relaxed);
         if let Some(store) = durable {
             // The rename is a change of the shard directory; a new shard is a change of
             // the algorithm directory, and a new algorithm directory one of `blobs/`.
@@ -458,6 +576,29 @@ mod tests {
         w.write(b"pushed").unwrap();
         w.commit_as(&s, &pushed, None).unwrap();
         assert_eq!(s.dir_syncs.load(Ordering::Relaxed), 4);
+    }
+
+    #[test]
+    fn a_blob_being_read_is_not_deleted_by_eviction() {
+        let (_dir, s) = store();
+        let d = Digest::sha256_of(b"in use");
+        let mut w = s.writer(&d).unwrap();
+        w.write(b"in use").unwrap();
+        w.commit(None).unwrap();
+        assert_eq!(s.bytes_delta(), 6);
+        let reader = s.open_blob(&d).unwrap().unwrap();
+        let second = s.open_blob(&d).unwrap().unwrap();
+        assert!(s.is_pinned(&d));
+        assert_eq!(s.delete_unpinned(&d).unwrap(), None);
+        drop(reader);
+        assert_eq!(s.delete_unpinned(&d).unwrap(), None, "one reader is left");
+        drop(second);
+        assert!(!s.is_pinned(&d));
+        assert_eq!(s.delete_unpinned(&d).unwrap(), Some(6));
+        assert_eq!(s.stat(&d).unwrap(), None);
+        assert_eq!(s.bytes_delta(), 0);
+        let (available, total) = s.filesystem().unwrap();
+        assert!(total > 0 && available <= total);
     }
 
     #[test]

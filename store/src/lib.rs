@@ -19,6 +19,7 @@
 //! assert_eq!(store.blobs.stat(&digest).unwrap(), Some(2));
 //! ```
 
+pub mod access;
 pub mod blobs;
 pub mod meta;
 
@@ -27,6 +28,7 @@ pub use berth_oci as oci;
 
 use std::path::Path;
 
+pub use access::AccessLog;
 pub use blobs::{BlobStore, BlobWriter, StoredBlob};
 pub use meta::{
     ApiKeyRecord, Batch, BlobRecord, ManifestRecord, MetaStore, RepoLink, RepoTag, TagKey,
@@ -87,6 +89,8 @@ impl From<std::io::Error> for StoreError {
 pub struct Store {
     pub blobs: BlobStore,
     pub meta: MetaStore,
+    /// Last use of cached and private content, batched in memory (see [`access`]).
+    pub access: AccessLog,
 }
 
 impl Store {
@@ -98,6 +102,7 @@ impl Store {
         Ok(Store {
             blobs: BlobStore::open(root)?,
             meta,
+            access: AccessLog::default(),
         })
     }
 

@@ -8,6 +8,7 @@
 //! | `manifests` | digest string                         | [`ManifestRecord`]: media type and bytes |
 //! | `blobs`     | digest string                         | [`BlobRecord`]: size, last access, repos |
 //! | `cache_links` | `upstream \0 repo \0 digest`       | when the upstream confirmed it (ms)     |
+//! | `last_access` | digest string                       | when it was last used (ms), cached or private |
 //!
 //! `cache_links` is what makes cached content readable through a pull-through
 //! repository: a digest is served for `(upstream, repo)` only when it was fetched through
@@ -60,7 +61,8 @@ const CF_PRIVATE_MANIFESTS: &str = "private_manifests";
 const CF_API_KEYS: &str = "api_keys";
 const CF_CACHE_LINKS: &str = "cache_links";
 const CF_REPO_MANIFEST_TYPES: &str = "repo_manifest_types";
-const FAMILIES: [&str; 12] = [
+const CF_LAST_ACCESS: &str = "last_access";
+const FAMILIES: [&str; 13] = [
     CF_TAGS,
     CF_MANIFESTS,
     CF_BLOBS,
@@ -73,6 +75,7 @@ const FAMILIES: [&str; 12] = [
     CF_API_KEYS,
     CF_CACHE_LINKS,
     CF_REPO_MANIFEST_TYPES,
+    CF_LAST_ACCESS,
 ];
 const VERSION: u8 = 1;
 
@@ -524,6 +527,48 @@ impl Batch {
     }
 }
 
+/// Removals of pulled-through records, for eviction and purges (applied with
+/// [`MetaStore::write`] like any batch).
+impl Batch {
+    pub fn delete_cached_manifest(&mut self, digest: &Digest) -> &mut Self {
+        self.ops
+            .push((CF_MANIFESTS, digest.to_string().into_bytes(), None));
+        self
+    }
+
+    pub fn delete_cached_blob(&mut self, digest: &Digest) -> &mut Self {
+        self.ops
+            .push((CF_BLOBS, digest.to_string().into_bytes(), None));
+        self
+    }
+
+    pub fn delete_cache_tag(&mut self, key: &TagKey) -> &mut Self {
+        self.ops.push((CF_TAGS, key.encode(), None));
+        self
+    }
+
+    pub fn delete_cache_link(&mut self, upstream: &str, repo: &str, digest: &Digest) -> &mut Self {
+        self.ops
+            .push((CF_CACHE_LINKS, cache_link_key(upstream, repo, digest), None));
+        self
+    }
+
+    pub fn delete_last_access(&mut self, digest: &Digest) -> &mut Self {
+        self.ops
+            .push((CF_LAST_ACCESS, digest.to_string().into_bytes(), None));
+        self
+    }
+
+    /// How many writes the batch holds.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
 /// How many repositories a blob record remembers; older ones are dropped first.
 const MAX_BLOB_REPOS: usize = 64;
 
@@ -702,8 +747,7 @@ impl MetaStore {
         digest: &Digest,
         now_ms: u64,
     ) -> Result<(), StoreError> {
-        let mut v = vec![VERSION];
-        v.extend_from_slice(&now_ms.to_be_bytes());
+        let v = encode_ms(now_ms);
         let handle = self
             .db
             .cf_handle(CF_CACHE_LINKS)
@@ -711,6 +755,141 @@ impl MetaStore {
         self.db
             .put_cf(&handle, cache_link_key(upstream, repo, digest), v)
             .map_err(db_err)
+    }
+
+    /// When `digest` was last used, as flushed by [`crate::AccessLog`].
+    pub fn last_access(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
+        let handle = self
+            .db
+            .cf_handle(CF_LAST_ACCESS)
+            .expect("column family opened");
+        match self
+            .db
+            .get_pinned_cf(&handle, digest.to_string())
+            .map_err(db_err)?
+        {
+            Some(v) => decode_ms(&v).map(Some),
+            None => Ok(None),
+        }
+    }
+
+    /// Writes access times in one batch, never moving a stored time back.
+    pub fn put_last_accesses(
+        &self,
+        times: &std::collections::HashMap<Digest, u64>,
+    ) -> Result<(), StoreError> {
+        let mut batch = Batch::default();
+        for (digest, &at) in times {
+            if self.last_access(digest)?.is_some_and(|t| t >= at) {
+                continue;
+            }
+            batch.ops.push((
+                CF_LAST_ACCESS,
+                digest.to_string().into_bytes(),
+                Some(encode_ms(at)),
+            ));
+        }
+        self.write(batch)
+    }
+
+    /// Calls `f` with every stored access time; `f` returns `false` to stop.
+    pub fn visit_last_accesses(
+        &self,
+        mut f: impl FnMut(Digest, u64) -> bool,
+    ) -> Result<(), StoreError> {
+        self.visit(CF_LAST_ACCESS, b"", |k, v| {
+            Ok(f(parse_digest_key(k)?, decode_ms(v)?))
+        })
+    }
+
+    /// Calls `f` with every pulled-through blob record; `f` returns `false` to stop.
+    pub fn visit_cached_blobs(
+        &self,
+        mut f: impl FnMut(Digest, BlobRecord) -> bool,
+    ) -> Result<(), StoreError> {
+        self.visit(CF_BLOBS, b"", |k, v| {
+            Ok(f(parse_digest_key(k)?, BlobRecord::decode(v)?))
+        })
+    }
+
+    /// Calls `f` with every pulled-through manifest; `f` returns `false` to stop.
+    pub fn visit_cached_manifests(
+        &self,
+        mut f: impl FnMut(Digest, ManifestRecord) -> bool,
+    ) -> Result<(), StoreError> {
+        self.visit(CF_MANIFESTS, b"", |k, v| {
+            Ok(f(parse_digest_key(k)?, ManifestRecord::decode(v)?))
+        })
+    }
+
+    /// Calls `f` with every cached tag; `f` returns `false` to stop.
+    pub fn visit_cache_tags(
+        &self,
+        mut f: impl FnMut(TagKey, TagRecord) -> bool,
+    ) -> Result<(), StoreError> {
+        self.visit(CF_TAGS, b"", |k, v| {
+            Ok(f(TagKey::decode(k)?, TagRecord::decode(v)?))
+        })
+    }
+
+    /// Calls `f` with `(upstream, repo, digest)` of every cache link of `upstream`, and
+    /// of only `repo` if given; `f` returns `false` to stop.
+    pub fn visit_cache_links(
+        &self,
+        upstream: &str,
+        repo: Option<&str>,
+        mut f: impl FnMut(&str, &str, Digest) -> bool,
+    ) -> Result<(), StoreError> {
+        let prefix = match repo {
+            Some(r) => repo_key(upstream, &[r, ""]),
+            None => repo_key(upstream, &[""]),
+        };
+        self.visit(CF_CACHE_LINKS, &prefix, |k, _| {
+            let k = std::str::from_utf8(k).map_err(|_| corrupt("cache link key"))?;
+            let mut parts = k.split('\0');
+            match (parts.next(), parts.next(), parts.next(), parts.next()) {
+                (Some(u), Some(r), Some(d), None) => {
+                    let d = d.parse().map_err(|_| corrupt("cache link key"))?;
+                    Ok(f(u, r, d))
+                }
+                _ => Err(corrupt("cache link key")),
+            }
+        })
+    }
+
+    /// Calls `f` with every `(repo, digest)` of the private repositories' blob links.
+    pub fn visit_blob_links(
+        &self,
+        mut f: impl FnMut(&str, Digest, RepoLink) -> bool,
+    ) -> Result<(), StoreError> {
+        self.visit(CF_REPO_BLOBS, b"", |k, v| {
+            let k = std::str::from_utf8(k).map_err(|_| corrupt("link key"))?;
+            let (repo, digest) = k.rsplit_once('\0').ok_or_else(|| corrupt("link key"))?;
+            let digest = digest.parse().map_err(|_| corrupt("link key"))?;
+            Ok(f(repo, digest, RepoLink::decode(v)?))
+        })
+    }
+
+    /// Calls `f(key, value)` for every record of `cf` whose key starts with `prefix` (the
+    /// whole key is passed), in key order, until `f` returns `false`.
+    fn visit(
+        &self,
+        cf: &'static str,
+        prefix: &[u8],
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<bool, StoreError>,
+    ) -> Result<(), StoreError> {
+        let handle = self.db.cf_handle(cf).expect("column family opened");
+        let iter = self.db.iterator_cf(
+            &handle,
+            rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward),
+        );
+        for item in iter {
+            let (k, v) = item.map_err(db_err)?;
+            if !k.starts_with(prefix) || !f(&k, &v)? {
+                break;
+            }
+        }
+        Ok(())
     }
 
     /// Applies `batch` atomically.
@@ -899,6 +1078,29 @@ impl MetaStore {
             .flatten()
             .unwrap_or(0)
     }
+}
+
+fn encode_ms(ms: u64) -> Vec<u8> {
+    let mut v = vec![VERSION];
+    v.extend_from_slice(&ms.to_be_bytes());
+    v
+}
+
+fn decode_ms(bytes: &[u8]) -> Result<u64, StoreError> {
+    let mut r = Reader(bytes);
+    r.version("time")?;
+    let ms = r.u64("time")?;
+    if !r.0.is_empty() {
+        return Err(corrupt("time"));
+    }
+    Ok(ms)
+}
+
+fn parse_digest_key(k: &[u8]) -> Result<Digest, StoreError> {
+    std::str::from_utf8(k)
+        .ok()
+        .and_then(|k| k.parse().ok())
+        .ok_or_else(|| corrupt("digest key"))
 }
 
 fn db_err(e: rocksdb::Error) -> StoreError {
