@@ -11,7 +11,7 @@
 //! 1. **Mark**, alongside pushes: every manifest linked in a repository is read and
 //!    what it references is noted. A manifest never changes under its digest, so what
 //!    is read stays true.
-//! 2. **Sweep**, holding the registry's GC lock exclusively (pushes, mounts and
+//! 2. **Sweep**, holding the store's removal lock exclusively (pushes, mounts and
 //!    manifest pushes hold it shared while they publish or link): the manifest links
 //!    are listed again and the ones the mark did not see (pushed meanwhile) are read
 //!    too; then links, manifests and files are removed.
@@ -139,7 +139,8 @@ impl Registry {
         mark.scan(meta)?;
 
         let _exclusive = self
-            .gc_lock
+            .store
+            .removal_lock
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         test_hold();

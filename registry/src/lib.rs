@@ -22,7 +22,7 @@ mod upload;
 
 use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
-use std::sync::{Arc, Mutex, PoisonError, RwLock, RwLockReadGuard, TryLockError};
+use std::sync::{Arc, Mutex, PoisonError, RwLockReadGuard, TryLockError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -66,9 +66,6 @@ const TAG_LOCKS: usize = 64;
 pub struct Registry {
     store: Arc<Store>,
     options: Options,
-    /// Held shared by every operation that publishes or links content, and exclusively
-    /// by garbage collection while it sweeps (see `gc.rs`).
-    gc_lock: RwLock<()>,
     /// Held from reading a repository's tags to writing a manifest push, so that the
     /// check "this push does not move a tag" and the write are one step.
     tag_locks: [Mutex<()>; TAG_LOCKS],
@@ -112,7 +109,6 @@ impl Registry {
         Registry {
             store,
             options,
-            gc_lock: RwLock::new(()),
             tag_locks: std::array::from_fn(|_| Mutex::new(())),
             uploads: Mutex::new(HashMap::new()),
         }
@@ -122,14 +118,20 @@ impl Registry {
         &self.options
     }
 
-    /// The shared side of the GC lock, for publishing or linking content. Waits while
-    /// garbage collection sweeps (and says so in the log).
+    /// The shared side of the store's removal lock, for publishing or linking content.
+    /// Waits while garbage collection sweeps or eviction removes files (and says so in
+    /// the log).
     fn publishing(&self) -> RwLockReadGuard<'_, ()> {
-        match self.gc_lock.try_read() {
+        match self.store.removal_lock.try_read() {
             Ok(guard) => guard,
             Err(TryLockError::WouldBlock) => {
-                tracing::info!("a push waits for garbage collection to finish sweeping");
-                self.gc_lock.read().unwrap_or_else(PoisonError::into_inner)
+                tracing::info!(
+                    "a push waits for garbage collection or eviction to finish removing files"
+                );
+                self.store
+                    .removal_lock
+                    .read()
+                    .unwrap_or_else(PoisonError::into_inner)
             }
             Err(TryLockError::Poisoned(p)) => p.into_inner(),
         }

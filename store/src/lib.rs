@@ -91,6 +91,10 @@ pub struct Store {
     pub meta: MetaStore,
     /// Last use of cached and private content, batched in memory (see [`access`]).
     pub access: AccessLog,
+    /// Held shared by every operation that publishes or links private content, and
+    /// exclusively by whatever removes blob files (garbage collection's sweep and cache
+    /// eviction), so that a file a push is linking is never removed under it.
+    pub removal_lock: std::sync::RwLock<()>,
 }
 
 impl Store {
@@ -103,6 +107,7 @@ impl Store {
             blobs: BlobStore::open(root)?,
             meta,
             access: AccessLog::default(),
+            removal_lock: std::sync::RwLock::new(()),
         })
     }
 
