@@ -25,6 +25,7 @@
 //! | `repo_tags`      | `repo \0 tag`              | [`RepoTag`]: digest and when it was set    |
 //! | `repo_manifests` | `repo \0 digest`           | [`RepoLink`]: when it was pushed           |
 //! | `repo_blobs`     | `repo \0 digest`           | [`RepoLink`]: when it was linked, its size |
+//! | `blob_owners`    | `digest \0 repo`           | its size: `repo_blobs` the other way round |
 //! | `referrers`      | `repo \0 subject \0 digest` | the referrer's descriptor (JSON)          |
 //! | `private_manifests` | digest                  | [`ManifestRecord`]: media type and bytes   |
 //! | `repo_manifest_types` | `repo \0 digest`       | the media type it was pushed there with    |
@@ -62,7 +63,8 @@ const CF_API_KEYS: &str = "api_keys";
 const CF_CACHE_LINKS: &str = "cache_links";
 const CF_REPO_MANIFEST_TYPES: &str = "repo_manifest_types";
 const CF_LAST_ACCESS: &str = "last_access";
-const FAMILIES: [&str; 13] = [
+const CF_BLOB_OWNERS: &str = "blob_owners";
+const FAMILIES: [&str; 14] = [
     CF_TAGS,
     CF_MANIFESTS,
     CF_BLOBS,
@@ -76,6 +78,7 @@ const FAMILIES: [&str; 13] = [
     CF_CACHE_LINKS,
     CF_REPO_MANIFEST_TYPES,
     CF_LAST_ACCESS,
+    CF_BLOB_OWNERS,
 ];
 const VERSION: u8 = 1;
 
@@ -472,17 +475,21 @@ impl Batch {
     }
 
     pub fn link_blob(&mut self, repo: &str, digest: &Digest, link: RepoLink) -> &mut Self {
+        let d = digest.to_string();
+        self.ops
+            .push((CF_REPO_BLOBS, repo_key(repo, &[&d]), Some(link.encode())));
         self.ops.push((
-            CF_REPO_BLOBS,
-            repo_key(repo, &[&digest.to_string()]),
-            Some(link.encode()),
+            CF_BLOB_OWNERS,
+            repo_key(&d, &[repo]),
+            Some(encode_ms(link.size)),
         ));
         self
     }
 
     pub fn unlink_blob(&mut self, repo: &str, digest: &Digest) -> &mut Self {
-        self.ops
-            .push((CF_REPO_BLOBS, repo_key(repo, &[&digest.to_string()]), None));
+        let d = digest.to_string();
+        self.ops.push((CF_REPO_BLOBS, repo_key(repo, &[&d]), None));
+        self.ops.push((CF_BLOB_OWNERS, repo_key(&d, &[repo]), None));
         self
     }
 
@@ -595,7 +602,69 @@ impl MetaStore {
             .into_iter()
             .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
         let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(db_err)?;
-        Ok(MetaStore { db })
+        let meta = MetaStore { db };
+        meta.index_blob_owners()?;
+        Ok(meta)
+    }
+
+    /// Builds `blob_owners` from `repo_blobs` for a store made before it existed (once:
+    /// afterwards every link writes both).
+    fn index_blob_owners(&self) -> Result<(), StoreError> {
+        let mut empty = true;
+        self.visit(CF_BLOB_OWNERS, b"", |_, _| {
+            empty = false;
+            Ok(false)
+        })?;
+        if !empty {
+            return Ok(());
+        }
+        let mut batch = Batch::default();
+        self.visit_blob_links(|repo, digest, link| {
+            batch.ops.push((
+                CF_BLOB_OWNERS,
+                repo_key(&digest.to_string(), &[repo]),
+                Some(encode_ms(link.size)),
+            ));
+            true
+        })?;
+        if !batch.is_empty() {
+            self.write_synced(batch)?;
+        }
+        Ok(())
+    }
+
+    /// Whether any private repository links `digest`.
+    pub fn privately_linked(&self, digest: &Digest) -> Result<bool, StoreError> {
+        let mut found = false;
+        self.visit(
+            CF_BLOB_OWNERS,
+            &repo_key(&digest.to_string(), &[""]),
+            |_, _| {
+                found = true;
+                Ok(false)
+            },
+        )?;
+        Ok(found)
+    }
+
+    /// Calls `f(digest, size)` once for every blob some private repository links, in
+    /// digest order; `f` returns `false` to stop.
+    pub fn visit_private_blobs(
+        &self,
+        mut f: impl FnMut(Digest, u64) -> bool,
+    ) -> Result<(), StoreError> {
+        let mut last: Option<Vec<u8>> = None;
+        self.visit(CF_BLOB_OWNERS, b"", |k, v| {
+            let end = k
+                .iter()
+                .position(|&b| b == 0)
+                .ok_or_else(|| corrupt("owner key"))?;
+            if last.as_deref() == Some(&k[..end]) {
+                return Ok(true);
+            }
+            last = Some(k[..end].to_vec());
+            Ok(f(parse_digest_key(&k[..end])?, decode_ms(v)?))
+        })
     }
 
     fn get<K: ?Sized + AsRef<[u8]>, V: Codec>(
@@ -1205,6 +1274,41 @@ mod tests {
         assert_eq!(b.repos, vec!["docker.io/library/nginx", "ghcr.io/a/b"]);
         m.delete_tag(&key).unwrap();
         assert_eq!(m.get_tag(&key).unwrap(), None);
+    }
+
+    #[test]
+    fn private_links_are_indexed_by_digest_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (Digest::sha256_of(b"a"), Digest::sha256_of(b"b"));
+        let link = |size| RepoLink { linked_ms: 1, size };
+        {
+            let m = MetaStore::open(dir.path()).unwrap();
+            let mut batch = Batch::default();
+            batch.link_blob("team/app", &a, link(1));
+            batch.link_blob("team/other", &a, link(1));
+            batch.link_blob("team/app", &b, link(2));
+            m.write(batch).unwrap();
+            let mut batch = Batch::default();
+            batch.unlink_blob("team/app", &b);
+            m.write(batch).unwrap();
+            // A store from before the index: only `repo_blobs`.
+            let handle = m.db.cf_handle(CF_BLOB_OWNERS).unwrap();
+            m.db.delete_cf(&handle, repo_key(&a.to_string(), &["team/app"]))
+                .unwrap();
+            m.db.delete_cf(&handle, repo_key(&a.to_string(), &["team/other"]))
+                .unwrap();
+            assert!(!m.privately_linked(&a).unwrap());
+        }
+        let m = MetaStore::open(dir.path()).unwrap();
+        assert!(m.privately_linked(&a).unwrap(), "rebuilt on open");
+        assert!(!m.privately_linked(&b).unwrap());
+        let mut seen = Vec::new();
+        m.visit_private_blobs(|d, size| {
+            seen.push((d, size));
+            true
+        })
+        .unwrap();
+        assert_eq!(seen, vec![(a, 1)]);
     }
 
     #[test]
