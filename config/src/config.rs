@@ -11,6 +11,7 @@ use std::time::Duration;
 use toml::{Table, Value};
 
 use crate::access::AccessConfig;
+use crate::cache::CacheConfig;
 use crate::glob::Glob;
 
 /// The configuration shipped with berth and embedded in the binary.
@@ -20,6 +21,8 @@ pub const DEFAULT_CONFIG: &str = include_str!("../../upstreams.toml");
 #[derive(Clone, Debug)]
 pub struct Config {
     pub server: ServerConfig,
+    /// `[cache]`: the disk budget and eviction of pulled-through content.
+    pub cache: CacheConfig,
     pub upstreams: Vec<UpstreamConfig>,
     /// `[auth]` and `[access]`; `None` when neither is given, or with `[access] open = true`.
     pub access: Option<AccessConfig>,
@@ -156,6 +159,7 @@ impl Config {
         })?;
         let mut p = Problems(Vec::new());
         let mut server = ServerConfig::default();
+        let mut cache = CacheConfig::default();
         let mut upstreams = Vec::new();
         let mut access = AccessConfig::default();
         for (key, value) in &table {
@@ -163,6 +167,7 @@ impl Config {
                 "auth" => crate::access::parse_auth(value, &mut access, &mut p),
                 "access" => crate::access::parse_access(value, &mut access, &mut p),
                 "server" => server = parse_server(value, &mut p),
+                "cache" => cache = crate::cache::parse_cache(value, &mut p),
                 "upstream" => match value.as_array() {
                     Some(items) => {
                         for (i, item) in items.iter().enumerate() {
@@ -219,6 +224,7 @@ impl Config {
         if p.0.is_empty() {
             Ok(Config {
                 server,
+                cache,
                 upstreams,
                 access: (has_access && !open).then_some(access),
                 open,
@@ -247,7 +253,7 @@ impl Problems {
     }
 }
 
-fn table<'a>(path: &str, v: &'a Value, p: &mut Problems) -> Option<&'a Table> {
+pub(crate) fn table<'a>(path: &str, v: &'a Value, p: &mut Problems) -> Option<&'a Table> {
     let t = v.as_table();
     if t.is_none() {
         p.add(path, "must be a table");
@@ -269,7 +275,7 @@ fn string(path: &str, v: &Value, p: &mut Problems) -> Option<String> {
     }
 }
 
-fn duration(path: &str, v: &Value, p: &mut Problems) -> Option<Duration> {
+pub(crate) fn duration(path: &str, v: &Value, p: &mut Problems) -> Option<Duration> {
     let s = string(path, v, p)?;
     match parse_duration(&s) {
         Ok(d) => Some(d),
@@ -280,7 +286,7 @@ fn duration(path: &str, v: &Value, p: &mut Problems) -> Option<Duration> {
     }
 }
 
-fn size(path: &str, v: &Value, p: &mut Problems) -> Option<u64> {
+pub(crate) fn size(path: &str, v: &Value, p: &mut Problems) -> Option<u64> {
     let s = string(path, v, p)?;
     match parse_size(&s) {
         Ok(n) => Some(n),

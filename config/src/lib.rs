@@ -2,6 +2,7 @@
 //!
 //! - [`config`]: the file's schema (`[server]`, `[[upstream]]`) and [`Config::parse`],
 //!   which reports every problem at once, each with its path;
+//! - [`cache`]: `[cache]`, the disk budget of pulled-through content;
 //! - [`access`]: `[auth]` and `[access]`: users, groups, and the per-repository policies
 //!   that decide who may read, create, update and delete;
 //! - [`glob`]: the repository patterns both use.
@@ -11,7 +12,9 @@
 //! from a parsed [`Config`].
 
 pub mod access;
+pub mod cache;
 pub mod config;
 pub mod glob;
 
+pub use cache::{CacheConfig, MinFree};
 pub use config::*;
