@@ -331,6 +331,16 @@ impl BlobFills {
         self.inflight.lock().expect("blob fills").len()
     }
 
+    /// The digests being filled now.
+    pub fn digests(&self) -> std::collections::HashSet<Digest> {
+        self.inflight
+            .lock()
+            .expect("blob fills")
+            .keys()
+            .cloned()
+            .collect()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

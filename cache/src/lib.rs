@@ -20,13 +20,17 @@
 //! [`Cache::tags_list`] with a configured upstream namespace and a validated repository.
 
 pub mod clock;
+pub mod direct;
+pub mod evict;
 pub mod fill;
 pub mod metrics;
 pub mod tags;
 pub mod upstream;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use futures_util::{FutureExt, StreamExt};
@@ -35,8 +39,10 @@ use reqwest::Method;
 use berth_store::oci::{Digest, Reference, MANIFEST_ACCEPT_DEFAULT};
 use berth_store::{ManifestRecord, Store, StoreError, StoredBlob, TagKey, TagRecord};
 
-use berth_config::Config;
+use berth_config::{CacheConfig, Config};
 use clock::Clock;
+use direct::DirectBlob;
+use evict::{Goal, Measured, Report, Usage};
 use fill::{BlobFill, BlobFills, FillLock, FillProgress, Role};
 use metrics::CacheMetrics;
 use tags::Freshness;
@@ -89,6 +95,9 @@ pub enum CacheError {
     },
     /// The blob fill this request was reading failed.
     FillFailed(Arc<CacheError>),
+    /// The disk has no room to store this blob (the fill's readers then stream it
+    /// straight from the upstream instead).
+    NoSpace,
     Store(String),
     Internal(String),
 }
@@ -121,6 +130,7 @@ impl std::fmt::Display for CacheError {
                 write!(f, "upstream {registry} sent an unusable answer: {reason}")
             }
             CacheError::FillFailed(e) => write!(f, "blob fill failed: {e}"),
+            CacheError::NoSpace => f.write_str("the store has no room for this blob"),
             CacheError::Store(e) => write!(f, "store error: {e}"),
             CacheError::Internal(e) => write!(f, "internal error: {e}"),
         }
@@ -198,6 +208,8 @@ struct HotManifest {
     /// while the manifest was in memory: a hit by digest through one of them needs no
     /// other lookup. At most [`SERVED_FOR_MAX`]; past that, [`Cache::confirm`] answers.
     served_for: std::sync::RwLock<Vec<(Box<str>, Box<str>)>>,
+    /// The second (since the epoch) of the last use recorded in the access log.
+    touched_s: AtomicU64,
 }
 
 /// How many repositories a manifest in memory remembers being linked to.
@@ -208,6 +220,16 @@ impl HotManifest {
         HotManifest {
             manifest,
             served_for: Default::default(),
+            touched_s: AtomicU64::new(0),
+        }
+    }
+
+    /// Records a use in `log`, at most once a second: on the hot path this is one atomic
+    /// swap.
+    fn touch(&self, log: &berth_store::AccessLog, now_ms: u64) {
+        let s = now_ms / 1000;
+        if self.touched_s.swap(s, Ordering::Relaxed) != s {
+            log.touch(&self.manifest.digest, now_ms);
         }
     }
 
@@ -235,6 +257,8 @@ pub enum BlobSource {
     Stored { blob: StoredBlob },
     /// A fill in progress (or just finished) that this request may read as it grows.
     Filling { fill: Arc<BlobFill>, size: u64 },
+    /// Straight from the upstream, not stored: the disk has no room for it.
+    Direct(DirectBlob),
 }
 
 impl BlobSource {
@@ -242,6 +266,7 @@ impl BlobSource {
         match self {
             BlobSource::Stored { blob } => blob.size(),
             BlobSource::Filling { size, .. } => *size,
+            BlobSource::Direct(d) => d.size(),
         }
     }
 }
@@ -269,6 +294,18 @@ pub struct Cache {
     /// The largest blob a fill stores (`[server] max_upload_size`), whether or not the
     /// upstream announced its length.
     max_blob_size: u64,
+    /// `[cache]`: the disk budget.
+    budget: CacheConfig,
+    metrics: CacheMetrics,
+    /// The store's usage as the last eviction pass measured it, kept current.
+    measured: Measured,
+    /// One eviction pass at a time.
+    evicting: tokio::sync::Mutex<()>,
+    /// Wakes the budget loop (after a fill, or when a write found the disk full).
+    poke: tokio::sync::Notify,
+    /// The last pass could not free what the budget asked: nothing more is evictable
+    /// now, and fills that would take the disk past the budget stream through instead.
+    stuck: AtomicBool,
 }
 
 impl Cache {
@@ -311,6 +348,12 @@ impl Cache {
                 .max_upload_size
                 .unwrap_or(berth_config::DEFAULT_MAX_BLOB_SIZE),
             clock,
+            budget: config.cache.clone(),
+            metrics: metrics.clone(),
+            measured: Measured::default(),
+            evicting: tokio::sync::Mutex::new(()),
+            poke: tokio::sync::Notify::new(),
+            stuck: AtomicBool::new(false),
         }))
     }
 
@@ -347,6 +390,7 @@ impl Cache {
     /// A stored manifest, from memory if it is there.
     async fn hot_manifest(&self, digest: &Digest) -> Result<Option<Arc<HotManifest>>, CacheError> {
         if let Some(m) = self.hot_manifests.get(digest).await {
+            m.touch(&self.store.access, self.clock.now_ms());
             return Ok(Some(m));
         }
         let d = digest.clone();
@@ -355,6 +399,7 @@ impl Cache {
         };
         let m = Manifest::new(digest.clone(), rec.media_type, rec.body);
         let hot = Arc::new(HotManifest::new(Arc::new(m)));
+        hot.touch(&self.store.access, self.clock.now_ms());
         self.hot_manifests.insert(digest.clone(), hot.clone()).await;
         Ok(Some(hot))
     }
@@ -394,16 +439,28 @@ impl Cache {
         Ok(false)
     }
 
-    /// Remembers that the upstream has `digest` in `repo`.
+    /// Remembers that the upstream has `digest` in `repo`: in memory, and in the store if
+    /// it can write (a failed write costs one more `HEAD` later, never this request).
     async fn link(&self, namespace: &str, repo: &str, digest: &Digest) -> Result<(), CacheError> {
         let (ns, r, d) = (namespace.to_owned(), repo.to_owned(), digest.clone());
         let now = self.clock.now_ms();
-        self.on_store(move |s| s.meta.put_cache_link(&ns, &r, &d, now))
-            .await?;
+        if let Err(e) = self
+            .on_store(move |s| s.meta.put_cache_link(&ns, &r, &d, now))
+            .await
+        {
+            self.write_failed("a cache link", &e);
+        }
         self.hot_links
             .insert(link_key(namespace, repo, digest), ())
             .await;
         Ok(())
+    }
+
+    /// Logs a metadata write the read path did without (the content is served anyway)
+    /// and wakes the budget loop, which frees space if the disk is full.
+    fn write_failed(&self, what: &str, e: &CacheError) {
+        tracing::warn!(error = %e, "could not record {what}; serving without it");
+        self.poke.notify_one();
     }
 
     /// Makes sure `digest` may be served for `repo`: if it is not linked there yet, asks
@@ -447,7 +504,9 @@ impl Cache {
             confirmed_at_ms: self.clock.now_ms(),
         };
         let (k, r) = (key.clone(), rec.clone());
-        self.on_store(move |s| s.meta.put_tag(&k, &r)).await?;
+        if let Err(e) = self.on_store(move |s| s.meta.put_tag(&k, &r)).await {
+            self.write_failed("a tag", &e);
+        }
         self.hot_tags.insert(key.clone(), rec).await;
         Ok(())
     }
@@ -619,7 +678,9 @@ impl Cache {
             }
             Err(CacheError::NotFound) => {
                 let k = key.clone();
-                self.on_store(move |s| s.meta.delete_tag(&k)).await?;
+                if let Err(e) = self.on_store(move |s| s.meta.delete_tag(&k)).await {
+                    self.write_failed("a tag's removal", &e);
+                }
                 self.hot_tags.invalidate(key).await;
                 return Err(CacheError::NotFound);
             }
@@ -684,12 +745,19 @@ impl Cache {
             body: body.clone(),
         };
         let d = digest.clone();
-        self.on_store(move |s| s.meta.put_manifest(&d, &record))
-            .await?;
-        self.link(registry, repo, &digest).await?;
         let m = Arc::new(Manifest::new(digest.clone(), media_type, body));
+        if let Err(e) = self
+            .on_store(move |s| s.meta.put_manifest(&d, &record))
+            .await
+        {
+            // Served, not cached: the next request asks the upstream again.
+            self.write_failed("a manifest", &e);
+            return Ok(m);
+        }
+        self.link(registry, repo, &digest).await?;
         let hot = HotManifest::new(m.clone());
         hot.remember(registry, repo);
+        hot.touch(&self.store.access, self.clock.now_ms());
         self.hot_manifests.insert(digest, Arc::new(hot)).await;
         Ok(m)
     }
@@ -708,6 +776,7 @@ impl Cache {
             return Ok(None);
         };
         self.confirm(client, repo, digest, Kind::Blob).await?;
+        self.store.access.touch(digest, self.clock.now_ms());
         Ok(Some(blob))
     }
 
@@ -762,6 +831,7 @@ impl Cache {
                 let this = self.clone();
                 let repo = repo.to_owned();
                 let digest = digest.clone();
+                let client = client.clone();
                 tokio::spawn(async move {
                     // Forgets the fill however this task ends, even by a panic (and then
                     // dropping `progress` fails its readers).
@@ -793,8 +863,62 @@ impl Cache {
                 Outcome::Coalesced
             }
         };
-        let size = fill.size().await.map_err(unshare)?;
-        Ok((BlobSource::Filling { fill, size }, outcome))
+        match fill.size().await {
+            Ok(size) => Ok((BlobSource::Filling { fill, size }, outcome)),
+            Err(e) if matches!(*e, CacheError::NoSpace) => {
+                Ok((self.direct(&client, repo, digest).await?, Outcome::Miss))
+            }
+            Err(e) => Err(unshare(e)),
+        }
+    }
+
+    /// The blob straight from the upstream, not stored.
+    async fn direct(
+        &self,
+        client: &UpstreamClient,
+        repo: &str,
+        digest: &Digest,
+    ) -> Result<BlobSource, CacheError> {
+        let resp = client
+            .request(
+                Method::GET,
+                repo,
+                &format!("blobs/{digest}"),
+                None,
+                Retry::Yes,
+            )
+            .await?;
+        let size = resp.content_length().ok_or(CacheError::NoSpace)?;
+        tracing::warn!(upstream = %client.config.namespace, repo, digest = %digest, size,
+            "the store has no room: streaming the blob without caching it");
+        Ok(BlobSource::Direct(DirectBlob::new(
+            resp,
+            digest,
+            size,
+            client.config.read_timeout,
+            &client.config.namespace,
+        )))
+    }
+
+    /// Whether a new blob of `size` bytes may be stored: the filesystem has room for it
+    /// beyond a margin, and, if the last eviction pass could not free what the budget
+    /// asked, storing it keeps the store within `max_size` and the disk above
+    /// `min_free`.
+    fn room_for(&self, size: u64) -> bool {
+        let Ok((available, total)) = self.store.blobs.filesystem() else {
+            return true;
+        };
+        if available < size.saturating_add(FILL_MARGIN) {
+            return false;
+        }
+        if !self.stuck.load(Ordering::Relaxed) {
+            return true;
+        }
+        let within_size = match (self.budget.max_size, self.measured.total_now(&self.store)) {
+            (Some(max), Some(used)) => used + size <= max,
+            _ => true,
+        };
+        within_size && available - size >= self.budget.min_free.bytes(total)
     }
 
     /// Streams a blob from the upstream into the store, publishing progress as it goes.
@@ -834,8 +958,12 @@ impl Cache {
         if let Some(size) = announced.filter(|&n| n > self.max_blob_size) {
             return Err(too_large(size));
         }
+        if !self.room_for(announced.unwrap_or(0)) {
+            self.poke.notify_one();
+            return Err(CacheError::NoSpace);
+        }
         let d = digest.clone();
-        let (mut writer, reader) = self
+        let (mut writer, reader) = match self
             .on_store(move |s| {
                 let writer = s.blobs.writer(&d)?;
                 let reader = match announced {
@@ -844,7 +972,14 @@ impl Cache {
                 };
                 Ok((writer, reader))
             })
-            .await?;
+            .await
+        {
+            Err(e) if is_no_space(&e) => {
+                self.poke.notify_one();
+                return Err(CacheError::NoSpace);
+            }
+            other => other?,
+        };
         if let (Some(size), Some(reader)) = (announced, reader) {
             progress.streaming(size, reader);
         }
@@ -921,7 +1056,10 @@ impl Cache {
             .await
         {
             tracing::error!(digest = %digest, error = %e, "could not index a stored blob");
+            self.poke.notify_one();
         }
+        self.store.access.touch(digest, now);
+        self.poke.notify_one();
         if let Err(e) = self.link(&client.config.namespace, repo, digest).await {
             tracing::error!(digest = %digest, error = %e, "could not link a stored blob");
         }
@@ -960,6 +1098,245 @@ impl Cache {
     pub fn fills_in_progress(&self) -> usize {
         self.blob_fills.len()
     }
+
+    // --- the disk budget ---------------------------------------------------------------
+
+    /// The times an eviction pass judges by.
+    fn times(&self) -> evict::Times {
+        let now = self.clock.now_ms();
+        evict::Times {
+            keep_after: now.saturating_sub(self.budget.keep_recent.as_millis() as u64),
+            expire_before: self
+                .budget
+                .max_age
+                .map(|age| now.saturating_sub(age.as_millis() as u64)),
+        }
+    }
+
+    /// Runs one eviction pass for `goal` (one at a time) and returns what it removed.
+    pub async fn evict(&self, goal: Goal) -> Result<Report, CacheError> {
+        self.evict_with(goal, self.times()).await
+    }
+
+    async fn evict_with(&self, goal: Goal, times: evict::Times) -> Result<Report, CacheError> {
+        let _one = self.evicting.lock().await;
+        let delta = self.store.blobs.bytes_delta();
+        let g = goal.clone();
+        let plan = Arc::new(
+            self.on_store(move |s| {
+                if let Err(e) = s.access.flush(&s.meta) {
+                    tracing::warn!(error = %e, "could not write access times");
+                }
+                evict::plan(s, &g, &times)
+            })
+            .await?,
+        );
+        let mut report = Report {
+            before: plan.usage.clone(),
+            ..Report::default()
+        };
+        if !plan.manifests.is_empty() || !plan.tags.is_empty() || !plan.links.is_empty() {
+            let p = plan.clone();
+            let (manifests, tags) = self
+                .on_store(move |s| evict::remove_manifests(s, &p))
+                .await?;
+            report.manifests = manifests;
+            report.tags = tags;
+            // Out of memory too, before any blob goes.
+            for (digest, keys) in &plan.manifests {
+                self.hot_manifests.invalidate(digest).await;
+                for k in keys {
+                    self.hot_tags.invalidate(k).await;
+                }
+            }
+            for k in &plan.tags {
+                self.hot_tags.invalidate(k).await;
+            }
+            self.hot_links.invalidate_all();
+        }
+        let links = Arc::new(evict::blob_links(&plan));
+        for chunk in plan.blobs.chunks(EVICT_CHUNK) {
+            let filling = self.blob_fills.digests();
+            let (chunk, links) = (chunk.to_vec(), links.clone());
+            let (blobs, bytes, skipped) = self
+                .on_store(move |s| evict::remove_blobs(s, &chunk, &links, &filling))
+                .await?;
+            report.blobs += blobs;
+            report.bytes += bytes;
+            report.skipped_in_use += skipped;
+        }
+        let mut after = plan.usage.clone();
+        after.cached_bytes = after.cached_bytes.saturating_sub(report.bytes);
+        after.cached_blobs = after.cached_blobs.saturating_sub(report.blobs);
+        after.cached_manifests = after.cached_manifests.saturating_sub(report.manifests);
+        after.cached_tags = after.cached_tags.saturating_sub(report.tags);
+        self.metrics.evicted(&report, &after);
+        self.measured.set(after, delta - report.bytes as i64);
+        if let Goal::Free(need) = goal {
+            self.stuck.store(report.bytes < need, Ordering::Relaxed);
+        }
+        if report.blobs + report.manifests + report.tags > 0 {
+            tracing::info!(
+                manifests = report.manifests,
+                tags = report.tags,
+                blobs = report.blobs,
+                bytes = report.bytes,
+                skipped_in_use = report.skipped_in_use,
+                "evicted cached content"
+            );
+        }
+        Ok(report)
+    }
+
+    /// What the store holds now (one full read of the index; for the admin endpoint).
+    pub async fn usage(&self) -> Result<Usage, CacheError> {
+        let times = evict::Times {
+            keep_after: 0,
+            expire_before: None,
+        };
+        Ok(self.evict_with(Goal::Free(0), times).await?.before)
+    }
+
+    /// `(available, total)` bytes of the store's filesystem.
+    pub fn store_filesystem(&self) -> Result<(u64, u64), StoreError> {
+        self.store.blobs.filesystem()
+    }
+
+    /// How many bytes the budget asks to free now (0 within it).
+    pub fn budget_need(&self) -> u64 {
+        self.need()
+    }
+
+    /// Holds `metadata_reserve` bytes back while the disk has room for them twice over,
+    /// and gives them back when the disk is (nearly) full, so that the metadata database
+    /// can still write. Blocks.
+    fn keep_reserve(&self) {
+        let size = self.budget.metadata_reserve;
+        let Ok((available, _)) = self.store.blobs.filesystem() else {
+            return;
+        };
+        let blobs = &self.store.blobs;
+        if blobs.has_reserve() {
+            if available < (size / 4).max(1 << 20) {
+                if blobs.release_reserve() {
+                    tracing::warn!(
+                        available,
+                        reserve = size,
+                        "the store's disk is full: gave back the space reserved for metadata"
+                    );
+                }
+                self.poke.notify_one();
+            }
+        } else if available >= size.saturating_mul(2).saturating_add(FILL_MARGIN) {
+            match blobs.hold_reserve(size) {
+                Ok(true) => tracing::info!(reserve = size, "space reserved for metadata"),
+                Ok(false) => {}
+                Err(e) => tracing::warn!(error = %e, "could not reserve space for metadata"),
+            }
+        }
+    }
+
+    /// Writes the access times not yet written. Blocks.
+    pub fn flush_access_log(&self) {
+        if let Err(e) = self.store.access.flush(&self.store.meta) {
+            tracing::warn!(error = %e, "could not write access times");
+        }
+    }
+
+    /// The usage last measured, kept current (`None` before the first pass).
+    pub fn usage_estimate(&self) -> Option<(Usage, u64)> {
+        Some((self.measured.get()?, self.measured.total_now(&self.store)?))
+    }
+
+    /// How many bytes the budget asks to free now.
+    fn need(&self) -> u64 {
+        let c = &self.budget;
+        let mut need = 0;
+        if let (Some(max), Some(used)) = (c.max_size, self.measured.total_now(&self.store)) {
+            if used as f64 > max as f64 * c.high_watermark {
+                need = used.saturating_sub((max as f64 * c.low_watermark) as u64);
+            }
+        }
+        if let Ok((available, total)) = self.store.blobs.filesystem() {
+            let min_free = c.min_free.bytes(total);
+            if available < min_free {
+                let band =
+                    c.max_size.unwrap_or(total) as f64 * (c.high_watermark - c.low_watermark);
+                need = need.max(min_free + band as u64 - available);
+            }
+        }
+        need
+    }
+
+    /// Keeps the store within its budget, for as long as berth runs: flushes the access
+    /// log every few seconds, and every `eviction_interval` (or when a fill or a failed
+    /// write wakes it) evicts what the budget asks. `max_age` is applied hourly.
+    pub async fn run_budget(self: Arc<Self>) {
+        let mut last_check = None::<std::time::Instant>;
+        let mut last_age_pass = None::<std::time::Instant>;
+        let mut last_measure = None::<std::time::Instant>;
+        loop {
+            let poked = tokio::select! {
+                _ = tokio::time::sleep(ACCESS_FLUSH) => false,
+                _ = self.poke.notified() => true,
+            };
+            let this = self.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                this.keep_reserve();
+                this.flush_access_log();
+            })
+            .await;
+            if let Ok((available, _)) = self.store.blobs.filesystem() {
+                self.metrics
+                    .filesystem_free_bytes
+                    .set(available.try_into().unwrap_or(i64::MAX));
+            }
+            let due = last_check.is_none_or(|t| t.elapsed() >= self.budget.eviction_interval);
+            if !poked && !due {
+                continue;
+            }
+            last_check = Some(std::time::Instant::now());
+            let age_due = self.budget.max_age.is_some()
+                && last_age_pass.is_none_or(|t| t.elapsed() >= MAX_AGE_EVERY);
+            let measure_due = last_measure.is_none_or(|t| t.elapsed() >= MEASURE_EVERY);
+            let need = self.need();
+            if need == 0 && !age_due && !measure_due {
+                self.stuck.store(false, Ordering::Relaxed);
+                continue;
+            }
+            if age_due {
+                last_age_pass = Some(std::time::Instant::now());
+            }
+            last_measure = Some(std::time::Instant::now());
+            if let Err(e) = self.evict(Goal::Free(need)).await {
+                tracing::error!(error = %e, "eviction failed");
+            }
+            // A pass that measured a store over budget for the first time goes again.
+            let again = self.need();
+            if again > 0 && need == 0 {
+                if let Err(e) = self.evict(Goal::Free(again)).await {
+                    tracing::error!(error = %e, "eviction failed");
+                }
+            }
+        }
+    }
+}
+
+/// How much room a fill leaves on the filesystem beyond its own bytes.
+const FILL_MARGIN: u64 = 16 << 20;
+/// Blobs removed per hold of the removal lock.
+const EVICT_CHUNK: usize = 256;
+/// How often access times are written.
+const ACCESS_FLUSH: Duration = Duration::from_secs(5);
+/// How often `max_age` is applied when the budget does not call for a pass.
+const MAX_AGE_EVERY: Duration = Duration::from_secs(3600);
+/// How often the store is measured again when the budget does not call for a pass (the
+/// measure is kept current in between from the bytes published and removed).
+const MEASURE_EVERY: Duration = Duration::from_secs(600);
+
+/// Whether a store error is the disk being full.
+fn is_no_space(e: &CacheError) -> bool {
+    matches!(e, CacheError::Store(m) if m.contains("No space left on device"))
 }
 
 /// What a digest names, for an upstream confirmation.

@@ -5,6 +5,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -27,12 +28,23 @@ pub struct FillLabels {
     pub outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// `cached` (pulled through) or `private` (pushed) for bytes; `blob`, `manifest` or
+    /// `tag` for evictions.
+    pub kind: &'static str,
+}
+
 /// Counters the cache updates; cheap to clone (they share their values).
 #[derive(Clone, Debug, Default)]
 pub struct CacheMetrics {
     pub upstream_requests: Family<UpstreamRequestLabels, Counter>,
     pub upstream_bytes: Family<UpstreamLabels, Counter>,
     pub blob_fills: Family<FillLabels, Counter>,
+    pub store_bytes: Family<KindLabels, Gauge>,
+    pub filesystem_free_bytes: Gauge,
+    pub evictions: Family<KindLabels, Counter>,
+    pub evicted_bytes: Counter,
 }
 
 impl CacheMetrics {
@@ -54,7 +66,51 @@ impl CacheMetrics {
             "Blob fills from upstream registries that ended, by outcome",
             m.blob_fills.clone(),
         );
+        registry.register(
+            "store_bytes",
+            "Bytes of blob files in the store, pulled through (cached) or pushed (private), as last measured",
+            m.store_bytes.clone(),
+        );
+        registry.register(
+            "store_filesystem_free_bytes",
+            "Bytes available on the store's filesystem",
+            m.filesystem_free_bytes.clone(),
+        );
+        registry.register(
+            "evictions",
+            "Cached blobs, manifests and tags evicted, by kind",
+            m.evictions.clone(),
+        );
+        registry.register(
+            "evicted_bytes",
+            "Bytes of cached blobs evicted",
+            m.evicted_bytes.clone(),
+        );
         m
+    }
+
+    /// Records what an eviction pass removed and the usage after it.
+    pub fn evicted(&self, report: &crate::evict::Report, after: &crate::evict::Usage) {
+        for (kind, n) in [
+            ("blob", report.blobs),
+            ("manifest", report.manifests),
+            ("tag", report.tags),
+        ] {
+            self.evictions.get_or_create(&KindLabels { kind }).inc_by(n);
+        }
+        self.evicted_bytes.inc_by(report.bytes);
+        self.measured(after);
+    }
+
+    pub fn measured(&self, usage: &crate::evict::Usage) {
+        for (kind, n) in [
+            ("cached", usage.cached_bytes),
+            ("private", usage.private_bytes),
+        ] {
+            self.store_bytes
+                .get_or_create(&KindLabels { kind })
+                .set(n.try_into().unwrap_or(i64::MAX));
+        }
     }
 
     pub fn request(&self, upstream: &str, method: &'static str, status: Option<u16>) {

@@ -199,6 +199,9 @@ mod tests {
         assert!(has("cache.min_free: must be a percentage"), "{errors:?}");
         assert!(has("cache.low_watermark: 80% must be below"), "{errors:?}");
         assert!(has("cache.keep: unknown key"), "{errors:?}");
-        assert!(has("cache.eviction_interval: must be more than 0s"), "{errors:?}");
+        assert!(
+            has("cache.eviction_interval: must be more than 0s"),
+            "{errors:?}"
+        );
     }
 }

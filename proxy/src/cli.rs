@@ -23,7 +23,7 @@ use crate::server::App;
 const DEFAULT_LISTEN: &str = "127.0.0.1:5000";
 const DEFAULT_DRAIN: Duration = Duration::from_secs(5);
 const DEFAULT_GC_INTERVAL: Duration = Duration::from_secs(24 * 3600);
-const DEFAULT_GC_GRACE: Duration = Duration::from_secs(3600);
+pub(crate) const DEFAULT_GC_GRACE: Duration = Duration::from_secs(3600);
 
 /// berth: a pull-through caching proxy for OCI container images.
 ///
@@ -457,6 +457,9 @@ fn serve(args: ServeArgs) -> i32 {
         },
         gc_grace: app.config.server.gc_grace.unwrap_or(DEFAULT_GC_GRACE),
     };
+    let budget = crate::private::Budget {
+        cache: app.cache.clone(),
+    };
     let tls = app.config.server.tls.clone();
     let mut service = Service::new("berth".to_owned(), app);
     match &tls {
@@ -477,6 +480,9 @@ fn serve(args: ServeArgs) -> i32 {
     server.add_service(pingora::services::background::background_service(
         "maintenance",
         maintenance,
+    ));
+    server.add_service(pingora::services::background::background_service(
+        "budget", budget,
     ));
     server.run_forever()
 }

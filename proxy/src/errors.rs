@@ -41,6 +41,8 @@ pub enum Code {
     BadGateway,
     /// An upstream did not answer in time.
     GatewayTimeout,
+    /// The store's disk is full.
+    StoreFull,
     Internal,
 }
 
@@ -70,6 +72,7 @@ const TABLE: &[(Code, &str, u16)] = &[
     (Code::PaginationInvalid, "PAGINATION_NUMBER_INVALID", 400),
     (Code::BadGateway, "UNKNOWN", 502),
     (Code::GatewayTimeout, "UNKNOWN", 504),
+    (Code::StoreFull, "UNKNOWN", 507),
     (Code::Internal, "UNKNOWN", 500),
 ];
 
@@ -160,6 +163,7 @@ impl ApiError {
             | CacheError::DigestMismatch { .. }
             | CacheError::SizeMismatch { .. }
             | CacheError::FillFailed(_) => Code::BadGateway,
+            CacheError::NoSpace => Code::StoreFull,
             CacheError::Store(_) | CacheError::Internal(_) => Code::Internal,
         };
         ApiError::new(code, format!("{what}: {e}"))

@@ -529,6 +529,13 @@ pub(crate) fn api(e: RegistryError) -> ApiError {
         RegistryError::TagImmutable { .. } => Code::Denied,
         RegistryError::UploadTooLarge { .. } => Code::UploadTooLarge,
         RegistryError::TooManyUploads { .. } => Code::TooManyRequests,
+        RegistryError::Store(s) if s.is_no_space() => {
+            tracing::error!(error = %s, "a push failed: the store's disk is full");
+            return ApiError::new(
+                Code::StoreFull,
+                format!("berth's store has no space left for this push ({s}); pushed content is never evicted: free space on the store's disk or delete images, then push again"),
+            );
+        }
         RegistryError::Store(_) => Code::Internal,
     };
     if code == Code::Internal {
@@ -732,6 +739,24 @@ async fn next_chunk(session: &mut ServerSession) -> Result<Option<Bytes>, ApiErr
                 format!("the request body stalled for {BODY_READ_TIMEOUT:?}"),
             ))
         }
+    }
+}
+
+/// The disk budget in the background ([`berth_cache::Cache::run_budget`]).
+pub struct Budget {
+    pub cache: std::sync::Arc<berth_cache::Cache>,
+}
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for Budget {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        tokio::select! {
+            _ = self.cache.clone().run_budget() => {}
+            _ = shutdown.changed() => {}
+        }
+        // What was used since the last flush is not lost on a clean stop.
+        let cache = self.cache.clone();
+        let _ = tokio::task::spawn_blocking(move || cache.flush_access_log()).await;
     }
 }
 

@@ -79,6 +79,8 @@ pub enum Route {
     ApiKeys {
         id: Option<String>,
     },
+    /// `/admin/…`: the store's upkeep (see `admin.rs`).
+    Admin(crate::admin::AdminRoute),
 }
 
 /// The endpoints of a private repository (`/v2/<repo>/…`).
@@ -116,6 +118,11 @@ pub fn parse(path: &str, query: Option<&str>, config: &Config) -> Result<Route, 
                 id: Some(id.to_owned()),
             });
         }
+    }
+    if let Some(rest) = path.strip_prefix("/admin/") {
+        return crate::admin::parse(rest)
+            .map(Route::Admin)
+            .ok_or_else(|| not_found(path));
     }
     let Some(rest) = path.strip_prefix("/v2/") else {
         return Err(not_found(path));

@@ -203,6 +203,7 @@ fn route_kind(r: &Route) -> &'static str {
         Route::Catalog => "catalog",
         Route::Token => "token",
         Route::ApiKeys { .. } => "api_keys",
+        Route::Admin(_) => "admin",
         Route::Private { endpoint, .. } => match endpoint {
             Endpoint::Manifest(_) => "private_manifest",
             Endpoint::Blob(_) => "private_blob",
@@ -282,6 +283,16 @@ impl App {
         }
         if let Route::ApiKeys { id } = route {
             let result = self.api_keys(session, req, who, id.as_deref()).await;
+            return match result {
+                Ok(s) => s,
+                Err(e) => refuse(session, req, &e).await,
+            };
+        }
+        if let Route::Admin(admin) = route {
+            let result = match self.check_admin(who, req) {
+                Ok(()) => self.admin(session, req, admin).await,
+                Err(e) => Err(e),
+            };
             return match result {
                 Ok(s) => s,
                 Err(e) => refuse(session, req, &e).await,
@@ -372,7 +383,7 @@ impl App {
             Route::Blob { target, digest } => self.blob(session, req, target, digest).await,
             Route::Catalog => self.catalog(session, req, who).await,
             Route::Token => self.token(session, req).await,
-            Route::ApiKeys { .. } => unreachable!("served above"),
+            Route::ApiKeys { .. } | Route::Admin(_) => unreachable!("served above"),
             Route::Private { .. } => unreachable!("served above"),
             Route::TagsList { target, query } => {
                 self.tags(session, req, target, query.as_deref()).await
@@ -422,7 +433,12 @@ impl App {
         let write = !req.is_read();
         let (path, action) = match route {
             // /api/keys checks its callers itself (a password login to make a key).
-            Route::Health | Route::Ready | Route::Token | Route::ApiKeys { .. } => return Ok(()),
+            // /admin checks its callers itself (administrators only).
+            Route::Health
+            | Route::Ready
+            | Route::Token
+            | Route::ApiKeys { .. }
+            | Route::Admin(_) => return Ok(()),
             Route::Catalog => {
                 if *who == Identity::Anonymous && !self.auth.anonymous_may_read() {
                     let scope = Some("registry:catalog:*".to_owned());
@@ -619,15 +635,17 @@ impl App {
                 .flatten()
             {
                 Some(socket) => Body::SendFile(socket, blob),
-                None => Body::Mapped(
-                    tokio::task::spawn_blocking(move || blob.map())
+                None => {
+                    let (data, blob) = tokio::task::spawn_blocking(move || (blob.map(), blob))
                         .await
-                        .map_err(|e| ApiError::new(Code::Internal, format!("{what}: {e}")))?
-                        .map_err(|e| {
-                            ApiError::new(Code::Internal, format!("{what}: mapping it: {e}"))
-                        })?,
-                ),
+                        .map_err(|e| ApiError::new(Code::Internal, format!("{what}: {e}")))?;
+                    let data = data.map_err(|e| {
+                        ApiError::new(Code::Internal, format!("{what}: mapping it: {e}"))
+                    })?;
+                    Body::Mapped(data, blob)
+                }
             },
+            BlobSource::Direct(direct) => Body::Direct(direct),
             BlobSource::Filling { fill, .. } => {
                 match (!self.tls).then(|| Socket::of(session)).flatten() {
                     Some(socket) => Body::SendFill(socket, fill),
@@ -664,7 +682,23 @@ impl App {
                 )
                 .await
                 .map_err(|e| e.to_string()),
-            Body::Mapped(data) => write_mapped(session, &data, start, end, &mut served).await,
+            Body::Mapped(data, _pinned) => {
+                write_mapped(session, &data, start, end, &mut served).await
+            }
+            Body::Direct(mut direct) => loop {
+                match direct.next().await {
+                    Ok(Some(chunk)) => {
+                        let len = chunk.len() as u64;
+                        let last = served.bytes + len == size;
+                        if session.write_response_body(chunk, last).await.is_err() {
+                            break Err("client went away".into());
+                        }
+                        served.bytes += len;
+                    }
+                    Ok(None) => break Ok(()),
+                    Err(e) => break Err(e.to_string()),
+                }
+            },
             Body::SendFill(socket, fill) => {
                 let mut reader = fill.reader();
                 loop {
@@ -830,13 +864,15 @@ impl App {
 enum Body {
     /// A stored blob, from its file straight into the client's socket.
     SendFile(Socket, StoredBlob),
-    /// A stored blob, mapped and written through the session.
-    Mapped(Bytes),
+    /// A stored blob, mapped and written through the session (pinned while it is).
+    Mapped(Bytes, StoredBlob),
     /// A fill in progress, from the file being written straight into the client's
     /// socket as it grows.
     SendFill(Socket, Arc<BlobFill>),
     /// A fill in progress, read as it grows and written through the session.
     Fill(Arc<BlobFill>),
+    /// Straight from the upstream, not stored (the disk is full).
+    Direct(berth_cache::direct::DirectBlob),
 }
 
 /// Writes bytes `start..end` of a mapped blob through the session.

@@ -45,6 +45,9 @@ pub struct BlobStore {
 
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
+/// The file, at the store root, holding space back for a full disk.
+const RESERVE_FILE: &str = "reserve";
+
 impl BlobStore {
     /// Opens (creating if needed) the blob directories under `root` and removes any
     /// partially written blob a previous process left behind.
@@ -228,6 +231,43 @@ impl BlobStore {
     /// The store's root directory.
     pub fn root(&self) -> &Path {
         &self.root
+    }
+
+    fn reserve_path(&self) -> PathBuf {
+        self.root.join(RESERVE_FILE)
+    }
+
+    /// Holds `size` bytes of the filesystem in a file of the store's own (allocated, not
+    /// sparse), to be given back with [`release_reserve`](Self::release_reserve) when the
+    /// disk is full. Returns whether the reserve is (now) held.
+    pub fn hold_reserve(&self, size: u64) -> Result<bool, StoreError> {
+        let path = self.reserve_path();
+        if fs::metadata(&path).is_ok_and(|m| m.len() >= size) {
+            return Ok(true);
+        }
+        let tmp = self.root.join("tmp").join(RESERVE_FILE);
+        let file = File::create(&tmp)?;
+        if let Err(e) = rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, size) {
+            drop(file);
+            let _ = fs::remove_file(&tmp);
+            let e = io::Error::from(e);
+            if e.raw_os_error() == Some(28) {
+                return Ok(false);
+            }
+            return Err(e.into());
+        }
+        fs::rename(&tmp, &path)?;
+        Ok(true)
+    }
+
+    /// Gives the reserve back to the filesystem; returns whether there was one.
+    pub fn release_reserve(&self) -> bool {
+        fs::remove_file(self.reserve_path()).is_ok()
+    }
+
+    /// Whether the reserve is held.
+    pub fn has_reserve(&self) -> bool {
+        self.reserve_path().exists()
     }
 }
 

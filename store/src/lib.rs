@@ -78,6 +78,17 @@ impl std::fmt::Display for StoreError {
 
 impl std::error::Error for StoreError {}
 
+impl StoreError {
+    /// Whether this is the disk being full (of the blob files or the database).
+    pub fn is_no_space(&self) -> bool {
+        match self {
+            StoreError::Io(e) => e.raw_os_error() == Some(28),
+            StoreError::Database(m) => m.contains("No space left on device"),
+            _ => false,
+        }
+    }
+}
+
 impl From<std::io::Error> for StoreError {
     fn from(e: std::io::Error) -> Self {
         StoreError::Io(e)
@@ -101,8 +112,15 @@ impl Store {
     pub fn open(root: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(root)?;
         // The database first: its lock refuses a second process on the same store
-        // before the blob store cleans up `tmp/`, where the first may be writing.
-        let meta = MetaStore::open(&root.join("meta"))?;
+        // before the blob store cleans up `tmp/`, where the first may be writing. On a
+        // full disk the database cannot open (it writes a new log): the space the store
+        // held in reserve is given back for it.
+        let meta = match MetaStore::open(&root.join("meta")) {
+            Err(e) if e.is_no_space() && std::fs::remove_file(root.join("reserve")).is_ok() => {
+                MetaStore::open(&root.join("meta"))?
+            }
+            other => other?,
+        };
         Ok(Store {
             blobs: BlobStore::open(root)?,
             meta,

@@ -901,17 +901,18 @@ impl MetaStore {
         })
     }
 
-    /// Calls `f` with `(upstream, repo, digest)` of every cache link of `upstream`, and
-    /// of only `repo` if given; `f` returns `false` to stop.
+    /// Calls `f` with `(upstream, repo, digest)` of every cache link (of `upstream`, and
+    /// of only its `repo`, if given); `f` returns `false` to stop.
     pub fn visit_cache_links(
         &self,
-        upstream: &str,
+        upstream: Option<&str>,
         repo: Option<&str>,
         mut f: impl FnMut(&str, &str, Digest) -> bool,
     ) -> Result<(), StoreError> {
-        let prefix = match repo {
-            Some(r) => repo_key(upstream, &[r, ""]),
-            None => repo_key(upstream, &[""]),
+        let prefix = match (upstream, repo) {
+            (None, _) => Vec::new(),
+            (Some(u), Some(r)) => repo_key(u, &[r, ""]),
+            (Some(u), None) => repo_key(u, &[""]),
         };
         self.visit(CF_CACHE_LINKS, &prefix, |k, _| {
             let k = std::str::from_utf8(k).map_err(|_| corrupt("cache link key"))?;
