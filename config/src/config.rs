@@ -13,6 +13,7 @@ use toml::{Table, Value};
 use crate::access::AccessConfig;
 use crate::cache::CacheConfig;
 use crate::glob::Glob;
+use crate::retention::RetentionPolicy;
 
 /// The configuration shipped with berth and embedded in the binary.
 pub const DEFAULT_CONFIG: &str = include_str!("../../upstreams.toml");
@@ -29,6 +30,10 @@ pub struct Config {
     /// `[access] open = true`: everyone may do everything, anonymously, on any listener.
     /// Default `false`: without `[access]`, a listener beyond loopback serves pulls only.
     pub open: bool,
+    /// `[[retention]]`: the policies that delete tags and manifests of private
+    /// repositories, in file order (the first that matches a repository applies; see
+    /// [`crate::retention`]). Default: none.
+    pub retention: Vec<RetentionPolicy>,
 }
 
 /// `[server]`: where berth listens and keeps its store.
@@ -50,6 +55,9 @@ pub struct ServerConfig {
     /// `gc_grace`: content younger than this is never collected (a push uploads its
     /// blobs before the manifest that references them). Default `1h`.
     pub gc_grace: Option<Duration>,
+    /// `retention_interval`: how often the `[[retention]]` policies run; `"0s"` turns
+    /// them off. Default `24h`.
+    pub retention_interval: Option<Duration>,
     /// `max_upload_size`: the most bytes one pushed blob may have, such as `"10GiB"`;
     /// a push over it is refused with 413 `SIZE_INVALID` and its bytes removed.
     /// Default `10GiB`.
@@ -179,9 +187,19 @@ impl Config {
                     }
                     None => p.add("upstream", "must be an array of tables ([[upstream]])"),
                 },
+                // After the loop: a policy may not name an upstream's namespace.
+                "retention" => {}
                 other => p.add(other, "unknown key"),
             }
         }
+        let retention = match table.get("retention") {
+            Some(v) => {
+                let namespaces: Vec<&str> =
+                    upstreams.iter().map(|u| u.namespace.as_str()).collect();
+                crate::retention::parse_retention(v, &namespaces, &mut p)
+            }
+            None => Vec::new(),
+        };
         let mut seen = HashSet::new();
         for (i, u) in upstreams.iter().enumerate() {
             if !seen.insert(u.namespace.clone()) {
@@ -228,6 +246,7 @@ impl Config {
                 upstreams,
                 access: (has_access && !open).then_some(access),
                 open,
+                retention,
             })
         } else {
             Err(ConfigErrors(p.0))
@@ -250,6 +269,11 @@ pub(crate) struct Problems(Vec<String>);
 impl Problems {
     pub(crate) fn add(&mut self, path: &str, msg: &str) {
         self.0.push(format!("{path}: {msg}"));
+    }
+
+    /// How many problems were found so far.
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
     }
 }
 
@@ -347,6 +371,7 @@ fn parse_server(v: &Value, p: &mut Problems) -> ServerConfig {
             "upload_timeout" => s.upload_timeout = duration(&path, value, p),
             "gc_interval" => s.gc_interval = duration(&path, value, p),
             "gc_grace" => s.gc_grace = duration(&path, value, p),
+            "retention_interval" => s.retention_interval = duration(&path, value, p),
             "max_upload_size" => s.max_upload_size = size(&path, value, p),
             "default_upstream" => s.default_upstream = string(&path, value, p),
             "external_url" => {

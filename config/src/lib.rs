@@ -5,7 +5,9 @@
 //! - [`cache`]: `[cache]`, the disk budget of pulled-through content;
 //! - [`access`]: `[auth]` and `[access]`: users, groups, and the per-repository policies
 //!   that decide who may read, create, update and delete;
-//! - [`glob`]: the repository patterns both use.
+//! - [`retention`]: `[[retention]]`, the policies that delete old tags and manifests of
+//!   private repositories;
+//! - [`glob`]: the repository patterns they use.
 //!
 //! The crate does no I/O beyond reading secret files on request
 //! ([`config::Credentials::resolve`]); the cache, registry and server take what they need
@@ -15,6 +17,8 @@ pub mod access;
 pub mod cache;
 pub mod config;
 pub mod glob;
+pub mod retention;
 
 pub use cache::{CacheConfig, MinFree};
 pub use config::*;
+pub use retention::{RetentionPolicy, DEFAULT_RETENTION_INTERVAL};

@@ -139,7 +139,15 @@ fn check(file: &PathBuf) -> i32 {
     };
     match Config::parse(&text) {
         Ok(c) => {
-            println!("{}: ok ({} upstreams)", file.display(), c.upstreams.len());
+            let retention = match c.retention.len() {
+                0 => String::new(),
+                n => format!(", {n} retention policies"),
+            };
+            println!(
+                "{}: ok ({} upstreams{retention})",
+                file.display(),
+                c.upstreams.len()
+            );
             0
         }
         Err(errors) => {
@@ -384,6 +392,7 @@ fn serve(args: ServeArgs) -> i32 {
         registry_options.max_upload_size = n;
     }
     let clock = Clock::from_env();
+    let retention_clock = clock.clone();
     let cache = match Cache::new(&config, store, metrics.cache.clone(), clock.clone()) {
         Ok(c) => c,
         Err(e) => {
@@ -456,6 +465,13 @@ fn serve(args: ServeArgs) -> i32 {
             None => Some(DEFAULT_GC_INTERVAL),
         },
         gc_grace: app.config.server.gc_grace.unwrap_or(DEFAULT_GC_GRACE),
+        retention_interval: match app.config.server.retention_interval {
+            Some(d) if d.is_zero() => None,
+            Some(d) => Some(d),
+            None => Some(berth_config::DEFAULT_RETENTION_INTERVAL),
+        },
+        retention: Arc::new(app.config.retention.clone()),
+        clock: retention_clock,
     };
     let budget = crate::private::Budget {
         cache: app.cache.clone(),

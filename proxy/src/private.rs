@@ -761,12 +761,36 @@ impl pingora::services::background::BackgroundService for Budget {
 }
 
 /// Private-registry upkeep in the background: removes abandoned uploads (checked every
-/// minute, or every upload timeout if shorter) and, every `gc_interval`, collects
-/// garbage older than `gc_grace`.
+/// minute, or every upload timeout if shorter), every `gc_interval` collects garbage
+/// older than `gc_grace`, and every `retention_interval` applies the `retention`
+/// policies (as of `clock`).
 pub struct Maintenance {
     pub registry: std::sync::Arc<berth_registry::Registry>,
     pub gc_interval: Option<std::time::Duration>,
     pub gc_grace: std::time::Duration,
+    /// `None`, or no policies: retention never runs.
+    pub retention_interval: Option<std::time::Duration>,
+    pub retention: std::sync::Arc<Vec<berth_config::RetentionPolicy>>,
+    pub clock: berth_cache::clock::Clock,
+}
+
+/// A `tokio::time::interval` whose first (immediate) tick is already taken.
+async fn interval_after_first(
+    period: Option<std::time::Duration>,
+) -> Option<tokio::time::Interval> {
+    let mut i = tokio::time::interval(period?);
+    i.tick().await;
+    Some(i)
+}
+
+/// Waits for the next tick of `interval`, forever if there is none.
+async fn next_tick(interval: &mut Option<tokio::time::Interval>) {
+    match interval.as_mut() {
+        Some(i) => {
+            i.tick().await;
+        }
+        None => std::future::pending::<()>().await,
+    }
 }
 
 #[async_trait::async_trait]
@@ -780,19 +804,12 @@ impl pingora::services::background::BackgroundService for Maintenance {
             .clamp(Duration::from_millis(100), Duration::from_secs(60));
         let mut uploads = tokio::time::interval(sweep);
         uploads.tick().await;
-        let mut gc = self.gc_interval.map(tokio::time::interval);
-        if let Some(gc) = gc.as_mut() {
-            gc.tick().await;
-        }
+        let mut gc = interval_after_first(self.gc_interval).await;
+        let retention_interval = self
+            .retention_interval
+            .filter(|_| !self.retention.is_empty());
+        let mut retention = interval_after_first(retention_interval).await;
         loop {
-            let gc_due = async {
-                match gc.as_mut() {
-                    Some(gc) => {
-                        gc.tick().await;
-                    }
-                    None => std::future::pending::<()>().await,
-                }
-            };
             tokio::select! {
                 _ = uploads.tick() => {
                     // Expiring removes files: on the blocking pool.
@@ -803,7 +820,7 @@ impl pingora::services::background::BackgroundService for Maintenance {
                         Err(e) => tracing::error!(error = %e, "upload expiry task failed"),
                     }
                 }
-                _ = gc_due => {
+                _ = next_tick(&mut gc) => {
                     let registry = self.registry.clone();
                     let grace = self.gc_grace;
                     let result = tokio::task::spawn_blocking(move || registry.collect_garbage(grace)).await;
@@ -811,6 +828,22 @@ impl pingora::services::background::BackgroundService for Maintenance {
                         Ok(Ok(_)) => {}
                         Ok(Err(e)) => tracing::error!(error = %e, "garbage collection failed"),
                         Err(e) => tracing::error!(error = %e, "garbage collection task failed"),
+                    }
+                }
+                _ = next_tick(&mut retention) => {
+                    let (registry, policies) = (self.registry.clone(), self.retention.clone());
+                    let now = self.clock.now_ms();
+                    let result = tokio::task::spawn_blocking(move || registry.apply_retention(&policies, now, false)).await;
+                    match result {
+                        Ok(Ok(r)) => tracing::info!(
+                            repositories = r.repositories_checked,
+                            tags_deleted = r.tags_deleted(),
+                            manifests_deleted = r.manifests_deleted(),
+                            referrers_deleted = r.referrers_deleted(),
+                            "retention applied"
+                        ),
+                        Ok(Err(e)) => tracing::error!(error = %e, "retention failed"),
+                        Err(e) => tracing::error!(error = %e, "retention task failed"),
                     }
                 }
                 _ = shutdown.changed() => return,

@@ -18,6 +18,7 @@
 mod error;
 mod gc;
 pub mod manifest;
+pub mod retention;
 mod upload;
 
 use std::collections::HashMap;
@@ -33,6 +34,7 @@ use berth_store::{Batch, ManifestRecord, RepoLink, RepoTag, Store, StoredBlob};
 pub use error::RegistryError;
 pub use gc::GcReport;
 pub use manifest::MAX_MANIFEST_BYTES;
+pub use retention::{RepoRetention, RetentionReport};
 pub use upload::{SharedUpload, Upload};
 
 /// Settings of the private registry.
@@ -244,8 +246,19 @@ impl Registry {
         }
     }
 
-    /// A manifest of `repo`, by tag or digest.
+    /// A manifest of `repo`, by tag or digest. Every successful read counts as a use of
+    /// the manifest in the store's access log (what retention's `keep_pulled_within`
+    /// and `untagged_grace` judge by): GET and HEAD alike (a HEAD by tag is how `docker
+    /// pull` and containerd check a tag, so it is counted, erring on the side of
+    /// keeping), by tag and by digest, which records the manifests of an index that
+    /// clients fetch by digest after it.
     pub fn manifest(&self, repo: &str, reference: &Reference) -> Result<Manifest, RegistryError> {
+        let manifest = self.read_manifest(repo, reference)?;
+        self.store.access.touch(&manifest.digest, now_ms());
+        Ok(manifest)
+    }
+
+    fn read_manifest(&self, repo: &str, reference: &Reference) -> Result<Manifest, RegistryError> {
         let digest = self.resolve(repo, reference)?;
         let rec = self
             .store

@@ -1,13 +1,13 @@
 use super::*;
 use berth_store::oci::{OCI_INDEX, OCI_MANIFEST};
 
-fn registry() -> (tempfile::TempDir, Registry) {
+pub(crate) fn registry() -> (tempfile::TempDir, Registry) {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(Store::open(dir.path()).unwrap());
     (dir, Registry::new(store, Options::default()))
 }
 
-async fn push_blob(r: &Registry, repo: &str, bytes: &[u8]) -> Digest {
+pub(crate) async fn push_blob(r: &Registry, repo: &str, bytes: &[u8]) -> Digest {
     let d = Digest::sha256_of(bytes);
     let upload = r.start_upload(repo).unwrap();
     let mut u = upload.lock().await;
@@ -16,7 +16,12 @@ async fn push_blob(r: &Registry, repo: &str, bytes: &[u8]) -> Digest {
     d
 }
 
-fn image_manifest(config: &Digest, config_len: usize, layer: &Digest, layer_len: usize) -> Bytes {
+pub(crate) fn image_manifest(
+    config: &Digest,
+    config_len: usize,
+    layer: &Digest,
+    layer_len: usize,
+) -> Bytes {
     Bytes::from(format!(
         r#"{{"schemaVersion":2,"mediaType":"{OCI_MANIFEST}","config":{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{config}","size":{config_len}}},"layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar+gzip","digest":"{layer}","size":{layer_len}}}]}}"#
     ))

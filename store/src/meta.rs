@@ -1067,6 +1067,20 @@ impl MetaStore {
             .collect())
     }
 
+    /// Every manifest linked into `repo`, in digest order.
+    pub fn repo_manifests(&self, repo: &str) -> Result<Vec<(Digest, RepoLink)>, StoreError> {
+        self.scan(CF_REPO_MANIFESTS, &repo_key(repo, &[""]), None, usize::MAX)?
+            .into_iter()
+            .map(|(k, v)| {
+                let digest = std::str::from_utf8(&k)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| corrupt("manifest link key"))?;
+                Ok((digest, RepoLink::decode(&v)?))
+            })
+            .collect()
+    }
+
     /// Up to `limit` private repositories in lexical order, after `last` if given.
     pub fn repos(&self, last: Option<&str>, limit: usize) -> Result<Vec<String>, StoreError> {
         self.scan(CF_REPOS, b"", last.map(|l| l.as_bytes().to_vec()), limit)?
@@ -1328,5 +1342,24 @@ mod tests {
         assert!(!m.cache_link("docker.io", "library/alpine", &d).unwrap());
         let other = Digest::sha256_of(b"other");
         assert!(!m.cache_link("ghcr.io", "acme/secret/app", &other).unwrap());
+    }
+
+    #[test]
+    fn a_repository_lists_only_its_own_manifests() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = MetaStore::open(dir.path()).unwrap();
+        let (a, b) = (Digest::sha256_of(b"a"), Digest::sha256_of(b"b"));
+        let link = |ms| RepoLink {
+            linked_ms: ms,
+            size: 1,
+        };
+        let mut batch = Batch::default();
+        batch
+            .link_manifest("team/app", &a, link(1))
+            .link_manifest("team/app/sub", &b, link(2))
+            .link_manifest("team/ap", &b, link(3));
+        m.write(batch).unwrap();
+        assert_eq!(m.repo_manifests("team/app").unwrap(), vec![(a, link(1))]);
+        assert!(m.repo_manifests("team").unwrap().is_empty());
     }
 }
