@@ -394,17 +394,21 @@ fn choose_purge(
             !purge
         });
     }
+    // Blobs a manifest that stays references stay too.
+    let mut referenced: HashSet<Id> = HashSet::new();
     for m in manifests.into_values() {
         let i = id(&m.digest);
         if scoped.contains(&i) && !kept.contains(&i) {
             let t = tags.remove(&i).unwrap_or_default();
             plan.manifests.push((m.digest, t));
+        } else {
+            referenced.extend(m.blobs);
         }
     }
     for b in blobs {
         let i = id(&b.digest);
         let fetched_here = b.upstream == upstream && repo.is_none();
-        if (scoped.contains(&i) || fetched_here) && !kept.contains(&i) {
+        if (scoped.contains(&i) || fetched_here) && !kept.contains(&i) && !referenced.contains(&i) {
             plan.blobs.push((b.digest, b.size));
         }
     }
@@ -518,5 +522,239 @@ impl Measured {
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
             .map(|(u, _)| u.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use berth_store::{Batch, ManifestRecord, RepoLink, TagRecord};
+    use bytes::Bytes;
+
+    const HOUR: u64 = 3_600_000;
+    const NOW: u64 = 1_000 * HOUR;
+
+    fn times() -> Times {
+        Times {
+            keep_after: NOW - HOUR,
+            expire_before: None,
+        }
+    }
+
+    /// A store seeded the way fills leave it.
+    struct Seed {
+        _dir: tempfile::TempDir,
+        store: Store,
+    }
+
+    impl Seed {
+        fn new() -> Seed {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(dir.path()).unwrap();
+            Seed { _dir: dir, store }
+        }
+
+        /// A cached blob of `size` bytes, last used at `used`.
+        fn blob(&self, name: &str, size: usize, used: u64) -> Digest {
+            let bytes = vec![name.as_bytes()[0]; size];
+            let d = Digest::sha256_of(&bytes);
+            let mut w = self.store.blobs.writer(&d).unwrap();
+            w.write(&bytes).unwrap();
+            w.commit(None).unwrap();
+            self.store
+                .meta
+                .record_blob(&d, size as u64, "docker.io/library/app", used)
+                .unwrap();
+            self.store
+                .meta
+                .put_cache_link("docker.io", "library/app", &d, used)
+                .unwrap();
+            d
+        }
+
+        /// A cached image manifest of `layers`, tagged `tag` in `repo`, last used at `used`.
+        fn image(&self, repo: &str, tag: &str, layers: &[&Digest], used: u64) -> Digest {
+            let layers: Vec<_> = layers
+                .iter()
+                .map(|d| serde_json::json!({"digest": d.to_string(), "size": 1, "mediaType": "x"}))
+                .collect();
+            let body = serde_json::to_vec(&serde_json::json!({
+                "schemaVersion": 2, "layers": layers, "tag": tag
+            }))
+            .unwrap();
+            self.manifest(repo, tag, body, used)
+        }
+
+        fn manifest(&self, repo: &str, tag: &str, body: Vec<u8>, used: u64) -> Digest {
+            let d = Digest::sha256_of(&body);
+            let record = ManifestRecord {
+                media_type: berth_store::oci::OCI_MANIFEST.into(),
+                body: Bytes::from(body),
+            };
+            self.store.meta.put_manifest(&d, &record).unwrap();
+            self.store
+                .meta
+                .put_cache_link("docker.io", repo, &d, used)
+                .unwrap();
+            if !tag.is_empty() {
+                let key = TagKey {
+                    upstream: "docker.io".into(),
+                    repo: repo.into(),
+                    tag: tag.into(),
+                    variant: 0,
+                };
+                let rec = TagRecord {
+                    digest: d.clone(),
+                    confirmed_at_ms: used,
+                };
+                self.store.meta.put_tag(&key, &rec).unwrap();
+            }
+            self.store.access.touch(&d, used);
+            d
+        }
+
+        fn plan(&self, goal: Goal, times: &Times) -> Plan {
+            plan(&self.store, &goal, times).unwrap()
+        }
+    }
+
+    fn blobs(p: &Plan) -> Vec<Digest> {
+        p.blobs.iter().map(|(d, _)| d.clone()).collect()
+    }
+
+    fn manifests(p: &Plan) -> Vec<Digest> {
+        p.manifests.iter().map(|(d, _)| d.clone()).collect()
+    }
+
+    #[test]
+    fn the_least_recently_used_image_goes_first_and_whole() {
+        let s = Seed::new();
+        let (old_layer, shared, new_layer) = (
+            s.blob("o", 100, NOW - 50 * HOUR),
+            s.blob("s", 100, NOW - 50 * HOUR),
+            s.blob("n", 100, NOW - 50 * HOUR),
+        );
+        let old = s.image("library/old", "1", &[&old_layer, &shared], NOW - 10 * HOUR);
+        let new = s.image("library/new", "1", &[&new_layer, &shared], NOW - 5 * HOUR);
+        let p = s.plan(Goal::Free(100), &times());
+        // The old image: its manifest and tag, and the layer only it uses. The shared
+        // layer stays: the newer image still needs it.
+        assert_eq!(manifests(&p), vec![old.clone()]);
+        assert_eq!(p.manifests[0].1.len(), 1, "its tag goes with it");
+        assert_eq!(blobs(&p), vec![old_layer.clone()]);
+        assert!(p
+            .links
+            .iter()
+            .any(|(_, r, d)| r == "library/old" && *d == old));
+        assert_eq!(p.usage.cached_bytes, 300);
+        assert_eq!(p.usage.cached_manifests, 2);
+        assert_eq!(p.usage.cached_tags, 2);
+        // Asked for everything: the shared layer goes once, after the last image using it.
+        let p = s.plan(Goal::Free(u64::MAX), &times());
+        assert_eq!(manifests(&p), vec![old, new]);
+        let b = blobs(&p);
+        assert_eq!(b.len(), 3);
+        assert_eq!(b[0], old_layer);
+        assert!(b[1..].contains(&shared) && b[1..].contains(&new_layer));
+    }
+
+    #[test]
+    fn private_recent_and_fetched_by_digest_content_is_kept() {
+        let s = Seed::new();
+        let private = s.blob("p", 100, NOW - 50 * HOUR);
+        let mut b = Batch::default();
+        b.link_blob(
+            "team/app",
+            &private,
+            RepoLink {
+                linked_ms: 1,
+                size: 100,
+            },
+        );
+        s.store.meta.write(b).unwrap();
+        let recent = s.blob("r", 100, NOW - 50 * HOUR);
+        // Used recently only through its manifest, pulled by digest (no tag).
+        let m = s.image("library/recent", "", &[&recent], NOW - 60_000);
+        let loose = s.blob("l", 100, NOW - 50 * HOUR);
+        let p = s.plan(Goal::Free(u64::MAX), &times());
+        assert_eq!(blobs(&p), vec![loose]);
+        assert!(manifests(&p).is_empty(), "{:?} was used a minute ago", m);
+        assert_eq!(p.usage.private_bytes, 100);
+        assert_eq!(p.usage.cached_bytes, 200);
+    }
+
+    #[test]
+    fn an_index_lends_its_use_to_its_children() {
+        let s = Seed::new();
+        let (la, lb) = (
+            s.blob("a", 100, NOW - 50 * HOUR),
+            s.blob("b", 100, NOW - 50 * HOUR),
+        );
+        let child_a = s.image("library/multi", "", &[&la], NOW - 40 * HOUR);
+        let child_b = s.image("library/multi", "", &[&lb], NOW - 40 * HOUR);
+        let index = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "manifests": [
+                {"digest": child_a.to_string(), "size": 1, "mediaType": "x"},
+                {"digest": child_b.to_string(), "size": 1, "mediaType": "x"},
+            ]
+        }))
+        .unwrap();
+        // The index was pulled by tag 10 minutes ago: its children and layers are in use.
+        s.manifest("library/multi", "latest", index, NOW - 600_000);
+        let stale = s.blob("z", 100, NOW - 45 * HOUR);
+        let p = s.plan(Goal::Free(u64::MAX), &times());
+        assert_eq!(blobs(&p), vec![stale]);
+        assert!(manifests(&p).is_empty());
+    }
+
+    #[test]
+    fn max_age_evicts_old_content_whatever_the_budget() {
+        let s = Seed::new();
+        let ancient = s.blob("a", 100, NOW - 800 * HOUR);
+        let m = s.image("library/ancient", "v1", &[&ancient], NOW - 700 * HOUR);
+        s.blob("y", 100, NOW - 20 * HOUR);
+        let t = Times {
+            keep_after: NOW - HOUR,
+            expire_before: Some(NOW - 24 * HOUR),
+        };
+        let p = s.plan(Goal::Free(0), &t);
+        assert_eq!(manifests(&p), vec![m]);
+        assert_eq!(blobs(&p), vec![ancient]);
+    }
+
+    #[test]
+    fn a_purge_removes_only_what_no_other_repository_holds() {
+        let s = Seed::new();
+        // Every seeded blob is linked in library/app, the repository purged.
+        let (own, shared, used) = (
+            s.blob("o", 100, NOW),
+            s.blob("s", 100, NOW),
+            s.blob("u", 100, NOW),
+        );
+        let gone = s.image("library/app", "1", &[&own, &shared], NOW);
+        // `shared` is also linked in another repository; `used` is referenced by an
+        // image that stays.
+        s.store
+            .meta
+            .put_cache_link("docker.io", "library/kept", &shared, NOW)
+            .unwrap();
+        let stays = s.image("library/kept", "1", &[&used], NOW);
+        let p = s.plan(
+            Goal::Purge {
+                upstream: "docker.io".into(),
+                repo: Some("library/app".into()),
+            },
+            &times(),
+        );
+        assert_eq!(manifests(&p), vec![gone]);
+        assert_eq!(blobs(&p), vec![own]);
+        assert!(!manifests(&p).contains(&stays));
+        assert!(p.links.iter().all(|(_, r, _)| r == "library/app"));
+        assert!(
+            p.links.iter().any(|(_, _, d)| *d == shared),
+            "the purged repository's link to a kept blob goes"
+        );
+        assert_eq!(p.tags.len(), 1, "the purged repository's tag");
     }
 }

@@ -1197,6 +1197,11 @@ impl Cache {
         Ok(self.evict_with(Goal::Free(0), times).await?.before)
     }
 
+    /// The time policy code goes by (berth's clock), in ms since the epoch.
+    pub fn now_ms(&self) -> u64 {
+        self.clock.now_ms()
+    }
+
     /// `(available, total)` bytes of the store's filesystem.
     pub fn store_filesystem(&self) -> Result<(u64, u64), StoreError> {
         self.store.blobs.filesystem()

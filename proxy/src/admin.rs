@@ -7,7 +7,9 @@
 //!   asks (or at least `bytes`), and removing what is older than `max_age`;
 //! - `POST /admin/gc[?grace=1h]`: garbage collection of private content now;
 //! - `DELETE /admin/cache/<upstream>[/<repository>]`: purges what was cached through one
-//!   upstream, or one of its repositories, that no other repository holds.
+//!   upstream, or one of its repositories, that no other repository holds;
+//! - `POST /admin/retention?dry_run=true`: applies the `[[retention]]` policies now, or
+//!   (with `dry_run=true`) reports what they would delete without deleting it.
 //!
 //! Every answer is JSON.
 
@@ -27,6 +29,7 @@ pub enum AdminRoute {
     Store,
     Evict,
     Gc,
+    Retention,
     Purge {
         upstream: String,
         repo: Option<String>,
@@ -39,6 +42,7 @@ pub fn parse(rest: &str) -> Option<AdminRoute> {
         "store" => Some(AdminRoute::Store),
         "evict" => Some(AdminRoute::Evict),
         "gc" => Some(AdminRoute::Gc),
+        "retention" => Some(AdminRoute::Retention),
         _ => {
             let target = rest.strip_prefix("cache/")?;
             let (upstream, repo) = match target.split_once('/') {
@@ -159,6 +163,19 @@ impl App {
                     .map_err(cache_error)?;
                 serde_json::to_value(&report).expect("serializable")
             }
+            (AdminRoute::Retention, "POST") => {
+                let dry_run = match query_value(req.query.as_deref(), "dry_run") {
+                    None | Some("false") => false,
+                    Some("true") => true,
+                    Some(v) => return Err(bad(format!("dry_run: {v:?} is not true or false"))),
+                };
+                let policies = self.config.retention.clone();
+                let now = self.cache.now_ms();
+                let report = self
+                    .blocking(move |r| r.apply_retention(&policies, now, dry_run))
+                    .await?;
+                report.to_json()
+            }
             (AdminRoute::Gc, "POST") => {
                 let grace = match query_value(req.query.as_deref(), "grace") {
                     Some(v) => {
@@ -185,7 +202,7 @@ impl App {
             _ => {
                 let allowed = match route {
                     AdminRoute::Store => "GET",
-                    AdminRoute::Evict | AdminRoute::Gc => "POST",
+                    AdminRoute::Evict | AdminRoute::Gc | AdminRoute::Retention => "POST",
                     AdminRoute::Purge { .. } => "DELETE",
                 };
                 return Err(ApiError::new(
