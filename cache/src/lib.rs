@@ -37,7 +37,7 @@ use futures_util::{FutureExt, StreamExt};
 use reqwest::Method;
 
 use berth_store::oci::{Digest, Reference, MANIFEST_ACCEPT_DEFAULT};
-use berth_store::{ManifestRecord, Store, StoreError, StoredBlob, TagKey, TagRecord};
+use berth_store::{ManifestRecord, Reserve, Store, StoreError, StoredBlob, TagKey, TagRecord};
 
 use berth_config::{CacheConfig, Config};
 use clock::Clock;
@@ -1212,32 +1212,37 @@ impl Cache {
         self.need()
     }
 
-    /// Holds `metadata_reserve` bytes back while the disk has room for them twice over,
-    /// and gives them back when the disk is (nearly) full, so that the metadata database
-    /// can still write. Blocks.
+    /// Holds `metadata_reserve` bytes back, in two files (see [`Reserve`]), while the disk
+    /// has room for them twice over, and gives the running half back when the disk is
+    /// (nearly) full, so that the metadata database can still write. Blocks.
     fn keep_reserve(&self) {
-        let size = self.budget.metadata_reserve;
+        let half = self.budget.metadata_reserve / 2;
         let Ok((available, _)) = self.store.blobs.filesystem() else {
             return;
         };
         let blobs = &self.store.blobs;
-        if blobs.has_reserve() {
-            if available < (size / 4).max(1 << 20) {
-                if blobs.release_reserve() {
-                    tracing::warn!(
-                        available,
-                        reserve = size,
-                        "the store's disk is full: gave back the space reserved for metadata"
-                    );
+        let held = [Reserve::Start, Reserve::Running].map(|k| blobs.has_reserve(k));
+        if held[1] && available < (half / 4).max(1 << 20) {
+            if blobs.release_reserve(Reserve::Running) {
+                tracing::warn!(
+                    available,
+                    reserve = half,
+                    "the store's disk is full: gave back the space reserved for metadata"
+                );
+            }
+            self.poke.notify_one();
+        } else if held != [true, true] && available >= half * 4 + FILL_MARGIN {
+            for kind in [Reserve::Start, Reserve::Running] {
+                match blobs.hold_reserve(kind, half) {
+                    Ok(true) => {}
+                    Ok(false) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "could not reserve space for metadata");
+                        return;
+                    }
                 }
-                self.poke.notify_one();
             }
-        } else if available >= size.saturating_mul(2).saturating_add(FILL_MARGIN) {
-            match blobs.hold_reserve(size) {
-                Ok(true) => tracing::info!(reserve = size, "space reserved for metadata"),
-                Ok(false) => {}
-                Err(e) => tracing::warn!(error = %e, "could not reserve space for metadata"),
-            }
+            tracing::info!(reserve = half * 2, "space reserved for metadata");
         }
     }
 

@@ -3,7 +3,7 @@
 //! ```toml
 //! [cache]
 //! max_size = "50GiB"        # pulled-through and pushed blobs together, at most this
-//! min_free = "15%"          # or "20GiB": the filesystem keeps at least this free
+//! min_free = "15%"          # or "20GiB": the filesystem keeps at least this free (10%)
 //! high_watermark = "90%"    # of max_size: eviction starts above it...
 //! low_watermark = "80%"     # ...and stops at or below it
 //! max_age = "30d"           # cached content unused this long goes, budget or not
@@ -45,9 +45,10 @@ pub struct CacheConfig {
     /// `max_size`: the most bytes the store's blobs may take, pulled through and pushed
     /// together. Default: no limit but `min_free`.
     pub max_size: Option<u64>,
-    /// `min_free`: the free space the filesystem keeps. Default `15%`: kubelet starts
-    /// evicting pods at 10 % (`nodefs.available`) or 15 % (`imagefs.available`) free, and
-    /// berth gives its space back first.
+    /// `min_free`: the free space the filesystem keeps. Default `10%`, kubelet's hard
+    /// eviction threshold for `nodefs.available`; on a node, set it above the kubelet's
+    /// thresholds (the Helm chart sets `15%`, the `imagefs.available` one) so that berth
+    /// gives its space back first.
     pub min_free: MinFree,
     /// `high_watermark`: eviction starts when usage passes this share of `max_size`.
     /// Default `90%`.
@@ -73,7 +74,7 @@ impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {
             max_size: None,
-            min_free: MinFree::Fraction(0.15),
+            min_free: MinFree::Fraction(0.10),
             high_watermark: 0.90,
             low_watermark: 0.80,
             max_age: None,

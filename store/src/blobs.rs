@@ -45,8 +45,23 @@ pub struct BlobStore {
 
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
-/// The file, at the store root, holding space back for a full disk.
-const RESERVE_FILE: &str = "reserve";
+/// Space the store holds back in files of its own, for a full disk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reserve {
+    /// Given back while berth runs, when the disk fills up, so that metadata writes go on.
+    Running,
+    /// Given back only when the store cannot open for lack of space.
+    Start,
+}
+
+impl Reserve {
+    fn file(self) -> &'static str {
+        match self {
+            Reserve::Running => "reserve-running",
+            Reserve::Start => "reserve-start",
+        }
+    }
+}
 
 impl BlobStore {
     /// Opens (creating if needed) the blob directories under `root` and removes any
@@ -60,13 +75,19 @@ impl BlobStore {
             }
         }
         fs::create_dir_all(&tmp)?;
-        Ok(BlobStore {
+        Ok(Self::open_unlocked(root))
+    }
+
+    /// The blob store at `root` as it is, nothing cleaned (for removing blobs while the
+    /// database cannot open).
+    pub(crate) fn open_unlocked(root: &Path) -> Self {
+        BlobStore {
             root: root.to_owned(),
             pins: Arc::default(),
             delta: Arc::default(),
             #[cfg(test)]
             dir_syncs: AtomicU64::new(0),
-        })
+        }
     }
 
     fn path(&self, digest: &Digest) -> PathBuf {
@@ -233,19 +254,15 @@ impl BlobStore {
         &self.root
     }
 
-    fn reserve_path(&self) -> PathBuf {
-        self.root.join(RESERVE_FILE)
-    }
-
     /// Holds `size` bytes of the filesystem in a file of the store's own (allocated, not
     /// sparse), to be given back with [`release_reserve`](Self::release_reserve) when the
     /// disk is full. Returns whether the reserve is (now) held.
-    pub fn hold_reserve(&self, size: u64) -> Result<bool, StoreError> {
-        let path = self.reserve_path();
+    pub fn hold_reserve(&self, kind: Reserve, size: u64) -> Result<bool, StoreError> {
+        let path = self.root.join(kind.file());
         if fs::metadata(&path).is_ok_and(|m| m.len() >= size) {
             return Ok(true);
         }
-        let tmp = self.root.join("tmp").join(RESERVE_FILE);
+        let tmp = self.root.join("tmp").join(kind.file());
         let file = File::create(&tmp)?;
         if let Err(e) = rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, size) {
             drop(file);
@@ -260,16 +277,23 @@ impl BlobStore {
         Ok(true)
     }
 
-    /// Gives the reserve back to the filesystem; returns whether there was one.
-    pub fn release_reserve(&self) -> bool {
-        fs::remove_file(self.reserve_path()).is_ok()
+    /// Gives a reserve back to the filesystem; returns whether there was one.
+    pub fn release_reserve(&self, kind: Reserve) -> bool {
+        release_reserve(&self.root, kind)
     }
 
-    /// Whether the reserve is held.
-    pub fn has_reserve(&self) -> bool {
-        self.reserve_path().exists()
+    /// Whether a reserve is held.
+    pub fn has_reserve(&self, kind: Reserve) -> bool {
+        self.root.join(kind.file()).exists()
     }
 }
+
+/// Gives the reserve `kind` of the store at `root` back; returns whether there was one.
+pub fn release_reserve(root: &Path, kind: Reserve) -> bool {
+    fs::remove_file(root.join(kind.file())).is_ok()
+}
+
+impl BlobStore {}
 
 /// Readers per pinned blob.
 #[derive(Debug, Default)]

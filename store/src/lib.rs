@@ -29,7 +29,7 @@ pub use berth_oci as oci;
 use std::path::Path;
 
 pub use access::AccessLog;
-pub use blobs::{BlobStore, BlobWriter, StoredBlob};
+pub use blobs::{BlobStore, BlobWriter, Reserve, StoredBlob};
 pub use meta::{
     ApiKeyRecord, Batch, BlobRecord, ManifestRecord, MetaStore, RepoLink, RepoTag, TagKey,
     TagRecord,
@@ -112,21 +112,44 @@ impl Store {
     pub fn open(root: &Path) -> Result<Self, StoreError> {
         std::fs::create_dir_all(root)?;
         // The database first: its lock refuses a second process on the same store
-        // before the blob store cleans up `tmp/`, where the first may be writing. On a
-        // full disk the database cannot open (it writes a new log): the space the store
-        // held in reserve is given back for it.
-        let meta = match MetaStore::open(&root.join("meta")) {
-            Err(e) if e.is_no_space() && std::fs::remove_file(root.join("reserve")).is_ok() => {
-                MetaStore::open(&root.join("meta"))?
-            }
-            other => other?,
-        };
+        // before the blob store cleans up `tmp/`, where the first may be writing.
+        let meta = Self::open_meta(root)?;
         Ok(Store {
             blobs: BlobStore::open(root)?,
             meta,
             access: AccessLog::default(),
             removal_lock: std::sync::RwLock::new(()),
         })
+    }
+
+    /// Opens the database, on a full disk too. Opening writes (the log is replayed into
+    /// a table file): without room, the start reserve is given back, and if that is not
+    /// enough, the least recently used cached blobs are removed (found with the database
+    /// opened read-only) until there is room for the reserve twice over.
+    fn open_meta(root: &Path) -> Result<MetaStore, StoreError> {
+        let path = root.join("meta");
+        let e = match MetaStore::open(&path) {
+            Err(e) if e.is_no_space() => e,
+            other => return other,
+        };
+        if blobs::release_reserve(root, Reserve::Start) {
+            tracing_free_space("gave back the start reserve");
+            match MetaStore::open(&path) {
+                Err(e) if e.is_no_space() => {}
+                other => return other,
+            }
+        }
+        // The database took its lock before it failed: no other berth is writing here,
+        // and what a crash left in tmp/ can go too.
+        let blobs = BlobStore::open(root)?;
+        let freed = MetaStore::evict_offline(&path, &blobs, EMERGENCY_FREE)?;
+        if freed == 0 {
+            return Err(e);
+        }
+        tracing_free_space(&format!(
+            "removed {freed} bytes of least recently used cached blobs"
+        ));
+        MetaStore::open(&path)
     }
 
     /// Whether the store answers: one metadata read and one look at the blob directory
@@ -137,6 +160,15 @@ impl Store {
             .stat(&Digest::sha256_of(b"berth-readiness-probe"))?;
         Ok(())
     }
+}
+
+/// How much a store that cannot open for lack of space frees of its cached blobs.
+const EMERGENCY_FREE: u64 = 64 << 20;
+
+/// The store crate does not log; what it did to open on a full disk goes to stderr,
+/// which is berth's log.
+fn tracing_free_space(what: &str) {
+    eprintln!("berth: the store's disk is full: {what} to open the metadata database");
 }
 
 #[cfg(test)]

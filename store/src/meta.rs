@@ -607,6 +607,47 @@ impl MetaStore {
         Ok(meta)
     }
 
+    /// Removes least recently used cached blob files, never one a private repository
+    /// links, until `target` bytes are free; returns the bytes freed. Opens the database
+    /// read-only, which needs no space: for a store too full to open. The records of the
+    /// removed files stay (a read finds no file and fetches the blob again; the next
+    /// eviction pass drops them).
+    pub fn evict_offline(
+        path: &Path,
+        blobs: &crate::BlobStore,
+        target: u64,
+    ) -> Result<u64, StoreError> {
+        let cfs = FAMILIES
+            .into_iter()
+            .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+        let db = DB::open_cf_descriptors_read_only(&Options::default(), path, cfs, false)
+            .map_err(db_err)?;
+        let meta = MetaStore { db };
+        let mut used = std::collections::HashMap::new();
+        meta.visit_last_accesses(|d, t| {
+            used.insert(d, t);
+            true
+        })?;
+        let mut candidates = Vec::new();
+        meta.visit_cached_blobs(|d, rec| {
+            let t = used.get(&d).copied().unwrap_or(rec.last_access_ms);
+            candidates.push((t, d));
+            true
+        })?;
+        candidates.sort();
+        let mut freed = 0;
+        for (_, digest) in candidates {
+            if freed >= target {
+                break;
+            }
+            if meta.privately_linked(&digest)? {
+                continue;
+            }
+            freed += blobs.delete_unpinned(&digest)?.unwrap_or(0);
+        }
+        Ok(freed)
+    }
+
     /// Builds `blob_owners` from `repo_blobs` for a store made before it existed (once:
     /// afterwards every link writes both).
     fn index_blob_owners(&self) -> Result<(), StoreError> {

@@ -332,6 +332,73 @@ pub fn random_bytes(seed: u64, len: usize) -> Vec<u8> {
     out
 }
 
+/// A tmpfs of a fixed size mounted at a directory (the tests run as root), unmounted
+/// when dropped: a small filesystem to fill up.
+pub struct Tmpfs {
+    path: PathBuf,
+}
+
+impl Tmpfs {
+    pub fn mount(path: &Path, size: &str) -> Tmpfs {
+        fs::create_dir_all(path).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "berth-test"])
+            .arg(path)
+            .output()
+            .expect("run mount");
+        assert!(
+            out.status.success(),
+            "mounting a {size} tmpfs at {} (the tests run as root): {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs {
+            path: path.to_owned(),
+        }
+    }
+
+    /// Writes a file of zeros at `name` until the filesystem is full; returns its size.
+    pub fn fill(&self, name: &str) -> u64 {
+        let mut f = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path.join(name))
+            .unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        let mut written = 0u64;
+        loop {
+            match f.write(&chunk) {
+                Ok(0) => break,
+                Ok(n) => written += n as u64,
+                Err(e) if e.raw_os_error() == Some(28) => break,
+                Err(e) => panic!("filling {}: {e}", self.path.display()),
+            }
+        }
+        let _ = f.sync_all();
+        written
+    }
+
+    /// Bytes still available.
+    pub fn available(&self) -> u64 {
+        let out = Command::new("df")
+            .args(["--output=avail", "-B1"])
+            .arg(&self.path)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+    }
+}
+
 /// Content and its digest.
 #[derive(Clone, Debug)]
 pub struct Blob {
@@ -1581,8 +1648,20 @@ impl Berth {
 
     /// Starts berth with the configuration file `config`.
     pub async fn start_with_config(config: &str, env: &[(&str, &str)]) -> Berth {
+        Self::start_with_store(config, env, |_| {}).await
+    }
+
+    /// Starts berth with the configuration file `config`, after `prepare` has had the
+    /// store directory's path (not yet created), for example to mount a small
+    /// filesystem there.
+    pub async fn start_with_store(
+        config: &str,
+        env: &[(&str, &str)],
+        prepare: impl FnOnce(&Path),
+    ) -> Berth {
         assert_loopback_only(config, "berth's test configuration");
         let dir = tempdir();
+        prepare(&dir.path().join("store"));
         fs::write(dir.path().join("berth.toml"), config).unwrap();
         let log = dir.path().join("berth.log");
         let env: Vec<(String, String)> = env
