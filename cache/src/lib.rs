@@ -306,6 +306,8 @@ pub struct Cache {
     /// The last pass could not free what the budget asked: nothing more is evictable
     /// now, and fills that would take the disk past the budget stream through instead.
     stuck: AtomicBool,
+    /// The second of the last "could not record" line logged.
+    write_failure_logged: AtomicU64,
 }
 
 impl Cache {
@@ -354,6 +356,7 @@ impl Cache {
             evicting: tokio::sync::Mutex::new(()),
             poke: tokio::sync::Notify::new(),
             stuck: AtomicBool::new(false),
+            write_failure_logged: AtomicU64::new(0),
         }))
     }
 
@@ -459,7 +462,11 @@ impl Cache {
     /// Logs a metadata write the read path did without (the content is served anyway)
     /// and wakes the budget loop, which frees space if the disk is full.
     fn write_failed(&self, what: &str, e: &CacheError) {
-        tracing::warn!(error = %e, "could not record {what}; serving without it");
+        // At most one line a second: on a full disk every request would log one.
+        let now_s = self.clock.now_ms() / 1000;
+        if self.write_failure_logged.swap(now_s, Ordering::Relaxed) != now_s {
+            tracing::warn!(error = %e, "could not record {what}; serving without it");
+        }
         self.poke.notify_one();
     }
 
@@ -1221,6 +1228,17 @@ impl Cache {
             return;
         };
         let blobs = &self.store.blobs;
+        // The database stops writing after a write failed for lack of space, until it is
+        // reopened: once there is room again, it is.
+        if self.store.meta.out_of_space() && available >= (half * 2).max(8 << 20) {
+            match self.store.meta.recover() {
+                Ok(()) => tracing::info!(
+                    available,
+                    "the store's disk has room again: the metadata database takes writes again"
+                ),
+                Err(e) => tracing::warn!(error = %e, "could not reopen the metadata database"),
+            }
+        }
         let held = [Reserve::Start, Reserve::Running].map(|k| blobs.has_reserve(k));
         if held[1] && available < (half / 4).max(1 << 20) {
             if blobs.release_reserve(Reserve::Running) {
@@ -1301,8 +1319,11 @@ impl Cache {
                     .filesystem_free_bytes
                     .set(available.try_into().unwrap_or(i64::MAX));
             }
-            let due = last_check.is_none_or(|t| t.elapsed() >= self.budget.eviction_interval);
-            if !poked && !due {
+            let since = last_check.map(|t| t.elapsed());
+            let due = since.is_none_or(|t| t >= self.budget.eviction_interval);
+            // A wake-up (after a fill, or a failed write) checks at most once a second.
+            let woken = poked && since.is_none_or(|t| t >= Duration::from_secs(1));
+            if !due && !woken {
                 continue;
             }
             last_check = Some(std::time::Instant::now());

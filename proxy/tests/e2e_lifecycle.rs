@@ -64,6 +64,43 @@ fn upload_url(berth: &Berth, location: &str, digest: &str) -> String {
     format!("{}{location}{sep}digest={digest}", berth.url())
 }
 
+/// Pushes a small blob to team/app until berth accepts it (bounded): a store that has
+/// space again takes pushes without a restart.
+async fn push_until_accepted(berth: &Berth, seed: u64) {
+    let data = Blob::new("application/octet-stream", random_bytes(seed, 1000));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let start = berth
+            .client
+            .post(format!("{}/v2/team/app/blobs/uploads/", berth.url()))
+            .send()
+            .await
+            .unwrap();
+        let status = if start.status() == 202 {
+            let loc = start.headers()["location"].to_str().unwrap().to_owned();
+            let r = berth
+                .client
+                .put(upload_url(berth, &loc, &data.digest))
+                .body(data.bytes.clone())
+                .send()
+                .await
+                .unwrap();
+            r.status().as_u16()
+        } else {
+            start.status().as_u16()
+        };
+        if status == 201 {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "pushes never worked again (last status {status}):\n{}",
+            berth.log()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
 async fn admin(berth: &Berth, method: reqwest::Method, path: &str) -> serde_json::Value {
     let r = berth.request(method.clone(), path, &[]).await;
     let status = r.status().as_u16();
@@ -591,49 +628,31 @@ async fn a_full_disk_streams_through_refuses_pushes_and_recovers() {
         };
         assert!(text.contains("no space left for this push"), "{text}");
 
-        // berth starts on the full disk (after a kill -9) and still serves the cache.
-        berth.kill();
-        berth.restart().await;
-        pull(&berth, "library/cached", "v1", &cached).await.unwrap();
-
-        // Space returns: berth caches and takes pushes again, by itself.
+        // Space returns: berth caches and takes pushes again by itself, without a restart.
         std::fs::remove_file(store.join("filler")).unwrap();
-        let pusher = Pusher::new(&berth.url(), None);
-        let mut pushed = false;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !pushed {
-            assert!(
-                Instant::now() < deadline,
-                "pushes never worked again:\n{}",
-                berth.log()
-            );
-            tokio::time::sleep(Duration::from_millis(500)).await;
-            let data = Blob::new("application/octet-stream", random_bytes(831, 1000));
-            let start = client
-                .post(format!("{}/v2/team/app/blobs/uploads/", berth.url()))
-                .send()
-                .await
-                .unwrap();
-            if start.status() != 202 {
-                continue;
-            }
-            let loc = start.headers()["location"].to_str().unwrap().to_owned();
-            let r = client
-                .put(upload_url(&berth, &loc, &data.digest))
-                .body(data.bytes.clone())
-                .send()
-                .await
-                .unwrap();
-            pushed = r.status() == 201;
-        }
-        pusher
-            .image("team/app", Some("v1"), &make_single(832, 1000))
-            .await;
+        push_until_accepted(&berth, 831).await;
         pull(&berth, "library/fresh", "v1", &fresh).await.unwrap();
         wait_for("the fresh image to be cached", 20, async || {
             has_blob_file(&store, &fresh.layers[0].blob.digest)
         })
         .await;
+        Pusher::new(&berth.url(), None)
+            .image("team/app", Some("v1"), &make_single(832, 1000))
+            .await;
+
+        // Full again, and killed: berth starts on the full disk and serves its cache.
+        wait_for("the reserve to be held again", 20, async || {
+            store.join("reserve-start").exists()
+        })
+        .await;
+        disk.fill("filler");
+        berth.kill();
+        disk.fill("filler");
+        berth.restart().await;
+        pull(&berth, "library/cached", "v1", &cached).await.unwrap();
+        pull(&berth, "library/fresh", "v1", &fresh).await.unwrap();
+        std::fs::remove_file(store.join("filler")).unwrap();
+        push_until_accepted(&berth, 833).await;
         blob_files(&store);
     })
     .await;

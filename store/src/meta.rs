@@ -580,8 +580,17 @@ impl Batch {
 const MAX_BLOB_REPOS: usize = 64;
 
 /// The metadata database.
+///
+/// RocksDB stops taking writes for good after a write to its log fails for lack of
+/// space (a "background error" it does not recover from by itself). Such a failure is
+/// remembered, and [`MetaStore::recover`] (called once the disk has room again) reopens
+/// the database in place: requests wait for the moment it takes, and reads go on from a
+/// read-only instance meanwhile.
 pub struct MetaStore {
-    db: DB,
+    db: std::sync::RwLock<std::sync::Arc<DB>>,
+    path: std::path::PathBuf,
+    /// A write failed for lack of space since the database was (re)opened.
+    out_of_space: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for MetaStore {
@@ -593,6 +602,13 @@ impl std::fmt::Debug for MetaStore {
 impl MetaStore {
     /// Opens (creating if needed) the database at `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let db = Self::open_db(path)?;
+        let meta = MetaStore::from_db(db, path);
+        meta.index_blob_owners()?;
+        Ok(meta)
+    }
+
+    fn open_db(path: &Path) -> Result<DB, StoreError> {
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
@@ -601,10 +617,71 @@ impl MetaStore {
         let cfs = FAMILIES
             .into_iter()
             .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
-        let db = DB::open_cf_descriptors(&opts, path, cfs).map_err(db_err)?;
-        let meta = MetaStore { db };
-        meta.index_blob_owners()?;
-        Ok(meta)
+        DB::open_cf_descriptors(&opts, path, cfs).map_err(db_err)
+    }
+
+    fn open_read_only(path: &Path) -> Result<DB, StoreError> {
+        let cfs = FAMILIES
+            .into_iter()
+            .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+        DB::open_cf_descriptors_read_only(&Options::default(), path, cfs, false).map_err(db_err)
+    }
+
+    fn from_db(db: DB, path: &Path) -> Self {
+        MetaStore {
+            db: std::sync::RwLock::new(std::sync::Arc::new(db)),
+            path: path.to_owned(),
+            out_of_space: Default::default(),
+        }
+    }
+
+    /// The database, for one operation.
+    fn db(&self) -> std::sync::Arc<DB> {
+        self.db.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Notes a write that failed for lack of space.
+    fn wrote(&self, r: Result<(), rocksdb::Error>) -> Result<(), StoreError> {
+        let r = r.map_err(db_err);
+        if let Err(e) = &r {
+            if e.is_no_space() {
+                self.out_of_space
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        r
+    }
+
+    /// Whether a write failed for lack of space since the database was last opened: it
+    /// takes no more writes until [`recover`](Self::recover).
+    pub fn out_of_space(&self) -> bool {
+        self.out_of_space.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Reopens the database after a write failed for lack of space, once the disk has
+    /// room again. Reads go on from a read-only instance while it reopens; if reopening
+    /// fails, that instance stays (reads work, writes fail) and a later call tries again.
+    pub fn recover(&self) -> Result<(), StoreError> {
+        let fallback = Self::open_read_only(&self.path)?;
+        let mut slot = self.db.write().unwrap_or_else(|e| e.into_inner());
+        // Operations in flight hold the old instance briefly; wait for them (new ones
+        // wait for this lock).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::sync::Arc::strong_count(&slot) > 1 {
+            if std::time::Instant::now() > deadline {
+                return Err(StoreError::Database(
+                    "the database is still in use; reopening later".into(),
+                ));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        // Dropping the old instance releases its lock for the new one.
+        *slot = std::sync::Arc::new(fallback);
+        let db = Self::open_db(&self.path)?;
+        *slot = std::sync::Arc::new(db);
+        self.out_of_space
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// Removes least recently used cached blob files, never one a private repository
@@ -617,12 +694,7 @@ impl MetaStore {
         blobs: &crate::BlobStore,
         target: u64,
     ) -> Result<u64, StoreError> {
-        let cfs = FAMILIES
-            .into_iter()
-            .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
-        let db = DB::open_cf_descriptors_read_only(&Options::default(), path, cfs, false)
-            .map_err(db_err)?;
-        let meta = MetaStore { db };
+        let meta = MetaStore::from_db(Self::open_read_only(path)?, path);
         let mut used = std::collections::HashMap::new();
         meta.visit_last_accesses(|d, t| {
             used.insert(d, t);
@@ -713,8 +785,10 @@ impl MetaStore {
         cf: &str,
         key: &K,
     ) -> Result<Option<V>, StoreError> {
-        let handle = self.db.cf_handle(cf).expect("column family opened");
-        match self.db.get_pinned_cf(&handle, key).map_err(db_err)? {
+        let db = self.db();
+        let handle = db.cf_handle(cf).expect("column family opened");
+        let value = db.get_pinned_cf(&handle, key).map_err(db_err)?;
+        match value {
             Some(v) => V::decode(&v).map(Some),
             None => Ok(None),
         }
@@ -726,13 +800,15 @@ impl MetaStore {
         key: &K,
         value: &V,
     ) -> Result<(), StoreError> {
-        let handle = self.db.cf_handle(cf).expect("column family opened");
-        self.db.put_cf(&handle, key, value.encode()).map_err(db_err)
+        let db = self.db();
+        let handle = db.cf_handle(cf).expect("column family opened");
+        self.wrote(db.put_cf(&handle, key, value.encode()))
     }
 
     fn delete(&self, cf: &str, key: &[u8]) -> Result<(), StoreError> {
-        let handle = self.db.cf_handle(cf).expect("column family opened");
-        self.db.delete_cf(&handle, key).map_err(db_err)
+        let db = self.db();
+        let handle = db.cf_handle(cf).expect("column family opened");
+        self.wrote(db.delete_cf(&handle, key))
     }
 
     pub fn get_tag(&self, key: &TagKey) -> Result<Option<TagRecord>, StoreError> {
@@ -838,15 +914,13 @@ impl MetaStore {
         repo: &str,
         digest: &Digest,
     ) -> Result<bool, StoreError> {
-        let handle = self
-            .db
-            .cf_handle(CF_CACHE_LINKS)
-            .expect("column family opened");
-        Ok(self
-            .db
+        let db = self.db();
+        let handle = db.cf_handle(CF_CACHE_LINKS).expect("column family opened");
+        let found = db
             .get_pinned_cf(&handle, cache_link_key(upstream, repo, digest))
             .map_err(db_err)?
-            .is_some())
+            .is_some();
+        Ok(found)
     }
 
     /// Records that `repo` of `upstream` has `digest`, as the upstream said at `now_ms`.
@@ -857,27 +931,20 @@ impl MetaStore {
         digest: &Digest,
         now_ms: u64,
     ) -> Result<(), StoreError> {
+        let db = self.db();
         let v = encode_ms(now_ms);
-        let handle = self
-            .db
-            .cf_handle(CF_CACHE_LINKS)
-            .expect("column family opened");
-        self.db
-            .put_cf(&handle, cache_link_key(upstream, repo, digest), v)
-            .map_err(db_err)
+        let handle = db.cf_handle(CF_CACHE_LINKS).expect("column family opened");
+        self.wrote(db.put_cf(&handle, cache_link_key(upstream, repo, digest), v))
     }
 
     /// When `digest` was last used, as flushed by [`crate::AccessLog`].
     pub fn last_access(&self, digest: &Digest) -> Result<Option<u64>, StoreError> {
-        let handle = self
-            .db
-            .cf_handle(CF_LAST_ACCESS)
-            .expect("column family opened");
-        match self
-            .db
+        let db = self.db();
+        let handle = db.cf_handle(CF_LAST_ACCESS).expect("column family opened");
+        let value = db
             .get_pinned_cf(&handle, digest.to_string())
-            .map_err(db_err)?
-        {
+            .map_err(db_err)?;
+        match value {
             Some(v) => decode_ms(&v).map(Some),
             None => Ok(None),
         }
@@ -989,8 +1056,9 @@ impl MetaStore {
         prefix: &[u8],
         mut f: impl FnMut(&[u8], &[u8]) -> Result<bool, StoreError>,
     ) -> Result<(), StoreError> {
-        let handle = self.db.cf_handle(cf).expect("column family opened");
-        let iter = self.db.iterator_cf(
+        let db = self.db();
+        let handle = db.cf_handle(cf).expect("column family opened");
+        let iter = db.iterator_cf(
             &handle,
             rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward),
         );
@@ -1015,9 +1083,10 @@ impl MetaStore {
     }
 
     fn write_batch(&self, batch: Batch, sync: bool) -> Result<(), StoreError> {
+        let db = self.db();
         let mut wb = rocksdb::WriteBatch::default();
         for (cf, key, value) in batch.ops {
-            let handle = self.db.cf_handle(cf).expect("column family opened");
+            let handle = db.cf_handle(cf).expect("column family opened");
             match value {
                 Some(v) => wb.put_cf(&handle, key, v),
                 None => wb.delete_cf(&handle, key),
@@ -1025,16 +1094,17 @@ impl MetaStore {
         }
         let mut opts = rocksdb::WriteOptions::default();
         opts.set_sync(sync);
-        self.db.write_opt(wb, &opts).map_err(db_err)
+        self.wrote(db.write_opt(wb, &opts))
     }
 
     pub fn repo_exists(&self, repo: &str) -> Result<bool, StoreError> {
-        let handle = self.db.cf_handle(CF_REPOS).expect("column family opened");
-        Ok(self
-            .db
+        let db = self.db();
+        let handle = db.cf_handle(CF_REPOS).expect("column family opened");
+        let found = db
             .get_pinned_cf(&handle, repo.as_bytes())
             .map_err(db_err)?
-            .is_some())
+            .is_some();
+        Ok(found)
     }
 
     pub fn repo_tag(&self, repo: &str, tag: &str) -> Result<Option<RepoTag>, StoreError> {
@@ -1056,15 +1126,14 @@ impl MetaStore {
         repo: &str,
         digest: &Digest,
     ) -> Result<Option<String>, StoreError> {
-        let handle = self
-            .db
+        let db = self.db();
+        let handle = db
             .cf_handle(CF_REPO_MANIFEST_TYPES)
             .expect("column family opened");
-        match self
-            .db
+        let value = db
             .get_pinned_cf(&handle, repo_key(repo, &[&digest.to_string()]))
-            .map_err(db_err)?
-        {
+            .map_err(db_err)?;
+        match value {
             Some(v) => String::from_utf8(v.to_vec())
                 .map(Some)
                 .map_err(|_| corrupt("manifest type")),
@@ -1171,9 +1240,10 @@ impl MetaStore {
         after: Option<Vec<u8>>,
         limit: usize,
     ) -> Result<Vec<Record>, StoreError> {
-        let handle = self.db.cf_handle(cf).expect("column family opened");
+        let db = self.db();
+        let handle = db.cf_handle(cf).expect("column family opened");
         let start = after.clone().unwrap_or_else(|| prefix.to_vec());
-        let iter = self.db.iterator_cf(
+        let iter = db.iterator_cf(
             &handle,
             rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
         );
@@ -1196,9 +1266,9 @@ impl MetaStore {
 
     /// How many blob records the index holds (an estimate from RocksDB's statistics).
     pub fn blob_count_estimate(&self) -> u64 {
-        let handle = self.db.cf_handle(CF_BLOBS).expect("column family opened");
-        self.db
-            .property_int_value_cf(&handle, "rocksdb.estimate-num-keys")
+        let db = self.db();
+        let handle = db.cf_handle(CF_BLOBS).expect("column family opened");
+        db.property_int_value_cf(&handle, "rocksdb.estimate-num-keys")
             .ok()
             .flatten()
             .unwrap_or(0)
@@ -1348,10 +1418,11 @@ mod tests {
             batch.unlink_blob("team/app", &b);
             m.write(batch).unwrap();
             // A store from before the index: only `repo_blobs`.
-            let handle = m.db.cf_handle(CF_BLOB_OWNERS).unwrap();
-            m.db.delete_cf(&handle, repo_key(&a.to_string(), &["team/app"]))
+            let db = m.db();
+            let handle = db.cf_handle(CF_BLOB_OWNERS).unwrap();
+            db.delete_cf(&handle, repo_key(&a.to_string(), &["team/app"]))
                 .unwrap();
-            m.db.delete_cf(&handle, repo_key(&a.to_string(), &["team/other"]))
+            db.delete_cf(&handle, repo_key(&a.to_string(), &["team/other"]))
                 .unwrap();
             assert!(!m.privately_linked(&a).unwrap());
         }
