@@ -1300,6 +1300,19 @@ impl Cache {
     /// log every few seconds, and every `eviction_interval` (or when a fill or a failed
     /// write wakes it) evicts what the budget asks. `max_age` is applied hourly.
     pub async fn run_budget(self: Arc<Self>) {
+        // Whatever a crash left half-recorded, from before this start.
+        let started = std::time::SystemTime::now();
+        let this = self.clone();
+        match tokio::task::spawn_blocking(move || this.store.reconcile(started)).await {
+            Ok(Ok(r)) => tracing::info!(
+                orphan_files = r.orphan_files,
+                bytes_freed = r.bytes_freed,
+                records_without_files = r.records_without_files,
+                "store index and files reconciled"
+            ),
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not reconcile the store"),
+            Err(e) => tracing::warn!(error = %e, "store reconciliation failed"),
+        }
         let mut last_check = None::<std::time::Instant>;
         let mut last_age_pass = None::<std::time::Instant>;
         let mut last_measure = None::<std::time::Instant>;

@@ -178,6 +178,8 @@ def cmd_properties(scenario, rendered):
                          "--store", "/var/lib/berth"],
            f"berth args are {b['args']}")
     expect(config["server"]["store"] == "/var/lib/berth", "berth.toml: [server] store is not /var/lib/berth")
+    expect(config.get("cache", {}).get("min_free"),
+           "berth.toml: no [cache] min_free (the chart keeps berth above kubelet's eviction thresholds)")
     expect("command" not in b, "berth container overrides the image's entrypoint (berth serve)")
     check_hardened(b, "berth container", non_root=True)
     port = int(listen.rsplit(":", 1)[1])

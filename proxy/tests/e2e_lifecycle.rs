@@ -492,7 +492,23 @@ async fn kill_9_during_50_cold_fills_never_serves_a_bad_blob() {
             for t in tasks {
                 let _ = t.await;
             }
+            let mark = berth.log_len();
             berth.restart().await;
+            wait_for("the store to be reconciled", 30, async || {
+                berth
+                    .log_since(mark)
+                    .contains("store index and files reconciled")
+            })
+            .await;
+            // The index and the files agree: every file is indexed, every record has
+            // its file (a fill killed between publishing and recording left neither).
+            let files = blob_files(&berth.store_dir());
+            let usage = store_usage(&berth).await;
+            assert_eq!(
+                usage["cached"]["blobs"].as_u64().unwrap(),
+                files.len() as u64,
+                "round {round}: {usage}"
+            );
             let tmp: Vec<_> = std::fs::read_dir(berth.store_dir().join("tmp"))
                 .unwrap()
                 .filter_map(|e| e.ok())
@@ -502,7 +518,6 @@ async fn kill_9_during_50_cold_fills_never_serves_a_bad_blob() {
                 tmp.is_empty(),
                 "round {round}: partial writes left: {tmp:?}"
             );
-            blob_files(&berth.store_dir());
             for b in blobs.iter() {
                 let path = format!("/v2/docker.io/library/crash/blobs/{}", b.digest);
                 let (status, _, body) = berth.fetch(&path, &[]).await;

@@ -152,6 +152,48 @@ impl Store {
         MetaStore::open(&path)
     }
 
+    /// Makes the index and the files agree after a crash: removes blob files published
+    /// before `before` that neither the cache indexes nor a private repository links (a
+    /// fill or a push killed between publishing a file and recording it), and cache
+    /// records whose file is gone (an eviction killed between the two). Each file is
+    /// checked again and removed under the removal lock, so a push publishing now is
+    /// never undone. Blocks; reads every file name and record once.
+    pub fn reconcile(&self, before: std::time::SystemTime) -> Result<Reconciled, StoreError> {
+        let mut done = Reconciled::default();
+        for (digest, _, published) in self.blobs.list()? {
+            if published >= before
+                || self.meta.get_blob(&digest)?.is_some()
+                || self.meta.privately_linked(&digest)?
+            {
+                continue;
+            }
+            let _exclusive = self
+                .removal_lock
+                .write()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if self.meta.get_blob(&digest)?.is_none() && !self.meta.privately_linked(&digest)? {
+                if let Some(freed) = self.blobs.delete_unpinned(&digest)? {
+                    done.orphan_files += 1;
+                    done.bytes_freed += freed;
+                }
+            }
+        }
+        let mut missing = Vec::new();
+        self.meta.visit_cached_blobs(|digest, _| {
+            missing.push(digest);
+            true
+        })?;
+        let mut batch = Batch::default();
+        for digest in missing {
+            if self.blobs.stat(&digest)?.is_none() {
+                batch.delete_cached_blob(&digest);
+                done.records_without_files += 1;
+            }
+        }
+        self.meta.write(batch)?;
+        Ok(done)
+    }
+
     /// Whether the store answers: one metadata read and one look at the blob directory
     /// (for a readiness probe).
     pub fn check(&self) -> Result<(), StoreError> {
@@ -160,6 +202,14 @@ impl Store {
             .stat(&Digest::sha256_of(b"berth-readiness-probe"))?;
         Ok(())
     }
+}
+
+/// What [`Store::reconcile`] removed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Reconciled {
+    pub orphan_files: u64,
+    pub bytes_freed: u64,
+    pub records_without_files: u64,
 }
 
 /// How much a store that cannot open for lack of space frees of its cached blobs.

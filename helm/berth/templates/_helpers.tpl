@@ -226,6 +226,12 @@ berth.toml, rendered from values. toToml writes the TOML; the chart adds what it
 {{- $upstreams = append $upstreams $u }}
 {{- end }}
 {{- $doc := dict "server" $server "upstream" $upstreams }}
+{{- with .Values.config.cache }}
+{{- $_ := set $doc "cache" . }}
+{{- end }}
+{{- with .Values.config.retention }}
+{{- $_ := set $doc "retention" . }}
+{{- end }}
 {{- $auth := deepCopy (.Values.config.auth | default dict) }}
 {{- if include "berth.htpasswdSecret" . }}
 {{- $_ := set $auth "htpasswd" "/etc/berth/htpasswd" }}

@@ -1,41 +1,112 @@
-//! `berth-seed-index STORE_DIR COUNT`: writes COUNT blob index records (for made-up
-//! digests) into the metadata of a berth store, so that `loadtests/compare.sh` can measure
-//! how long berth takes to serve again after a restart with a large index.
+//! `berth-seed-index STORE_DIR COUNT [--recent] [--files N --file-size BYTES]`: writes
+//! COUNT blob index records (for made-up digests) into the metadata of a berth store, so
+//! that `loadtests/compare.sh` can measure how long berth takes to serve again after a
+//! restart with a large index, and `loadtests/evict.sh` how long eviction takes with one.
+//!
+//! - `--recent`: the records were used now (eviction must read past them), not at the
+//!   epoch;
+//! - `--files N --file-size BYTES`: also N real blobs of BYTES each, cached a day ago
+//!   (the ones eviction then removes).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use berth_oci::Digest;
-use berth_store::MetaStore;
+use berth_store::{MetaStore, Store};
+
+struct Args {
+    dir: PathBuf,
+    count: u64,
+    recent: bool,
+    files: u64,
+    file_size: usize,
+}
+
+fn parse() -> Option<Args> {
+    let mut it = std::env::args().skip(1);
+    let dir = PathBuf::from(it.next()?);
+    let count = it.next()?.parse().ok()?;
+    let mut args = Args {
+        dir,
+        count,
+        recent: false,
+        files: 0,
+        file_size: 0,
+    };
+    while let Some(flag) = it.next() {
+        match flag.as_str() {
+            "--recent" => args.recent = true,
+            "--files" => args.files = it.next()?.parse().ok()?,
+            "--file-size" => args.file_size = it.next()?.parse().ok()?,
+            _ => return None,
+        }
+    }
+    Some(args)
+}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let (dir, count) = match args.as_slice() {
-        [dir, count] => match count.parse::<u64>() {
-            Ok(n) => (PathBuf::from(dir), n),
-            Err(_) => return usage(),
-        },
-        _ => return usage(),
+    let Some(args) = parse() else {
+        eprintln!(
+            "usage: berth-seed-index STORE_DIR COUNT [--recent] [--files N --file-size BYTES]"
+        );
+        return ExitCode::from(2);
     };
-    let meta = match MetaStore::open(&dir.join("meta")) {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0);
+    if args.files > 0 {
+        let store = match Store::open(&args.dir) {
+            Ok(s) => s,
+            Err(e) => {
+                eprintln!("berth-seed-index: {}: {e}", args.dir.display());
+                return ExitCode::from(2);
+            }
+        };
+        let day_ago = now.saturating_sub(86_400_000);
+        for i in 0..args.files {
+            let mut bytes = vec![0u8; args.file_size];
+            bytes[..8].copy_from_slice(&i.to_le_bytes());
+            bytes[8..16].copy_from_slice(&now.to_le_bytes());
+            let digest = Digest::sha256_of(&bytes);
+            let written = store.blobs.writer(&digest).and_then(|mut w| {
+                w.write(&bytes)?;
+                w.commit(None)
+            });
+            let indexed = written.and_then(|size| {
+                store
+                    .meta
+                    .record_blob(&digest, size, "docker.io/library/old", day_ago + i)
+            });
+            if let Err(e) = indexed {
+                eprintln!("berth-seed-index: blob {i}: {e}");
+                return ExitCode::from(1);
+            }
+        }
+        println!(
+            "{} blobs of {} bytes in {}",
+            args.files,
+            args.file_size,
+            args.dir.display()
+        );
+    }
+    let meta = match MetaStore::open(&args.dir.join("meta")) {
         Ok(m) => m,
         Err(e) => {
-            eprintln!("berth-seed-index: {}: {e}", dir.display());
+            eprintln!("berth-seed-index: {}: {e}", args.dir.display());
             return ExitCode::from(2);
         }
     };
-    for i in 0..count {
+    for i in 0..args.count {
         let digest = Digest::sha256_of(&i.to_le_bytes());
-        if let Err(e) = meta.record_blob(&digest, 1024 + i % 4096, "docker.io/library/seeded", i) {
+        let used = if args.recent { now } else { i };
+        if let Err(e) = meta.record_blob(&digest, 1024 + i % 4096, "docker.io/library/seeded", used)
+        {
             eprintln!("berth-seed-index: record {i}: {e}");
             return ExitCode::from(1);
         }
     }
-    println!("{count} blob records in {}", dir.display());
+    println!("{} blob records in {}", args.count, args.dir.display());
     ExitCode::SUCCESS
-}
-
-fn usage() -> ExitCode {
-    eprintln!("usage: berth-seed-index STORE_DIR COUNT");
-    ExitCode::from(2)
 }
