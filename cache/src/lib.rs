@@ -308,6 +308,27 @@ pub struct Cache {
     stuck: AtomicBool,
     /// The second of the last "could not record" line logged.
     write_failure_logged: AtomicU64,
+    /// One scrub at a time.
+    scrubbing: tokio::sync::Mutex<()>,
+}
+
+/// What a scrub found.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct ScrubReport {
+    /// Blobs read and checked.
+    pub blobs: u64,
+    pub bytes: u64,
+    pub damaged: Vec<Damaged>,
+}
+
+/// A blob scrub found not matching its digest, and removed.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Damaged {
+    pub digest: String,
+    /// A private repository linked it: it must be pushed again.
+    pub private: bool,
+    /// It was fetched again from its upstream.
+    pub refetched: bool,
 }
 
 impl Cache {
@@ -357,6 +378,7 @@ impl Cache {
             poke: tokio::sync::Notify::new(),
             stuck: AtomicBool::new(false),
             write_failure_logged: AtomicU64::new(0),
+            scrubbing: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -1268,6 +1290,97 @@ impl Cache {
     pub fn flush_access_log(&self) {
         if let Err(e) = self.store.access.flush(&self.store.meta) {
             tracing::warn!(error = %e, "could not write access times");
+        }
+    }
+
+    /// Reads every stored blob again and checks it against its digest, at most
+    /// `rate` bytes a second (`None`: as fast as the disk goes). A damaged blob is
+    /// removed; a cached one is fetched again from the upstream it came from, a private
+    /// one is reported (it must be pushed again). One pass at a time.
+    pub async fn scrub(self: &Arc<Self>, rate: Option<u64>) -> Result<ScrubReport, CacheError> {
+        let _one = self.scrubbing.lock().await;
+        let files = self.on_store(|s| s.blobs.list()).await?;
+        let mut report = ScrubReport::default();
+        for (digest, _, _) in files {
+            let d = digest.clone();
+            let verdict = self
+                .on_store(move |s| {
+                    let started = std::time::Instant::now();
+                    let mut read = 0u64;
+                    s.verify_blob(&d, &mut |n| {
+                        read += n;
+                        if let Some(rate) = rate.filter(|r| *r > 0) {
+                            let due = Duration::from_secs_f64(read as f64 / rate as f64);
+                            if let Some(wait) = due.checked_sub(started.elapsed()) {
+                                std::thread::sleep(wait);
+                            }
+                        }
+                    })
+                    .map(|v| (v, read))
+                })
+                .await?;
+            let (ok, read) = match verdict {
+                (None, _) => continue,
+                (Some(ok), read) => (ok, read),
+            };
+            report.blobs += 1;
+            report.bytes += read;
+            if ok {
+                continue;
+            }
+            let d = digest.clone();
+            let record = self.on_store(move |s| s.meta.get_blob(&d)).await?;
+            let d = digest.clone();
+            let private = self.on_store(move |s| s.remove_damaged(&d)).await?;
+            tracing::error!(digest = %digest, private,
+                "scrub: a stored blob does not match its digest; removed");
+            let refetch = record.and_then(|r| r.repos.first().cloned()).and_then(|r| {
+                let (ns, repo) = r.split_once('/')?;
+                self.upstreams
+                    .contains_key(ns)
+                    .then(|| (ns.to_owned(), repo.to_owned()))
+            });
+            let refetched = match refetch {
+                Some((ns, repo)) => self.refetch(&ns, &repo, &digest).await,
+                None => false,
+            };
+            report.damaged.push(Damaged {
+                digest: digest.to_string(),
+                private,
+                refetched,
+            });
+        }
+        tracing::info!(
+            blobs = report.blobs,
+            bytes = report.bytes,
+            damaged = report.damaged.len(),
+            "scrub finished"
+        );
+        Ok(report)
+    }
+
+    /// Fetches a cached blob again (after scrub removed a damaged copy); whether it
+    /// is stored again.
+    async fn refetch(self: &Arc<Self>, namespace: &str, repo: &str, digest: &Digest) -> bool {
+        match self.blob(namespace, repo, digest).await {
+            Ok((BlobSource::Filling { fill, .. }, _)) => fill.done().await.is_ok(),
+            Ok((BlobSource::Stored { .. }, _)) => true,
+            Ok((BlobSource::Direct(_), _)) => false,
+            Err(e) => {
+                tracing::warn!(digest = %digest, error = %e, "scrub: could not fetch a damaged blob again");
+                false
+            }
+        }
+    }
+
+    /// Scrubs the store every `interval` at `rate` bytes a second, for as long as berth
+    /// runs.
+    pub async fn run_scrub(self: Arc<Self>, interval: Duration, rate: u64) {
+        loop {
+            tokio::time::sleep(interval).await;
+            if let Err(e) = self.scrub(Some(rate)).await {
+                tracing::error!(error = %e, "scrub failed");
+            }
         }
     }
 

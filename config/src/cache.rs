@@ -10,6 +10,8 @@
 //! keep_recent = "10m"       # content used this recently is never evicted
 //! eviction_interval = "30s" # how often usage is checked (and after every fill)
 //! metadata_reserve = "64MiB" # space held back for the metadata database
+//! scrub_interval = "168h"   # every stored blob is read and checked this often; "0s" off
+//! scrub_rate = "16MiB"      # bytes a second the background scrub reads at most
 //! ```
 //!
 //! Only pulled-through content is ever evicted; pushed content stays until it is deleted
@@ -68,6 +70,11 @@ pub struct CacheConfig {
     /// when the disk is full so that the metadata database can still write and berth
     /// can start. Default `64MiB`.
     pub metadata_reserve: u64,
+    /// `scrub_interval`: how often every stored blob is read again and checked against
+    /// its digest, in the background; `"0s"` turns it off. Default `168h` (weekly).
+    pub scrub_interval: Duration,
+    /// `scrub_rate`: the most bytes a second the background scrub reads. Default `16MiB`.
+    pub scrub_rate: u64,
 }
 
 impl Default for CacheConfig {
@@ -81,6 +88,8 @@ impl Default for CacheConfig {
             keep_recent: Duration::from_secs(600),
             eviction_interval: Duration::from_secs(30),
             metadata_reserve: 64 << 20,
+            scrub_interval: Duration::from_secs(7 * 86400),
+            scrub_rate: 16 << 20,
         }
     }
 }
@@ -146,6 +155,16 @@ pub(crate) fn parse_cache(v: &Value, p: &mut Problems) -> CacheConfig {
             "metadata_reserve" => {
                 if let Some(b) = size(&path, value, p) {
                     c.metadata_reserve = b;
+                }
+            }
+            "scrub_interval" => {
+                if let Some(d) = duration(&path, value, p) {
+                    c.scrub_interval = d;
+                }
+            }
+            "scrub_rate" => {
+                if let Some(b) = size(&path, value, p) {
+                    c.scrub_rate = b;
                 }
             }
             _ => p.add(&path, "unknown key"),

@@ -6,6 +6,9 @@
 //! - `POST /admin/evict[?bytes=1GiB]`: an eviction pass now, freeing what the budget
 //!   asks (or at least `bytes`), and removing what is older than `max_age`;
 //! - `POST /admin/gc[?grace=1h]`: garbage collection of private content now;
+//! - `POST /admin/scrub[?rate=64MiB]`: reads every stored blob again and checks it
+//!   against its digest (at most `rate` bytes a second); a damaged one is removed, and
+//!   fetched again if it was pulled through;
 //! - `DELETE /admin/cache/<upstream>[/<repository>]`: purges what was cached through one
 //!   upstream, or one of its repositories, that no other repository holds;
 //! - `POST /admin/retention?dry_run=true`: applies the `[[retention]]` policies now, or
@@ -29,6 +32,7 @@ pub enum AdminRoute {
     Store,
     Evict,
     Gc,
+    Scrub,
     Retention,
     Purge {
         upstream: String,
@@ -42,6 +46,7 @@ pub fn parse(rest: &str) -> Option<AdminRoute> {
         "store" => Some(AdminRoute::Store),
         "evict" => Some(AdminRoute::Evict),
         "gc" => Some(AdminRoute::Gc),
+        "scrub" => Some(AdminRoute::Scrub),
         "retention" => Some(AdminRoute::Retention),
         _ => {
             let target = rest.strip_prefix("cache/")?;
@@ -163,6 +168,16 @@ impl App {
                     .map_err(cache_error)?;
                 serde_json::to_value(&report).expect("serializable")
             }
+            (AdminRoute::Scrub, "POST") => {
+                let rate = match query_value(req.query.as_deref(), "rate") {
+                    Some(v) => {
+                        Some(berth_config::parse_size(v).map_err(|e| bad(format!("rate: {e}")))?)
+                    }
+                    None => None,
+                };
+                let report = self.cache.scrub(rate).await.map_err(cache_error)?;
+                serde_json::to_value(&report).expect("serializable")
+            }
             (AdminRoute::Retention, "POST") => {
                 let dry_run = match query_value(req.query.as_deref(), "dry_run") {
                     None | Some("false") => false,
@@ -202,7 +217,10 @@ impl App {
             _ => {
                 let allowed = match route {
                     AdminRoute::Store => "GET",
-                    AdminRoute::Evict | AdminRoute::Gc | AdminRoute::Retention => "POST",
+                    AdminRoute::Evict
+                    | AdminRoute::Gc
+                    | AdminRoute::Scrub
+                    | AdminRoute::Retention => "POST",
                     AdminRoute::Purge { .. } => "DELETE",
                 };
                 return Err(ApiError::new(

@@ -475,6 +475,8 @@ fn serve(args: ServeArgs) -> i32 {
     };
     let budget = crate::private::Budget {
         cache: app.cache.clone(),
+        scrub_interval: app.config.cache.scrub_interval,
+        scrub_rate: app.config.cache.scrub_rate,
     };
     let tls = app.config.server.tls.clone();
     let mut service = Service::new("berth".to_owned(), app);

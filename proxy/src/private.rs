@@ -745,13 +745,24 @@ async fn next_chunk(session: &mut ServerSession) -> Result<Option<Bytes>, ApiErr
 /// The disk budget in the background ([`berth_cache::Cache::run_budget`]).
 pub struct Budget {
     pub cache: std::sync::Arc<berth_cache::Cache>,
+    /// `[cache] scrub_interval` (zero: no background scrub) and `scrub_rate`.
+    pub scrub_interval: std::time::Duration,
+    pub scrub_rate: u64,
 }
 
 #[async_trait::async_trait]
 impl pingora::services::background::BackgroundService for Budget {
     async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        let scrub = async {
+            let (interval, rate) = (self.scrub_interval, self.scrub_rate);
+            if interval.is_zero() {
+                std::future::pending::<()>().await;
+            }
+            self.cache.clone().run_scrub(interval, rate).await
+        };
         tokio::select! {
             _ = self.cache.clone().run_budget() => {}
+            _ = scrub => {}
             _ = shutdown.changed() => {}
         }
         // What was used since the last flush is not lost on a clean stop.

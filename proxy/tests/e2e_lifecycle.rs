@@ -672,3 +672,56 @@ async fn a_full_disk_streams_through_refuses_pushes_and_recovers() {
     })
     .await;
 }
+
+/// 6. A scrub finds a damaged blob on disk and never serves it again: a pulled-through
+///    one is removed and fetched again from the upstream, a pushed one is removed and
+///    reported (its repository answers `404 BLOB_UNKNOWN`, not wrong bytes).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_scrub_removes_damaged_blobs_and_fetches_cached_ones_again() {
+    within(180, "a_scrub_removes_damaged_blobs", async {
+        let reg = Registry::start().await;
+        let image = make_single(841, 300_000);
+        reg.pusher(None)
+            .image("library/scrub", Some("v1"), &image)
+            .await;
+        let berth = Berth::start_with_config(&upstream(&reg), &[]).await;
+        pull(&berth, "library/scrub", "v1", &image).await.unwrap();
+        let private = Blob::new("application/octet-stream", random_bytes(842, 100_000));
+        Pusher::new(&berth.url(), None)
+            .blob("team/scrub", &private)
+            .await;
+        let store = berth.store_dir();
+        let corrupt = |digest: &str| {
+            let hex = digest.strip_prefix("sha256:").unwrap();
+            let path = store.join("blobs/sha256").join(&hex[..2]).join(hex);
+            let mut bytes = std::fs::read(&path).unwrap();
+            bytes[1000] ^= 0xff;
+            std::fs::write(&path, bytes).unwrap();
+        };
+        let layer = &image.layers[0].blob;
+        corrupt(&layer.digest);
+        corrupt(&private.digest);
+
+        let report = admin(&berth, reqwest::Method::POST, "/admin/scrub").await;
+        let damaged = report["damaged"].as_array().unwrap();
+        assert_eq!(damaged.len(), 2, "{report}");
+        let entry = |d: &str| damaged.iter().find(|e| e["digest"] == d).unwrap().clone();
+        assert_eq!(entry(&layer.digest)["private"], false, "{report}");
+        assert_eq!(entry(&layer.digest)["refetched"], true, "{report}");
+        assert_eq!(entry(&private.digest)["private"], true, "{report}");
+        assert!(report["blobs"].as_u64().unwrap() >= 4, "{report}");
+
+        // The cached layer is whole again; the pushed blob is gone, not served wrong.
+        let path = format!("/v2/docker.io/library/scrub/blobs/{}", layer.digest);
+        let (status, _, body) = berth.fetch(&path, &[]).await;
+        assert_eq!(status, 200);
+        assert_eq!(digest_of(&body), layer.digest);
+        let path = format!("/v2/team/scrub/blobs/{}", private.digest);
+        let (status, _, body) = berth.fetch(&path, &[]).await;
+        assert_eq!(status, 404, "{}", String::from_utf8_lossy(&body));
+        // A second scrub finds nothing.
+        let again = admin(&berth, reqwest::Method::POST, "/admin/scrub").await;
+        assert_eq!(again["damaged"].as_array().unwrap().len(), 0, "{again}");
+    })
+    .await;
+}

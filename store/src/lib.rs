@@ -194,6 +194,49 @@ impl Store {
         Ok(done)
     }
 
+    /// Reads a published blob again and checks it against its digest; `pause` is called
+    /// after every piece read with its length (to bound the I/O rate). `None` when the
+    /// blob is not stored (any more).
+    pub fn verify_blob(
+        &self,
+        digest: &Digest,
+        pause: &mut dyn FnMut(u64),
+    ) -> Result<Option<bool>, StoreError> {
+        use std::io::Read;
+        let Some(blob) = self.blobs.open_blob(digest)? else {
+            return Ok(None);
+        };
+        let mut file = blob.file();
+        let mut hasher = oci::Hasher::new(digest.algorithm());
+        let mut buf = vec![0u8; 1 << 20];
+        let mut read = 0u64;
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            read += n as u64;
+            pause(n as u64);
+        }
+        Ok(Some(read == blob.size() && hasher.finish() == *digest))
+    }
+
+    /// Removes a damaged blob (one [`verify_blob`](Self::verify_blob) found wrong): its
+    /// file, and its cache record. Returns whether a private repository links it (its
+    /// content is lost: it must be pushed again).
+    pub fn remove_damaged(&self, digest: &Digest) -> Result<bool, StoreError> {
+        let _exclusive = self
+            .removal_lock
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        self.blobs.delete(digest)?;
+        let mut batch = Batch::default();
+        batch.delete_cached_blob(digest);
+        self.meta.write(batch)?;
+        self.meta.privately_linked(digest)
+    }
+
     /// Whether the store answers: one metadata read and one look at the blob directory
     /// (for a readiness probe).
     pub fn check(&self) -> Result<(), StoreError> {
