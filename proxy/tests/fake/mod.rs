@@ -49,11 +49,13 @@ pub enum Behaviour {
     /// A blob that advertises `Accept-Ranges: bytes`: a GET without `Range` gets 200 and
     /// the whole blob; one with `Range: bytes=N-` is answered as `range` says. The n-th
     /// GET (from 0) sends at most `cuts[n]` bytes of its body and then closes the
-    /// connection; GETs past the end of `cuts` send their whole body.
+    /// connection (or, with `stall`, keeps it open and sends nothing more); GETs past the
+    /// end of `cuts` send their whole body.
     Ranged {
         bytes: Arc<Vec<u8>>,
         cuts: Vec<usize>,
         range: RangeAnswer,
+        stall: bool,
     },
     /// Answer with this status, no body.
     Status(u16),
@@ -304,7 +306,12 @@ async fn handle(mut sock: TcpStream, state: Arc<Mutex<State>>) {
         Some(Behaviour::Status(status)) => {
             let _ = respond(&mut sock, status, "application/json", 0, &[]).await;
         }
-        Some(Behaviour::Ranged { bytes, cuts, range }) => {
+        Some(Behaviour::Ranged {
+            bytes,
+            cuts,
+            range,
+            stall,
+        }) => {
             let len = bytes.len();
             let digest = format!("sha256:{}", sha256_hex(&bytes));
             let mut extra = vec![
@@ -351,6 +358,9 @@ async fn handle(mut sock: TcpStream, state: Arc<Mutex<State>>) {
             let _ = sock.flush().await;
             if cut.is_none() {
                 state.lock().unwrap().finished.insert(path, Instant::now());
+            } else if stall {
+                let _ = sock.read(&mut tmp).await;
+                tokio::time::sleep(Duration::from_secs(3600)).await;
             }
             // Dropped here: with a cut, before the announced length.
         }
