@@ -19,11 +19,13 @@
 //! call [`Cache::manifest`], [`Cache::blob`], [`Cache::blob_size`] and
 //! [`Cache::tags_list`] with a configured upstream namespace and a validated repository.
 
+pub mod breaker;
 pub mod clock;
 pub mod direct;
 pub mod evict;
 pub mod fill;
 pub mod metrics;
+pub mod resume;
 pub mod tags;
 pub mod upstream;
 
@@ -344,7 +346,11 @@ impl Cache {
         for u in &config.upstreams {
             upstreams.insert(
                 u.namespace.clone(),
-                Arc::new(UpstreamClient::new(u.clone(), metrics.clone())?),
+                Arc::new(UpstreamClient::new(
+                    u.clone(),
+                    metrics.clone(),
+                    clock.clone(),
+                )?),
             );
         }
         Ok(Arc::new(Cache {
@@ -951,6 +957,8 @@ impl Cache {
     }
 
     /// Streams a blob from the upstream into the store, publishing progress as it goes.
+    /// A body that breaks off is resumed with a Range request where it stopped, within the
+    /// bounds of [`resume`]; the digest is verified over the whole blob at commit.
     async fn fill_blob(
         self: &Arc<Self>,
         client: &Arc<UpstreamClient>,
@@ -1013,56 +1021,90 @@ impl Cache {
             progress.streaming(size, reader);
         }
         let read_timeout = client.config.read_timeout;
+        let namespace = &client.config.namespace;
+        // A body that breaks off is resumed where it stopped (see [`resume`]).
+        let resumable = announced.is_some() && !resume::refuses_ranges(resp.headers());
         let mut stream = resp.bytes_stream();
         let mut written = 0u64;
-        let mut ended = false;
-        while !ended {
-            let first = match tokio::time::timeout(read_timeout, stream.next()).await {
-                Err(_) => return Err(unreachable(client, "blob download stalled")),
-                Ok(None) => break,
-                Ok(Some(chunk)) => {
-                    chunk.map_err(|e| unreachable(client, &upstream::describe(&e)))?
+        // Where the answer being read started, and how many of its bytes to drop first
+        // (a `200` answering a Range request carries the whole blob again).
+        let mut answer_from = 0u64;
+        let mut skip = 0u64;
+        let mut resumes = 0u32;
+        loop {
+            let (mut batch, end) = next_batch(&mut stream, read_timeout, client).await;
+            let received: usize = batch.iter().map(Bytes::len).sum();
+            if received > 0 {
+                client.metrics.bytes(namespace, received as u64);
+            }
+            if skip > 0 {
+                batch = skip_bytes(batch, &mut skip);
+            }
+            let len: usize = batch.iter().map(Bytes::len).sum();
+            if len > 0 {
+                if written + len as u64 > self.max_blob_size {
+                    return Err(too_large(written + len as u64));
                 }
+                if let Some(size) = announced {
+                    if written + len as u64 > size {
+                        return Err(CacheError::SizeMismatch {
+                            expected: size,
+                            actual: written + len as u64,
+                        });
+                    }
+                }
+                writer = tokio::task::spawn_blocking(move || {
+                    for chunk in &batch {
+                        writer.write(chunk)?;
+                    }
+                    Ok::<_, StoreError>(writer)
+                })
+                .await
+                .map_err(|e| CacheError::Internal(format!("write task failed: {e}")))??;
+                written += len as u64;
+                progress.written(written);
+            }
+            let broke = match (end, announced) {
+                (BodyEnd::More, _) => continue,
+                (BodyEnd::Ended, Some(size)) if written < size => CacheError::SizeMismatch {
+                    expected: size,
+                    actual: written,
+                },
+                (BodyEnd::Ended, _) => break,
+                (BodyEnd::Broke(e), _) => e,
             };
-            let mut batch = vec![first];
-            let mut len = batch[0].len();
-            while len < WRITE_BATCH {
-                match stream.next().now_or_never() {
-                    Some(Some(chunk)) => {
-                        let chunk =
-                            chunk.map_err(|e| unreachable(client, &upstream::describe(&e)))?;
-                        len += chunk.len();
-                        batch.push(chunk);
-                    }
-                    Some(None) => {
-                        ended = true;
-                        break;
-                    }
-                    None => break,
+            let size = match announced {
+                Some(size)
+                    if resumable && resumes < resume::MAX_RESUMES && written > answer_from =>
+                {
+                    size
                 }
-            }
-            if written + len as u64 > self.max_blob_size {
-                return Err(too_large(written + len as u64));
-            }
-            if let Some(size) = announced {
-                if written + len as u64 > size {
-                    return Err(CacheError::SizeMismatch {
-                        expected: size,
-                        actual: written + len as u64,
+                _ => return Err(broke),
+            };
+            resumes += 1;
+            tracing::warn!(upstream = %namespace, repo, digest = %digest, offset = written,
+                size, attempt = resumes, error = %broke,
+                "blob download broke off; resuming it with a Range request");
+            client.metrics.resumed(namespace);
+            // The broken connection goes before the new one is asked for.
+            drop(stream);
+            let resp = client
+                .get_from(repo, &format!("blobs/{digest}"), written, Retry::Yes)
+                .await?;
+            match resume::check(resp.status(), resp.headers(), written, size) {
+                Ok(resume::Resumed::Tail) => skip = 0,
+                Ok(resume::Resumed::Whole) => skip = written,
+                Err(why) => {
+                    tracing::error!(upstream = %namespace, repo, digest = %digest,
+                        offset = written, answer = %why, "cannot resume the blob download");
+                    return Err(CacheError::UpstreamInvalid {
+                        registry: namespace.clone(),
+                        reason: format!("resuming the blob at byte {written}: {why}"),
                     });
                 }
             }
-            writer = tokio::task::spawn_blocking(move || {
-                for chunk in &batch {
-                    writer.write(chunk)?;
-                }
-                Ok::<_, StoreError>(writer)
-            })
-            .await
-            .map_err(|e| CacheError::Internal(format!("write task failed: {e}")))??;
-            written += len as u64;
-            client.metrics.bytes(&client.config.namespace, len as u64);
-            progress.written(written);
+            answer_from = written;
+            stream = resp.bytes_stream();
         }
         let (size, reader) = tokio::task::spawn_blocking(move || {
             // A fill of unknown size is readable once it is verified, from here.
@@ -1621,4 +1663,69 @@ async fn read_limited(
             }
         }
     }
+}
+
+/// How a batch of a blob body ended.
+enum BodyEnd {
+    /// The body goes on.
+    More,
+    /// The body ended (complete or not).
+    Ended,
+    /// The connection broke, or no byte came within the read timeout.
+    Broke(CacheError),
+}
+
+/// The next bytes of a blob body: what arrives within the read timeout, and then whatever
+/// more is ready at once, up to [`WRITE_BATCH`]. Bytes that came before the body broke
+/// are returned with the break.
+async fn next_batch<S>(
+    stream: &mut S,
+    read_timeout: Duration,
+    client: &UpstreamClient,
+) -> (Vec<Bytes>, BodyEnd)
+where
+    S: futures_util::Stream<Item = reqwest::Result<Bytes>> + Unpin,
+{
+    let broke = |e: reqwest::Error| BodyEnd::Broke(unreachable(client, &upstream::describe(&e)));
+    let first = match tokio::time::timeout(read_timeout, stream.next()).await {
+        Err(_) => {
+            return (
+                Vec::new(),
+                BodyEnd::Broke(unreachable(client, "blob download stalled")),
+            )
+        }
+        Ok(None) => return (Vec::new(), BodyEnd::Ended),
+        Ok(Some(Err(e))) => return (Vec::new(), broke(e)),
+        Ok(Some(Ok(chunk))) => chunk,
+    };
+    let mut len = first.len();
+    let mut batch = vec![first];
+    while len < WRITE_BATCH {
+        match stream.next().now_or_never() {
+            Some(Some(Ok(chunk))) => {
+                len += chunk.len();
+                batch.push(chunk);
+            }
+            Some(Some(Err(e))) => return (batch, broke(e)),
+            Some(None) => return (batch, BodyEnd::Ended),
+            None => break,
+        }
+    }
+    (batch, BodyEnd::More)
+}
+
+/// Drops the first `*skip` bytes of `batch` (fewer if it is shorter), counting them off.
+fn skip_bytes(batch: Vec<Bytes>, skip: &mut u64) -> Vec<Bytes> {
+    let mut out = Vec::with_capacity(batch.len());
+    for mut chunk in batch {
+        if *skip > 0 {
+            let n = (*skip).min(chunk.len() as u64) as usize;
+            chunk = chunk.slice(n..);
+            *skip -= n as u64;
+        }
+        if !chunk.is_empty() {
+            out.push(chunk);
+        }
+    }
+    out
 }

@@ -45,6 +45,10 @@ pub struct CacheMetrics {
     pub filesystem_free_bytes: Gauge,
     pub evictions: Family<KindLabels, Counter>,
     pub evicted_bytes: Counter,
+    /// Range requests sent to resume a blob download that broke off.
+    pub upstream_resumes: Family<UpstreamLabels, Counter>,
+    /// 1 while an upstream's circuit breaker is open (requests to it fail fast), else 0.
+    pub upstream_circuit_open: Family<UpstreamLabels, Gauge>,
 }
 
 impl CacheMetrics {
@@ -86,7 +90,25 @@ impl CacheMetrics {
             "Bytes of cached blobs evicted",
             m.evicted_bytes.clone(),
         );
+        registry.register(
+            "upstream_resumes",
+            "Range requests sent to resume blob downloads whose upstream connection broke off",
+            m.upstream_resumes.clone(),
+        );
+        registry.register(
+            "upstream_circuit_open",
+            "1 while the circuit breaker of an upstream is open and requests to it fail fast, else 0",
+            m.upstream_circuit_open.clone(),
+        );
         m
+    }
+
+    pub fn resumed(&self, upstream: &str) {
+        self.upstream_resumes
+            .get_or_create(&UpstreamLabels {
+                upstream: upstream.to_owned(),
+            })
+            .inc();
     }
 
     /// Records what an eviction pass removed and the usage after it.

@@ -6,8 +6,9 @@
 //! - the upstream names the same digest: the tag is confirmed again;
 //! - it names another digest (or none): the manifest is fetched anew;
 //! - it says the tag does not exist: the tag is forgotten and the client told so;
-//! - it cannot be reached, times out or fails: the cached manifest is served, marked
-//!   stale, and for [`REVALIDATION_BACKOFF`] (or the TTL, if shorter) the tag is served
+//! - it cannot be reached, times out or fails (or its circuit breaker is open and the
+//!   request fails without reaching it, see [`crate::breaker`]): the cached manifest is
+//!   served, marked stale, and for [`REVALIDATION_BACKOFF`] (or the TTL, if shorter) the tag is served
 //!   stale without asking again, so a hung upstream costs one timeout, not one per request.
 //!
 //! A tag confirmed "in the future" (the clock was set back) is revalidated.

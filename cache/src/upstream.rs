@@ -11,15 +11,23 @@
 //! `Authorization` header is not carried to another host. Transient failures (connection
 //! errors, timeouts, 429, 502, 503, 504) are retried with backoff when the caller allows.
 //! Nothing a client sent berth (its `Authorization` header above all) is ever forwarded.
+//!
+//! Every request passes the upstream's circuit breaker ([`crate::breaker`]): a request
+//! that found the upstream down (no answer, a timeout or a 5xx, after its retries) counts
+//! against it, and while it is open requests fail at once with
+//! [`CacheError::UpstreamUnreachable`] ("circuit open …"), which callers treat as any
+//! other unreachable upstream (a cached tag is then served stale).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, WWW_AUTHENTICATE};
+use reqwest::header::{HeaderMap, HeaderValue, ACCEPT, AUTHORIZATION, RANGE, WWW_AUTHENTICATE};
 use reqwest::{Method, Response, StatusCode};
 
-use crate::metrics::CacheMetrics;
+use crate::breaker::{Breaker, Ticket, Transition};
+use crate::clock::Clock;
+use crate::metrics::{CacheMetrics, UpstreamLabels};
 use crate::CacheError;
 use berth_config::UpstreamConfig;
 
@@ -42,6 +50,9 @@ pub struct UpstreamClient {
     credentials: Option<(String, String)>,
     tokens: Mutex<HashMap<String, (String, Instant)>>,
     pub metrics: CacheMetrics,
+    breaker: Breaker,
+    /// The time the breaker's cool-downs are judged by.
+    clock: Clock,
 }
 
 impl std::fmt::Debug for UpstreamClient {
@@ -62,8 +73,13 @@ pub enum Retry {
 }
 
 impl UpstreamClient {
-    /// Builds the client; fails if configured credentials cannot be read.
-    pub fn new(config: UpstreamConfig, metrics: CacheMetrics) -> Result<Self, String> {
+    /// Builds the client; fails if configured credentials cannot be read. `clock` times
+    /// the circuit breaker's cool-downs.
+    pub fn new(
+        config: UpstreamConfig,
+        metrics: CacheMetrics,
+        clock: Clock,
+    ) -> Result<Self, String> {
         let credentials = match &config.credentials {
             Some(c) => Some(
                 c.resolve()
@@ -106,13 +122,26 @@ impl UpstreamClient {
             .pool_idle_timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| format!("upstream {}: {e}", config.namespace))?;
-        Ok(UpstreamClient {
+        let client = UpstreamClient {
             config,
             http,
             credentials,
             tokens: Mutex::new(HashMap::new()),
             metrics,
-        })
+            breaker: Breaker::default(),
+            clock,
+        };
+        client.set_circuit_gauge(false);
+        Ok(client)
+    }
+
+    fn set_circuit_gauge(&self, open: bool) {
+        self.metrics
+            .upstream_circuit_open
+            .get_or_create(&UpstreamLabels {
+                upstream: self.config.namespace.clone(),
+            })
+            .set(open as i64);
     }
 
     fn registry(&self) -> String {
@@ -121,12 +150,98 @@ impl UpstreamClient {
 
     /// Sends `method` to `/v2/<repo>/<suffix>` and returns a successful response (2xx).
     /// 404 becomes [`CacheError::NotFound`]; other failures say what the upstream did.
+    /// While the circuit breaker is open, fails at once with
+    /// [`CacheError::UpstreamUnreachable`] without touching the network.
     pub async fn request(
         &self,
         method: Method,
         repo: &str,
         suffix: &str,
         accept: Option<&str>,
+        retry: Retry,
+    ) -> Result<Response, CacheError> {
+        self.request_with(method, repo, suffix, accept, None, retry)
+            .await
+    }
+
+    /// A `GET` of `/v2/<repo>/<suffix>` from byte `from` on (`Range: bytes=<from>-`), as
+    /// [`request`](Self::request) otherwise. The caller checks what came back: a `206`
+    /// with the range asked for, or a `200` with the whole body from an upstream that
+    /// ignores ranges.
+    pub async fn get_from(
+        &self,
+        repo: &str,
+        suffix: &str,
+        from: u64,
+        retry: Retry,
+    ) -> Result<Response, CacheError> {
+        self.request_with(Method::GET, repo, suffix, None, Some(from), retry)
+            .await
+    }
+
+    async fn request_with(
+        &self,
+        method: Method,
+        repo: &str,
+        suffix: &str,
+        accept: Option<&str>,
+        range_from: Option<u64>,
+        retry: Retry,
+    ) -> Result<Response, CacheError> {
+        let ticket = self
+            .breaker
+            .admit(self.clock.now_ms())
+            .map_err(|refused| self.unreachable(&refused.to_string()))?;
+        let result = self
+            .attempts(method, repo, suffix, accept, range_from, retry)
+            .await;
+        self.settle(ticket, &result);
+        result
+    }
+
+    /// Tells the breaker what a request found, and logs and exports a change of state.
+    fn settle(&self, ticket: Ticket<'_>, result: &Result<Response, CacheError>) {
+        let down = down_reason(result);
+        let transition = self
+            .breaker
+            .record(ticket, down.as_deref(), self.clock.now_ms());
+        let upstream = &self.config.namespace;
+        let last_failure = down.as_deref().unwrap_or("");
+        match transition {
+            Some(Transition::Opened {
+                cool_down,
+                after_probe: false,
+            }) => {
+                self.set_circuit_gauge(true);
+                tracing::warn!(upstream = %upstream, failures = crate::breaker::FAILURE_THRESHOLD,
+                    cool_down_s = cool_down.as_secs(), last_failure,
+                    "upstream circuit open: the upstream looks down; requests to it fail fast \
+                     (cached content is still served) until a probe succeeds");
+            }
+            Some(Transition::Opened {
+                cool_down,
+                after_probe: true,
+            }) => {
+                self.set_circuit_gauge(true);
+                tracing::warn!(upstream = %upstream, cool_down_s = cool_down.as_secs(),
+                    last_failure, "upstream circuit open again: the probe request failed");
+            }
+            Some(Transition::Closed) => {
+                self.set_circuit_gauge(false);
+                tracing::info!(upstream = %upstream, "upstream circuit closed: the probe request succeeded");
+            }
+            None => {}
+        }
+    }
+
+    /// The request itself, with its retries.
+    async fn attempts(
+        &self,
+        method: Method,
+        repo: &str,
+        suffix: &str,
+        accept: Option<&str>,
+        range_from: Option<u64>,
         retry: Retry,
     ) -> Result<Response, CacheError> {
         let url = format!("{}/v2/{repo}/{suffix}", self.config.url);
@@ -137,7 +252,10 @@ impl UpstreamClient {
             if attempt > 0 {
                 tokio::time::sleep(BACKOFF * 2u32.pow(attempt - 1)).await;
             }
-            match self.send_authorized(&method, &url, &scope, accept).await {
+            match self
+                .send_authorized(&method, &url, &scope, accept, range_from)
+                .await
+            {
                 Ok(resp) if resp.status().is_success() => return Ok(resp),
                 Ok(resp) => {
                     let status = resp.status();
@@ -182,9 +300,12 @@ impl UpstreamClient {
         url: &str,
         scope: &str,
         accept: Option<&str>,
+        range_from: Option<u64>,
     ) -> Result<Response, CacheError> {
         let token = self.cached_token(scope);
-        let resp = self.send(method, url, accept, token.as_deref()).await?;
+        let resp = self
+            .send(method, url, accept, range_from, token.as_deref())
+            .await?;
         // Answer only the upstream's own challenges, not one from a host a redirect led to.
         if resp.status() != StatusCode::UNAUTHORIZED || !self.same_origin(resp.url()) {
             return Ok(resp);
@@ -224,7 +345,8 @@ impl UpstreamClient {
                 None => return Ok(resp),
             },
         };
-        self.send(method, url, accept, Some(&auth)).await
+        self.send(method, url, accept, range_from, Some(&auth))
+            .await
     }
 
     /// Whether `url` is on the configured upstream's scheme, host and port.
@@ -288,11 +410,17 @@ impl UpstreamClient {
         method: &Method,
         url: &str,
         accept: Option<&str>,
+        range_from: Option<u64>,
         authorization: Option<&str>,
     ) -> Result<Response, CacheError> {
         let mut headers = HeaderMap::new();
         if let Some(a) = accept.and_then(|a| HeaderValue::from_str(a).ok()) {
             headers.insert(ACCEPT, a);
+        }
+        if let Some(from) = range_from {
+            let range = HeaderValue::try_from(format!("bytes={from}-"))
+                .expect("digits make a header value");
+            headers.insert(RANGE, range);
         }
         if let Some(a) = authorization.and_then(|a| HeaderValue::from_str(a).ok()) {
             let mut a = a;
@@ -442,6 +570,17 @@ fn method_label(m: &Method) -> &'static str {
     }
 }
 
+/// Why a request's outcome shows the upstream down, if it does: no answer (connection
+/// errors, timeouts) or a 5xx, from the registry or its token service. Any other answer
+/// (404, 401, 403, 429 …) comes from an upstream that is up.
+fn down_reason(result: &Result<Response, CacheError>) -> Option<String> {
+    match result {
+        Err(CacheError::UpstreamUnreachable { reason, .. }) => Some(reason.clone()),
+        Err(e @ CacheError::Upstream { status, .. }) if *status >= 500 => Some(e.to_string()),
+        _ => None,
+    }
+}
+
 fn is_transient_error(e: &CacheError) -> bool {
     match e {
         CacheError::UpstreamUnreachable { .. } | CacheError::UpstreamRateLimited { .. } => true,
@@ -550,7 +689,12 @@ mod tests {
             "[[upstream]]\nnamespace = \"docker.io\"\nurl = \"https://registry-1.docker.io\"\nprefixes = []\n{extra}"
         );
         let config = berth_config::Config::parse(&text).unwrap();
-        UpstreamClient::new(config.upstreams[0].clone(), CacheMetrics::default()).unwrap()
+        UpstreamClient::new(
+            config.upstreams[0].clone(),
+            CacheMetrics::default(),
+            Clock::system(),
+        )
+        .unwrap()
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! A hand-written upstream for the fault paths a real registry cannot produce: wrong
-//! bytes, throttled bodies, resets, 429s and stalls. Every behaviour a user sees is also
+//! bytes, throttled bodies, resets, 429s, stalls, outages and broken Range answers. Every behaviour a user sees is also
 //! proven against the real registry in `e2e_real.rs`; this one exists for the faults.
 
 #![allow(dead_code)]
@@ -46,6 +46,33 @@ pub enum Behaviour {
         challenge: String,
         then: Box<Behaviour>,
     },
+    /// A blob that advertises `Accept-Ranges: bytes`: a GET without `Range` gets 200 and
+    /// the whole blob; one with `Range: bytes=N-` is answered as `range` says. The n-th
+    /// GET (from 0) sends at most `cuts[n]` bytes of its body and then closes the
+    /// connection (or, with `stall`, keeps it open and sends nothing more); GETs past the
+    /// end of `cuts` send their whole body.
+    Ranged {
+        bytes: Arc<Vec<u8>>,
+        cuts: Vec<usize>,
+        range: RangeAnswer,
+        stall: bool,
+    },
+    /// Answer with this status, no body.
+    Status(u16),
+}
+
+/// How [`Behaviour::Ranged`] answers `Range: bytes=N-`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RangeAnswer {
+    /// `206`, `Content-Range: bytes N-<len-1>/<len>`, the bytes from N.
+    Honour,
+    /// `206` from `back` bytes before N, saying so in its `Content-Range`.
+    StartEarlier { back: usize },
+    /// `206` claiming to start at N, with the bytes from 0 (a lying upstream: only the
+    /// digest can tell).
+    Lie,
+    /// `200` and the whole blob, as if `Range` were not there.
+    Ignore,
 }
 
 impl Behaviour {
@@ -86,6 +113,10 @@ struct State {
     /// When a response body to each path was completely written.
     finished: HashMap<String, Instant>,
     served_statuses: HashMap<String, usize>,
+    /// GETs answered per [`Behaviour::Ranged`] path.
+    ranged_gets: HashMap<String, usize>,
+    /// While set, every request is answered with this status.
+    outage: Option<u16>,
 }
 
 /// The fake upstream, listening on 127.0.0.1 at a port chosen at run time.
@@ -123,6 +154,12 @@ impl FakeUpstream {
             .unwrap()
             .routes
             .insert(path.to_owned(), behaviour);
+    }
+
+    /// While `Some(status)`, every request (recorded as usual) gets `status` and no
+    /// body, whatever its path; `None` ends the outage.
+    pub fn outage(&self, status: Option<u16>) {
+        self.state.lock().unwrap().outage = status;
     }
 
     /// How many requests with `method` reached `path`.
@@ -181,6 +218,11 @@ async fn handle(mut sock: TcpStream, state: Arc<Mutex<State>>) {
         .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
         .collect();
     let authorized = headers.iter().any(|(k, _)| k == "authorization");
+    let range_from: Option<usize> = headers
+        .iter()
+        .find(|(k, _)| k == "range")
+        .and_then(|(_, v)| v.strip_prefix("bytes=")?.strip_suffix('-')?.parse().ok());
+    let mut nth_get = 0;
     let behaviour = {
         let mut st = state.lock().unwrap();
         st.requests.push(Recorded {
@@ -188,29 +230,38 @@ async fn handle(mut sock: TcpStream, state: Arc<Mutex<State>>) {
             path: path.clone(),
             headers,
         });
-        let b = match st.routes.get(&path).cloned() {
-            Some(Behaviour::RequireAuth { then, .. }) if authorized => Some(*then),
-            other => other,
-        };
-        match b {
-            Some(Behaviour::StatusThen {
-                status,
-                times,
-                then,
-            }) => {
-                let n = st.served_statuses.entry(path.clone()).or_default();
+        if let Some(status) = st.outage {
+            Some(Behaviour::Status(status))
+        } else {
+            if method == "GET" && matches!(st.routes.get(&path), Some(Behaviour::Ranged { .. })) {
+                let n = st.ranged_gets.entry(path.clone()).or_default();
+                nth_get = *n;
                 *n += 1;
-                if *n <= times {
-                    Some(Behaviour::StatusThen {
-                        status,
-                        times,
-                        then,
-                    })
-                } else {
-                    Some(*then)
-                }
             }
-            other => other,
+            let b = match st.routes.get(&path).cloned() {
+                Some(Behaviour::RequireAuth { then, .. }) if authorized => Some(*then),
+                other => other,
+            };
+            match b {
+                Some(Behaviour::StatusThen {
+                    status,
+                    times,
+                    then,
+                }) => {
+                    let n = st.served_statuses.entry(path.clone()).or_default();
+                    *n += 1;
+                    if *n <= times {
+                        Some(Behaviour::StatusThen {
+                            status,
+                            times,
+                            then,
+                        })
+                    } else {
+                        Some(*then)
+                    }
+                }
+                other => other,
+            }
         }
     };
     let head_only = method == "HEAD";
@@ -251,6 +302,67 @@ async fn handle(mut sock: TcpStream, state: Arc<Mutex<State>>) {
             if !head_only {
                 let _ = sock.write_all(body).await;
             }
+        }
+        Some(Behaviour::Status(status)) => {
+            let _ = respond(&mut sock, status, "application/json", 0, &[]).await;
+        }
+        Some(Behaviour::Ranged {
+            bytes,
+            cuts,
+            range,
+            stall,
+        }) => {
+            let len = bytes.len();
+            let digest = format!("sha256:{}", sha256_hex(&bytes));
+            let mut extra = vec![
+                ("Docker-Content-Digest", digest.clone()),
+                ("Accept-Ranges", "bytes".to_owned()),
+            ];
+            let (status, body): (u16, &[u8]) = match (range_from, range) {
+                (Some(from), RangeAnswer::Honour) if from < len => {
+                    extra.push(("Content-Range", format!("bytes {from}-{}/{len}", len - 1)));
+                    (206, &bytes[from..])
+                }
+                (Some(from), RangeAnswer::StartEarlier { back }) if from < len => {
+                    let start = from.saturating_sub(back);
+                    extra.push(("Content-Range", format!("bytes {start}-{}/{len}", len - 1)));
+                    (206, &bytes[start..])
+                }
+                (Some(from), RangeAnswer::Lie) if from < len => {
+                    extra.push(("Content-Range", format!("bytes {from}-{}/{len}", len - 1)));
+                    (206, &bytes[..len - from])
+                }
+                _ => (200, &bytes[..]),
+            };
+            let extra: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            if respond(
+                &mut sock,
+                status,
+                "application/octet-stream",
+                body.len(),
+                &extra,
+            )
+            .await
+            .is_err()
+                || head_only
+            {
+                return;
+            }
+            let cut = cuts.get(nth_get).copied();
+            let send = &body[..cut.unwrap_or(body.len()).min(body.len())];
+            for piece in send.chunks(64 * 1024) {
+                if sock.write_all(piece).await.is_err() {
+                    return;
+                }
+            }
+            let _ = sock.flush().await;
+            if cut.is_none() {
+                state.lock().unwrap().finished.insert(path, Instant::now());
+            } else if stall {
+                let _ = sock.read(&mut tmp).await;
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            }
+            // Dropped here: with a cut, before the announced length.
         }
         Some(Behaviour::StatusThen { status, .. }) => {
             let _ = respond(
