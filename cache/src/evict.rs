@@ -330,7 +330,7 @@ fn choose_lru(
         .chain(blobs.into_iter().map(|b| (b.used, 1, Item::Blob(b))))
         .collect();
     // Oldest first; at the same time, a manifest before the blobs it references.
-    items.sort_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+    items.sort_by_key(|i| (i.0, i.1));
     let mut chosen = 0u64;
     for (used, _, item) in items {
         if used >= times.keep_after {

@@ -260,7 +260,7 @@ pub enum BlobSource {
     /// A fill in progress (or just finished) that this request may read as it grows.
     Filling { fill: Arc<BlobFill>, size: u64 },
     /// Straight from the upstream, not stored: the disk has no room for it.
-    Direct(DirectBlob),
+    Direct(Box<DirectBlob>),
 }
 
 impl BlobSource {
@@ -926,13 +926,13 @@ impl Cache {
         let size = resp.content_length().ok_or(CacheError::NoSpace)?;
         tracing::warn!(upstream = %client.config.namespace, repo, digest = %digest, size,
             "the store has no room: streaming the blob without caching it");
-        Ok(BlobSource::Direct(DirectBlob::new(
+        Ok(BlobSource::Direct(Box::new(DirectBlob::new(
             resp,
             digest,
             size,
             client.config.read_timeout,
             &client.config.namespace,
-        )))
+        ))))
     }
 
     /// Whether a new blob of `size` bytes may be stored: the filesystem has room for it

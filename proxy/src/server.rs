@@ -872,7 +872,7 @@ enum Body {
     /// A fill in progress, read as it grows and written through the session.
     Fill(Arc<BlobFill>),
     /// Straight from the upstream, not stored (the disk is full).
-    Direct(berth_cache::direct::DirectBlob),
+    Direct(Box<berth_cache::direct::DirectBlob>),
 }
 
 /// Writes bytes `start..end` of a mapped blob through the session.

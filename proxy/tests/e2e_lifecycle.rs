@@ -181,8 +181,8 @@ async fn the_budget_evicts_least_recently_used_images_and_no_pull_fails() {
         let berth = Berth::start_with_config(&config, &[]).await;
 
         // Images 0, 1 and 2 (9 MiB: within the high mark), then image 0 is used again.
-        for i in 0..3 {
-            pull(&berth, &format!("library/img{i}"), "v1", &images[i])
+        for (i, image) in images.iter().enumerate().take(3) {
+            pull(&berth, &format!("library/img{i}"), "v1", image)
                 .await
                 .unwrap();
         }
@@ -722,6 +722,128 @@ async fn a_scrub_removes_damaged_blobs_and_fetches_cached_ones_again() {
         // A second scrub finds nothing.
         let again = admin(&berth, reqwest::Method::POST, "/admin/scrub").await;
         assert_eq!(again["damaged"].as_array().unwrap().len(), 0, "{again}");
+    })
+    .await;
+}
+
+/// 7. kill -9 in the middle of an eviction pass and of a garbage collection, pushes
+///    racing both: after the restart no completed push is lost, every image berth still
+///    has is whole, and the index agrees with the files.
+#[tokio::test(flavor = "multi_thread")]
+async fn kill_9_mid_eviction_and_mid_gc_loses_no_push() {
+    within(300, "kill_9_mid_eviction_and_mid_gc", async {
+        let reg = Registry::start().await;
+        let push = reg.pusher(None);
+        let cached: Vec<Image> = (0..12).map(|i| make_single(850 + i, 200_000)).collect();
+        for (i, img) in cached.iter().enumerate() {
+            push.image(&format!("library/k{i}"), Some("v1"), img).await;
+        }
+        let config = format!(
+            "{}\n[cache]\nmin_free = \"1MiB\"\nkeep_recent = \"0s\"\n",
+            upstream(&reg)
+        );
+        let mut berth = Berth::start_with_config(&config, &[]).await;
+        for (i, img) in cached.iter().enumerate() {
+            pull(&berth, &format!("library/k{i}"), "v1", img)
+                .await
+                .unwrap();
+        }
+        let mut pushed: Vec<(String, Image)> = Vec::new();
+        for round in 0..2u64 {
+            // berth listens on another port after each restart.
+            let private = Pusher::new(&berth.url(), None);
+            // Private images: some kept, some deleted for GC to collect.
+            for i in 0..6u64 {
+                let img = make_single(870 + round * 10 + i, 100_000);
+                let repo = format!("team/r{round}-{i}");
+                private.image(&repo, Some("v1"), &img).await;
+                if i % 2 == 0 {
+                    let r = berth
+                        .request(
+                            reqwest::Method::DELETE,
+                            &format!("/v2/{repo}/manifests/{}", img.digest),
+                            &[],
+                        )
+                        .await;
+                    assert_eq!(r.status().as_u16(), 202);
+                } else {
+                    pushed.push((repo, img));
+                }
+            }
+            // Evict everything cached and collect everything unreferenced, and kill
+            // berth while both run and a push is going on.
+            let (client, url) = (berth.client.clone(), berth.url());
+            let evict = tokio::spawn({
+                let (client, url) = (client.clone(), url.clone());
+                async move {
+                    let _ = client
+                        .post(format!("{url}/admin/evict?bytes=1GiB"))
+                        .send()
+                        .await;
+                }
+            });
+            let gc = tokio::spawn({
+                let (client, url) = (client.clone(), url.clone());
+                async move {
+                    let _ = client.post(format!("{url}/admin/gc?grace=0s")).send().await;
+                }
+            });
+            let racing = make_single(890 + round, 100_000);
+            let racer = {
+                let url = url.clone();
+                let img = racing.clone();
+                tokio::spawn(async move {
+                    let p = Pusher::new(&url, None);
+                    p.image("team/racer", Some(&format!("v{round}")), &img)
+                        .await;
+                })
+            };
+            tokio::time::sleep(Duration::from_millis(15 + 25 * round)).await;
+            berth.kill();
+            let _ = evict.await;
+            let _ = gc.await;
+            let racer_done = racer.await.is_ok();
+            if racer_done {
+                pushed.push(("team/racer".into(), racing));
+            }
+            let mark = berth.log_len();
+            berth.restart().await;
+            wait_for("the store to be reconciled", 30, async || {
+                berth
+                    .log_since(mark)
+                    .contains("store index and files reconciled")
+            })
+            .await;
+            // Every acknowledged push is whole.
+            for (repo, img) in &pushed {
+                let path = format!("/v2/{repo}/manifests/{}", img.digest);
+                let (status, _, body) = berth.fetch(&path, &ACCEPT).await;
+                assert_eq!(status, 200, "round {round}: {path}");
+                assert_eq!(body, img.manifest);
+                for blob in img.blobs() {
+                    let path = format!("/v2/{repo}/blobs/{}", blob.digest);
+                    let (status, _, body) = berth.fetch(&path, &[]).await;
+                    assert_eq!(status, 200, "round {round}: {path} of an acknowledged push");
+                    assert_eq!(digest_of(&body), blob.digest);
+                }
+            }
+            // Cached images: whole, from the store or fetched again.
+            for (i, img) in cached.iter().enumerate() {
+                pull(&berth, &format!("library/k{i}"), "v1", img)
+                    .await
+                    .unwrap();
+            }
+            let files = blob_files(&berth.store_dir());
+            let usage = store_usage(&berth).await;
+            // Every file is indexed (cached) or linked (private), and every indexed or
+            // linked blob has its file.
+            assert_eq!(
+                usage["cached"]["blobs"].as_u64().unwrap()
+                    + usage["private"]["blobs"].as_u64().unwrap(),
+                files.len() as u64,
+                "round {round}: {usage}"
+            );
+        }
     })
     .await;
 }

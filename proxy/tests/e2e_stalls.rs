@@ -119,8 +119,10 @@ async fn cache_hits_are_served_while_pushes_wait_for_garbage_collection() {
             }
             // Every push has reached the lock and waits for the collection.
             let waiting = |log: &str| {
-                log.matches("a push waits for garbage collection or eviction to finish removing files")
-                    .count()
+                log.matches(
+                    "a push waits for garbage collection or eviction to finish removing files",
+                )
+                .count()
             };
             let deadline = Instant::now() + Duration::from_secs(15);
             while waiting(&berth.log_since(mark)) < push_tasks.len() && Instant::now() < deadline {
