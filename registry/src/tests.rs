@@ -882,3 +882,40 @@ async fn concurrent_lookups_resume_an_upload_once() {
     assert_eq!(found[0].lock().await.received().unwrap(), 3 << 20);
     assert_eq!(r.uploads_in_progress(), 1);
 }
+
+/// A lookup while an upload is being finished finds that upload, ended once it is done:
+/// it never resumes a second session on the file being published.
+#[test]
+fn an_upload_being_finished_is_not_resumed_meanwhile() {
+    let (_dir, r) = registry();
+    let r = Arc::new(r);
+    let upload = r.start_upload("team/app").unwrap();
+    let id = {
+        let mut u = upload.blocking_lock();
+        u.write(b"acknowledged").unwrap();
+        u.acknowledge().unwrap();
+        u.write(b" and not yet").unwrap();
+        u.id().to_owned()
+    };
+    let d = Digest::sha256_of(b"acknowledged and not yet");
+    // The finisher takes the upload, then waits in `finish_upload` for this lock.
+    let removal = r.store.removal_lock.write().unwrap();
+    let finisher = {
+        let (r, upload, d) = (r.clone(), upload.clone(), d.clone());
+        std::thread::spawn(move || r.finish_upload(&mut upload.blocking_lock(), &d, None))
+    };
+    while upload.try_lock().is_ok() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let found = r.upload("team/app", &id).unwrap();
+    assert!(Arc::ptr_eq(&found, &upload), "a second session was resumed");
+    drop(removal);
+    assert_eq!(finisher.join().unwrap().unwrap(), 24);
+    assert_eq!(
+        &r.blob("team/app", &d).unwrap().map().unwrap()[..],
+        b"acknowledged and not yet"
+    );
+    assert!(found.blocking_lock().received().is_err());
+    assert!(is_unknown(r.upload("team/app", &id)));
+}

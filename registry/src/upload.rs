@@ -17,7 +17,7 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use berth_store::oci::Digest;
 use berth_store::BlobWriter;
@@ -160,6 +160,10 @@ fn valid_id(id: &str) -> bool {
 }
 
 /// An upload id's place in the table of uploads in progress.
+///
+/// The files of upload `id` are touched only by whoever holds its place (the table's
+/// entry, and the upload's lock): one is taken before they are created or resumed, and
+/// given up only after they are removed or published, so no two sessions ever share them.
 enum Slot {
     /// Already there (with its repository).
     Taken(String, SharedUpload),
@@ -319,7 +323,19 @@ impl Registry {
         digest: &Digest,
         size: Option<u64>,
     ) -> Result<u64, RegistryError> {
+        let finished = self.commit_upload(upload, digest, size);
+        // Only once its files are gone: until then its place in the table keeps anyone
+        // from resuming it (and writing to a file being published).
         self.uploads.lock().expect("uploads").remove(&upload.id);
+        finished
+    }
+
+    fn commit_upload(
+        &self,
+        upload: &mut Upload,
+        digest: &Digest,
+        size: Option<u64>,
+    ) -> Result<u64, RegistryError> {
         let Some(writer) = upload.writer.take() else {
             upload.end();
             return Err(RegistryError::UploadUnknown(upload.id.clone()));
@@ -335,8 +351,8 @@ impl Registry {
 
     /// Cancels `upload`, removing what it received and its state (blocking).
     pub fn cancel_upload(&self, upload: &mut Upload) {
-        self.uploads.lock().expect("uploads").remove(&upload.id);
         upload.end();
+        self.uploads.lock().expect("uploads").remove(&upload.id);
     }
 
     /// Removes the uploads idle for longer than the upload timeout, with their files:
@@ -360,13 +376,14 @@ impl Registry {
         });
         let removed = before - uploads.len();
         drop(uploads);
-        removed + self.expire_persisted(timeout)
+        removed + self.expire_persisted()
     }
 
     /// Removes the persisted uploads not in progress here whose last acknowledged
-    /// activity is older than `timeout`, and leftovers older than it: an upload file
-    /// without a state (a crash while starting) and temporary state files.
-    fn expire_persisted(&self, timeout: Duration) -> usize {
+    /// activity is older than the upload timeout, and leftovers older than it: an upload
+    /// file without a state (a crash while starting) and temporary state files.
+    fn expire_persisted(&self) -> usize {
+        let timeout = self.options.upload_timeout;
         let dir = self.store.blobs.uploads_dir();
         let entries = match std::fs::read_dir(&dir) {
             Ok(entries) => entries,

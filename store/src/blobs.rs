@@ -459,8 +459,8 @@ impl StoredBlob {
 fn map_readonly(file: &File) -> Result<memmap2::Mmap, StoreError> {
     // SAFETY: the mapping is undefined behaviour only if the file is modified or
     // truncated while mapped. Published blob files never are: they are written under
-    // tmp/, verified, renamed into place and afterwards only ever unlinked, which leaves
-    // existing mappings intact.
+    // tmp/ or uploads/ (where alone a writer truncates them), verified, renamed into
+    // place, and afterwards only ever unlinked, which leaves existing mappings intact.
     Ok(unsafe { memmap2::Mmap::map(file)? })
 }
 
