@@ -10,7 +10,7 @@ use bytes::{Bytes, BytesMut};
 use pingora::protocols::http::ServerSession;
 
 use berth_cache::BlobSource;
-use berth_registry::{Page, Registry, RegistryError, Upload, MAX_MANIFEST_BYTES};
+use berth_registry::{Page, Registry, RegistryError, SharedUpload, Upload, MAX_MANIFEST_BYTES};
 use berth_store::oci::{Digest, Reference, OCI_INDEX};
 
 use berth_config::access::Action;
@@ -96,12 +96,17 @@ impl App {
             }
             (Endpoint::Uploads, "POST") => self.post_upload(session, req, who, repo).await,
             (Endpoint::Upload(id), "GET") => {
-                let upload = self.registry.upload(repo, id).map_err(api)?;
-                let offset = upload.lock().await.offset();
-                Ok(send_head(session, 204, upload_headers(repo, id, offset), 0, None).await)
+                let upload = self.find_upload(repo, id).await?;
+                let upload = upload.lock_owned().await;
+                upload.received().map_err(api)?;
+                let upload = self.acknowledge_received(upload).await?;
+                let headers = upload_headers(repo, id, upload.offset());
+                drop(upload);
+                Ok(send_head(session, 204, headers, 0, None).await)
             }
             (Endpoint::Upload(id), "PATCH") => {
                 let upload = self.receive_chunk(session, req, repo, id).await?;
+                let upload = self.acknowledge(upload).await?;
                 let headers = upload_headers(repo, id, upload.offset());
                 drop(upload);
                 Ok(send_head(session, 202, headers, 0, None).await)
@@ -113,7 +118,7 @@ impl App {
                 Ok(blob_created(session, repo, &digest).await)
             }
             (Endpoint::Upload(id), "DELETE") => {
-                let upload = self.registry.upload(repo, id).map_err(api)?;
+                let upload = self.find_upload(repo, id).await?;
                 self.cancel(upload.lock_owned().await).await;
                 Ok(send_head(session, 204, Vec::new(), 0, None).await)
             }
@@ -142,6 +147,43 @@ impl App {
         }
     }
 
+    /// Upload `id` of `repo`, resumed from the store if this process does not have it
+    /// (on the blocking pool: that reads the upload's bytes again).
+    async fn find_upload(&self, repo: &str, id: &str) -> Result<SharedUpload, ApiError> {
+        let (repo, id) = (repo.to_owned(), id.to_owned());
+        self.blocking(move |r| r.upload(&repo, &id)).await
+    }
+
+    /// Persists where `upload` stands (on the blocking pool) before the client is told,
+    /// so that after a restart it resumes there. A failure is logged, not answered: the
+    /// upload in memory is intact, and an error would have the client send again bytes
+    /// the upload already holds.
+    async fn acknowledge(&self, mut upload: LockedUpload) -> Result<LockedUpload, ApiError> {
+        let (upload, done) = tokio::task::spawn_blocking(move || {
+            let done = upload.acknowledge();
+            (upload, done)
+        })
+        .await
+        .map_err(task_failed)?;
+        if let Err(e) = done {
+            tracing::warn!(
+                upload = upload.id(),
+                error = %e,
+                "an upload's progress was not persisted: after a restart it would resume from an earlier offset"
+            );
+        }
+        Ok(upload)
+    }
+
+    /// [`Self::acknowledge`], if `upload` holds bytes not acknowledged yet (a chunk cut
+    /// short), before an answer reports its offset.
+    async fn acknowledge_received(&self, upload: LockedUpload) -> Result<LockedUpload, ApiError> {
+        if upload.is_acknowledged() {
+            return Ok(upload);
+        }
+        self.acknowledge(upload).await
+    }
+
     /// Appends the request body (a chunk, possibly empty) to upload `id`, checking that
     /// its `Content-Range`, if any, continues the upload. Returns the upload, locked.
     async fn receive_chunk(
@@ -151,13 +193,15 @@ impl App {
         repo: &str,
         id: &str,
     ) -> Result<LockedUpload, ApiError> {
-        let upload = self.registry.upload(repo, id).map_err(api)?;
+        let upload = self.find_upload(repo, id).await?;
         let upload = upload.lock_owned().await;
+        upload.received().map_err(api)?;
         let range = content_range(req).inspect_err(|_| session.set_keepalive(None))?;
         if let Some(range) = range {
-            upload
-                .check_chunk_start(range.start)
-                .map_err(|e| chunk_error(e, repo, id))?;
+            if let Err(e) = upload.check_chunk_start(range.start) {
+                self.acknowledge_received(upload).await?;
+                return Err(chunk_error(e, repo, id));
+            }
         }
         // What the headers announce must fit before any of it is read.
         let announced = range
@@ -167,6 +211,7 @@ impl App {
         let upload = self.read_body_into(session, upload, false).await?;
         if let Some(ChunkRange { start, end }) = range {
             if upload.offset() != end {
+                let upload = self.acknowledge_received(upload).await?;
                 let e = ApiError::new(
                     Code::ChunkOutOfOrder,
                     format!(

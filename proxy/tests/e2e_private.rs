@@ -203,10 +203,10 @@ async fn chunked_uploads_resume_and_refuse_what_does_not_fit() {
                     .await;
                 assert_eq!(status, 404, "{d} was published");
             }
-            let tmp = std::fs::read_dir(berth.store_dir().join("tmp"))
+            let left = std::fs::read_dir(berth.store_dir().join("uploads"))
                 .unwrap()
                 .count();
-            assert_eq!(tmp, 0, "a failed upload left its bytes in tmp/");
+            assert_eq!(left, 0, "a failed upload left its files in uploads/");
 
             // A cancelled upload.
             let loc = start("team/chunks").await;
@@ -744,11 +744,11 @@ async fn abandoned_uploads_are_removed_after_the_upload_timeout() {
                 .await
                 .unwrap();
             assert_eq!(r.status().as_u16(), 202);
-            let tmp = berth.store_dir().join("tmp");
+            let uploads = berth.store_dir().join("uploads");
             assert_eq!(
-                std::fs::read_dir(&tmp).unwrap().count(),
-                1,
-                "the upload's file"
+                std::fs::read_dir(&uploads).unwrap().count(),
+                2,
+                "the upload's file and state"
             );
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
             loop {
@@ -764,9 +764,9 @@ async fn abandoned_uploads_are_removed_after_the_upload_timeout() {
                 tokio::time::sleep(std::time::Duration::from_millis(250)).await;
             }
             assert_eq!(
-                std::fs::read_dir(&tmp).unwrap().count(),
+                std::fs::read_dir(&uploads).unwrap().count(),
                 0,
-                "its file stayed"
+                "its files stayed"
             );
         },
     )
@@ -783,6 +783,134 @@ async fn start_upload(http: &reqwest::Client, berth: &Berth, repo: &str) -> Stri
     assert_eq!(r.status().as_u16(), 202, "POST uploads of {repo}");
     let loc = header_str(r.headers(), "location").unwrap();
     format!("{}{loc}", berth.url())
+}
+
+/// An upload in progress survives berth being killed (SIGKILL): after the restart the
+/// client asks where it stands on the upload URL it has, sends the rest and closes it.
+/// The chunk that was arriving when berth died is not part of the resumed upload.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_upload_in_progress_resumes_after_sigkill() {
+    within(120, "an_upload_in_progress_resumes_after_sigkill", async {
+        const MIB: usize = 1 << 20;
+        let mut berth = Berth::start(&[]).await;
+        let http = berth.client.clone();
+        let bytes = random_bytes(77, 3 * MIB);
+        let digest = digest_of(&bytes);
+
+        let r = http
+            .post(format!("{}/v2/team/resume/blobs/uploads/", berth.url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 202);
+        let loc = header_str(r.headers(), "location").unwrap().to_owned();
+        let uuid = header_str(r.headers(), "docker-upload-uuid")
+            .unwrap()
+            .to_owned();
+        let r = http
+            .patch(format!("{}{loc}", berth.url()))
+            .header("Content-Type", "application/octet-stream")
+            .header("Content-Range", format!("0-{}", MIB - 1))
+            .body(bytes[..MIB].to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 202);
+        let first = format!("0-{}", MIB - 1);
+        assert_eq!(header_str(r.headers(), "range"), Some(first.as_str()));
+
+        // The next chunk is half received (a piece of it written) when berth dies.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Vec<u8>>(4);
+        let body = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|c| (Ok::<_, std::io::Error>(c), rx))
+        });
+        let stalled = tokio::spawn(
+            http.patch(format!("{}{loc}", berth.url()))
+                .header("Content-Type", "application/octet-stream")
+                .body(reqwest::Body::wrap_stream(body))
+                .send(),
+        );
+        tx.send(bytes[MIB..MIB * 5 / 2].to_vec()).await.unwrap();
+        // The largest partial file in the store, wherever its layout keeps uploads.
+        let largest_partial = || {
+            ["uploads", "tmp"]
+                .iter()
+                .filter_map(|d| std::fs::read_dir(berth.store_dir().join(d)).ok())
+                .flatten()
+                .filter_map(|e| e.ok()?.metadata().ok())
+                .map(|m| m.len())
+                .max()
+                .unwrap_or(0)
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while largest_partial() < 2 * MIB as u64 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the second chunk never reached the upload's file"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        berth.kill();
+        let _ = stalled.await;
+        drop(tx);
+        berth.restart().await;
+
+        // Where does it stand? Exactly the acknowledged chunk.
+        let r = http
+            .get(format!("{}{loc}", berth.url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 204, "{:?}", r.text().await);
+        assert_eq!(header_str(r.headers(), "range"), Some(first.as_str()));
+        assert_eq!(
+            header_str(r.headers(), "docker-upload-uuid"),
+            Some(uuid.as_str())
+        );
+        assert_eq!(header_str(r.headers(), "location"), Some(loc.as_str()));
+        let file = berth.store_dir().join("uploads").join(&uuid);
+        assert_eq!(std::fs::metadata(&file).unwrap().len(), MIB as u64);
+        let r = http
+            .patch(format!("{}{loc}", berth.url()))
+            .header("Content-Type", "application/octet-stream")
+            .header("Content-Range", format!("{MIB}-{}", 3 * MIB - 1))
+            .body(bytes[MIB..].to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 202);
+        let all = format!("0-{}", 3 * MIB - 1);
+        assert_eq!(header_str(r.headers(), "range"), Some(all.as_str()));
+        let r = http
+            .put(format!("{}{loc}?digest={digest}", berth.url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 201, "{:?}", r.text().await);
+        assert_eq!(
+            header_str(r.headers(), "docker-content-digest"),
+            Some(digest.as_str())
+        );
+        let (status, _, body) = berth
+            .fetch(&format!("/v2/team/resume/blobs/{digest}"), &[])
+            .await;
+        assert_eq!(status, 200);
+        assert_eq!(digest_of(&body), digest);
+        let r = http
+            .get(format!("{}{loc}", berth.url()))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 404);
+        assert_eq!(
+            std::fs::read_dir(berth.store_dir().join("uploads"))
+                .unwrap()
+                .count(),
+            0,
+            "the finished upload left files"
+        );
+    })
+    .await;
 }
 
 /// A push acknowledged with 201 is there after berth is killed (SIGKILL) right after:
@@ -961,7 +1089,7 @@ async fn uploads_over_max_upload_size_are_refused_and_removed() {
             let config = "[server]\nmax_upload_size = \"4KiB\"\n";
             let berth = Berth::start_with_config(config, &[]).await;
             let http = reqwest::Client::new();
-            let tmp = berth.store_dir().join("tmp");
+            let uploads = berth.store_dir().join("uploads");
             let fits = Blob::new("application/octet-stream", random_bytes(96, 4096));
             let over = Blob::new("application/octet-stream", random_bytes(97, 4097));
             let refused = |r: reqwest::Response, what: &'static str| async move {
@@ -1013,7 +1141,11 @@ async fn uploads_over_max_upload_size_are_refused_and_removed() {
                 .unwrap();
             refused(r, "streamed PUT").await;
             assert_eq!(http.get(&loc).send().await.unwrap().status().as_u16(), 404);
-            assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "bytes stayed");
+            assert_eq!(
+                std::fs::read_dir(&uploads).unwrap().count(),
+                0,
+                "bytes stayed"
+            );
             let (status, _, _) = berth
                 .fetch(&format!("/v2/team/big/blobs/{}", over.digest), &[])
                 .await;

@@ -19,6 +19,7 @@ mod error;
 mod gc;
 pub mod manifest;
 pub mod retention;
+mod sidecar;
 mod upload;
 
 use std::collections::HashMap;

@@ -27,11 +27,44 @@ pub(crate) fn image_manifest(
     ))
 }
 
+/// Whether no upload or partial blob left a file in the store.
 fn tmp_is_empty(dir: &tempfile::TempDir) -> bool {
-    std::fs::read_dir(dir.path().join("tmp"))
+    upload_files(dir.path()).is_empty()
+        && std::fs::read_dir(dir.path().join("tmp"))
+            .unwrap()
+            .next()
+            .is_none()
+}
+
+/// The names of the files in the store's `uploads/`, sorted.
+fn upload_files(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir.join("uploads"))
         .unwrap()
-        .next()
-        .is_none()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    names
+}
+
+/// A registry on the store at `dir` (as a restarted berth opens it).
+fn reopen(dir: &std::path::Path, options: Options) -> Registry {
+    Registry::new(Arc::new(Store::open(dir).unwrap()), options)
+}
+
+/// Starts an upload into `repo`, writes and acknowledges each of `chunks`, and drops the
+/// registry, as a restart would; the upload's id.
+async fn persisted_upload(r: Registry, repo: &str, chunks: &[&[u8]]) -> String {
+    let upload = r.start_upload(repo).unwrap();
+    let mut u = upload.lock().await;
+    for chunk in chunks {
+        u.write(chunk).unwrap();
+        u.acknowledge().unwrap();
+    }
+    u.id().to_owned()
+}
+
+fn is_unknown<T>(r: Result<T, RegistryError>) -> bool {
+    matches!(r, Err(RegistryError::UploadUnknown(_)))
 }
 
 #[tokio::test]
@@ -607,4 +640,282 @@ async fn gc_reads_a_manifest_as_each_repository_pushed_it() {
     assert!(report.unreadable_manifests.is_empty(), "{report:?}");
     assert_eq!(r.blob_size("b/two", &layer).unwrap(), 5, "{report:?}");
     assert_eq!(r.blob_size("b/two", &config).unwrap(), 2, "{report:?}");
+}
+
+#[tokio::test]
+async fn an_upload_resumes_after_a_restart_and_publishes_the_right_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = reopen(dir.path(), Options::default());
+    let id = persisted_upload(r, "team/app", &[b"first ", b"second "]).await;
+    assert_eq!(upload_files(dir.path()), [id.clone(), format!("{id}.json")]);
+
+    let r = reopen(dir.path(), Options::default());
+    assert_eq!(r.uploads_in_progress(), 0, "nothing is restored eagerly");
+    let upload = r.upload("team/app", &id).unwrap();
+    assert_eq!(r.uploads_in_progress(), 1);
+    let mut u = upload.lock().await;
+    assert_eq!(u.received().unwrap(), 13);
+    assert!(u.is_acknowledged());
+    assert!(matches!(
+        u.check_chunk_start(6),
+        Err(RegistryError::ChunkOutOfOrder {
+            expected: 13,
+            got: 6
+        })
+    ));
+    u.check_chunk_start(13).unwrap();
+    u.write(b"third").unwrap();
+    let d = Digest::sha256_of(b"first second third");
+    assert_eq!(r.finish_upload(&mut u, &d, Some(18)).unwrap(), 18);
+    drop(u);
+    assert_eq!(r.blob_size("team/app", &d).unwrap(), 18);
+    let blob = r.blob("team/app", &d).unwrap();
+    assert_eq!(&blob.map().unwrap()[..], b"first second third");
+    assert!(tmp_is_empty(&dir), "the finished upload left files");
+    assert!(is_unknown(r.upload("team/app", &id)));
+    drop(upload);
+    drop(blob);
+    drop(r);
+    assert!(is_unknown(
+        reopen(dir.path(), Options::default()).upload("team/app", &id)
+    ));
+}
+
+#[tokio::test]
+async fn a_chunk_cut_off_half_way_is_not_part_of_the_resumed_upload() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = reopen(dir.path(), Options::default());
+    let upload = r.start_upload("team/app").unwrap();
+    let id = {
+        let mut u = upload.lock().await;
+        u.write(b"kept").unwrap();
+        u.acknowledge().unwrap();
+        // A chunk whose request failed half-way: received, never acknowledged...
+        u.write(b"half of a ch").unwrap();
+        assert!(!u.is_acknowledged());
+        u.id().to_owned()
+    };
+    drop(upload);
+    drop(r);
+    // ... and the torn end of a write the crash interrupted, which was never hashed.
+    let data = dir.path().join("uploads").join(&id);
+    let mut f = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&data)
+        .unwrap();
+    std::io::Write::write_all(&mut f, b"torn").unwrap();
+    drop(f);
+
+    let r = reopen(dir.path(), Options::default());
+    let upload = r.upload("team/app", &id).unwrap();
+    let mut u = upload.lock().await;
+    assert_eq!(u.received().unwrap(), 4);
+    assert_eq!(std::fs::metadata(&data).unwrap().len(), 4);
+    u.write(b" and the rest").unwrap();
+    let d = Digest::sha256_of(b"kept and the rest");
+    assert!(matches!(
+        r.finish_upload(
+            &mut u,
+            &Digest::sha256_of(b"kepthalf of a ch and the rest"),
+            None
+        ),
+        Err(RegistryError::DigestInvalid(_))
+    ));
+    assert!(tmp_is_empty(&dir), "a refused upload left files");
+    assert!(r.blob("team/app", &d).is_err());
+
+    // Again, finishing with the right digest.
+    drop(u);
+    drop(upload);
+    drop(r);
+    let r = reopen(dir.path(), Options::default());
+    let upload = r.start_upload("team/app").unwrap();
+    let id = {
+        let mut u = upload.lock().await;
+        u.write(b"kept").unwrap();
+        u.acknowledge().unwrap();
+        u.write(b"lost").unwrap();
+        u.id().to_owned()
+    };
+    drop(upload);
+    drop(r);
+    let r = reopen(dir.path(), Options::default());
+    let upload = r.upload("team/app", &id).unwrap();
+    let mut u = upload.lock().await;
+    u.write(b" and the rest").unwrap();
+    r.finish_upload(&mut u, &d, Some(17)).unwrap();
+    assert_eq!(
+        &r.blob("team/app", &d).unwrap().map().unwrap()[..],
+        b"kept and the rest"
+    );
+}
+
+#[tokio::test]
+async fn persisted_uploads_expire_from_their_last_acknowledged_activity() {
+    let dir = tempfile::tempdir().unwrap();
+    let timeout = Duration::from_millis(400);
+    let options = Options {
+        upload_timeout: timeout,
+        ..Options::default()
+    };
+    let old = persisted_upload(reopen(dir.path(), options.clone()), "e/app", &[b"old"]).await;
+    let old_again =
+        persisted_upload(reopen(dir.path(), options.clone()), "e/app", &[b"old too"]).await;
+    // An upload file whose state was never written (a crash while starting).
+    let orphan = "0123456789abcdef0123456789abcdef";
+    std::fs::write(dir.path().join("uploads").join(orphan), b"x").unwrap();
+    tokio::time::sleep(timeout + Duration::from_millis(100)).await;
+    let fresh = persisted_upload(reopen(dir.path(), options.clone()), "e/app", &[b"new"]).await;
+
+    let r = reopen(dir.path(), options);
+    let live = r.start_upload("e/app").unwrap();
+    let live_id = live.lock().await.id().to_owned();
+    // Expired: not resumed, though its files are still there until the sweep.
+    assert!(is_unknown(r.upload("e/app", &old)));
+    assert_eq!(r.uploads_in_progress(), 1);
+    assert!(upload_files(dir.path()).contains(&old));
+    assert_eq!(r.expire_uploads(), 3, "{:?}", upload_files(dir.path()));
+    let mut left = vec![
+        fresh.clone(),
+        format!("{fresh}.json"),
+        live_id.clone(),
+        format!("{live_id}.json"),
+    ];
+    left.sort();
+    assert_eq!(upload_files(dir.path()), left);
+    for id in [&old, &old_again, &orphan.to_owned()] {
+        assert!(is_unknown(r.upload("e/app", id)));
+    }
+    let resumed = r.upload("e/app", &fresh).unwrap();
+    assert_eq!(resumed.lock().await.received().unwrap(), 3);
+    assert_eq!(r.expire_uploads(), 0);
+}
+
+#[tokio::test]
+async fn another_repository_cannot_resume_an_upload() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = persisted_upload(
+        reopen(dir.path(), Options::default()),
+        "team/app",
+        &[b"mine"],
+    )
+    .await;
+    let r = reopen(dir.path(), Options::default());
+    assert!(is_unknown(r.upload("team/other", &id)));
+    assert_eq!(r.uploads_in_progress(), 0);
+    assert_eq!(upload_files(dir.path()).len(), 2, "the refusal touched it");
+    let upload = r.upload("team/app", &id).unwrap();
+    assert_eq!(upload.lock().await.received().unwrap(), 4);
+    assert!(is_unknown(r.upload("team/other", &id)));
+    for bad in ["../../meta", "", &id[..31], &format!("{id}.json")] {
+        assert!(is_unknown(r.upload("team/app", bad)), "{bad:?}");
+    }
+}
+
+#[tokio::test]
+async fn cancelling_a_resumed_upload_removes_its_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = persisted_upload(
+        reopen(dir.path(), Options::default()),
+        "team/app",
+        &[b"abc"],
+    )
+    .await;
+    let r = reopen(dir.path(), Options::default());
+    let upload = r.upload("team/app", &id).unwrap();
+    r.cancel_upload(&mut *upload.lock().await);
+    assert!(tmp_is_empty(&dir), "{:?}", upload_files(dir.path()));
+    assert!(is_unknown(r.upload("team/app", &id)));
+    assert!(upload.lock().await.received().is_err());
+    drop(upload);
+    drop(r);
+    assert!(is_unknown(
+        reopen(dir.path(), Options::default()).upload("team/app", &id)
+    ));
+}
+
+#[tokio::test]
+async fn resumed_uploads_count_against_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options {
+        max_uploads: 1,
+        ..Options::default()
+    };
+    let id = persisted_upload(reopen(dir.path(), options.clone()), "team/app", &[b"x"]).await;
+    let r = reopen(dir.path(), options);
+    let other = r.start_upload("team/app").unwrap();
+    assert!(matches!(
+        r.upload("team/app", &id),
+        Err(RegistryError::TooManyUploads { limit: 1 })
+    ));
+    r.cancel_upload(&mut *other.lock().await);
+    r.upload("team/app", &id).unwrap();
+    assert!(matches!(
+        r.start_upload("team/app"),
+        Err(RegistryError::TooManyUploads { limit: 1 })
+    ));
+}
+
+/// Many requests for the same persisted upload at once: one resumes it, all get it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_lookups_resume_an_upload_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let chunk = vec![5u8; 1 << 20];
+    let id = persisted_upload(
+        reopen(dir.path(), Options::default()),
+        "team/app",
+        &[&chunk, &chunk, &chunk],
+    )
+    .await;
+    let r = Arc::new(reopen(dir.path(), Options::default()));
+    let lookups: Vec<_> = (0..8)
+        .map(|_| {
+            let (r, id) = (r.clone(), id.clone());
+            tokio::task::spawn_blocking(move || r.upload("team/app", &id).unwrap())
+        })
+        .collect();
+    let mut found = Vec::new();
+    for l in lookups {
+        found.push(l.await.unwrap());
+    }
+    assert!(found.iter().all(|u| Arc::ptr_eq(u, &found[0])));
+    assert_eq!(found[0].lock().await.received().unwrap(), 3 << 20);
+    assert_eq!(r.uploads_in_progress(), 1);
+}
+
+/// A lookup while an upload is being finished finds that upload, ended once it is done:
+/// it never resumes a second session on the file being published.
+#[test]
+fn an_upload_being_finished_is_not_resumed_meanwhile() {
+    let (_dir, r) = registry();
+    let r = Arc::new(r);
+    let upload = r.start_upload("team/app").unwrap();
+    let id = {
+        let mut u = upload.blocking_lock();
+        u.write(b"acknowledged").unwrap();
+        u.acknowledge().unwrap();
+        u.write(b" and not yet").unwrap();
+        u.id().to_owned()
+    };
+    let d = Digest::sha256_of(b"acknowledged and not yet");
+    // The finisher takes the upload, then waits in `finish_upload` for this lock.
+    let removal = r.store.removal_lock.write().unwrap();
+    let finisher = {
+        let (r, upload, d) = (r.clone(), upload.clone(), d.clone());
+        std::thread::spawn(move || r.finish_upload(&mut upload.blocking_lock(), &d, None))
+    };
+    while upload.try_lock().is_ok() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let found = r.upload("team/app", &id).unwrap();
+    assert!(Arc::ptr_eq(&found, &upload), "a second session was resumed");
+    drop(removal);
+    assert_eq!(finisher.join().unwrap().unwrap(), 24);
+    assert_eq!(
+        &r.blob("team/app", &d).unwrap().map().unwrap()[..],
+        b"acknowledged and not yet"
+    );
+    assert!(found.blocking_lock().received().is_err());
+    assert!(is_unknown(r.upload("team/app", &id)));
 }

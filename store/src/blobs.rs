@@ -5,6 +5,10 @@
 //!   its digest;
 //! - `tmp/`: blobs being written. Nothing under `tmp/` is ever served from its path, and
 //!   whatever a crash left there is removed when the store is opened.
+//! - `uploads/`: the files of push uploads in progress ([`BlobStore::upload_file`]), kept
+//!   across restarts so that a client can resume; never served from their path, and
+//!   removed only by their owner (the registry, which also keeps its own small state
+//!   files there).
 //!
 //! The invariant: a file exists under `blobs/` only if its bytes were hashed while they
 //! were written and matched the digest that names it (see [`BlobWriter::commit`]).
@@ -20,7 +24,8 @@
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -45,6 +50,9 @@ pub struct BlobStore {
 
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
+/// The directory of uploads in progress, under the store root.
+const UPLOADS: &str = "uploads";
+
 /// Space the store holds back in files of its own, for a full disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reserve {
@@ -65,9 +73,11 @@ impl Reserve {
 
 impl BlobStore {
     /// Opens (creating if needed) the blob directories under `root` and removes any
-    /// partially written blob a previous process left behind.
+    /// partially written blob a previous process left behind in `tmp/` (`uploads/` is
+    /// left alone).
     pub fn open(root: &Path) -> Result<Self, StoreError> {
         fs::create_dir_all(root.join("blobs"))?;
+        fs::create_dir_all(root.join(UPLOADS))?;
         let tmp = root.join("tmp");
         if tmp.exists() {
             for entry in fs::read_dir(&tmp)? {
@@ -145,7 +155,11 @@ impl BlobStore {
             expected: expected.clone(),
             written: 0,
             committed: false,
+            keep: false,
+            broken: false,
             delta: self.delta.clone(),
+            #[cfg(test)]
+            fail_after: None,
         })
     }
 
@@ -158,6 +172,79 @@ impl BlobStore {
         let mut w = self.writer(&unnamed)?;
         w.dest = PathBuf::new();
         Ok(w)
+    }
+
+    /// The directory of uploads in progress (`<root>/uploads`), which survives restarts.
+    pub fn uploads_dir(&self) -> PathBuf {
+        self.root.join(UPLOADS)
+    }
+
+    /// Starts the upload file `uploads/<name>` (`name` a plain file name that is not there
+    /// yet): like [`upload`](Self::upload), but the file outlives the writer and the
+    /// process. Dropping the writer leaves it in place (to be resumed with
+    /// [`resume_upload_file`](Self::resume_upload_file)); only
+    /// [`BlobWriter::discard`] or a commit attempt removes it.
+    pub fn upload_file(&self, name: &str) -> Result<BlobWriter, StoreError> {
+        let path = self.upload_path(name)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        Ok(self.upload_writer(file, path))
+    }
+
+    /// Resumes the upload file `uploads/<name>` after its first `len` bytes: anything
+    /// after them is cut off, and the sha256 state is rebuilt by reading those `len` bytes
+    /// again (the hash state cannot be saved), so resuming costs one sequential read of
+    /// the bytes kept. `None` if the file is not there or holds fewer than `len` bytes.
+    pub fn resume_upload_file(
+        &self,
+        name: &str,
+        len: u64,
+    ) -> Result<Option<BlobWriter>, StoreError> {
+        let path = self.upload_path(name)?;
+        let file = match OpenOptions::new().read(true).write(true).open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        if file.metadata()?.len() < len {
+            return Ok(None);
+        }
+        let mut w = self.upload_writer(file, path);
+        w.truncate(len)?;
+        Ok(Some(w))
+    }
+
+    fn upload_path(&self, name: &str) -> Result<PathBuf, StoreError> {
+        let plain = !name.is_empty() && !name.starts_with('.') && !name.contains('/');
+        if !plain {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{name:?} is not a plain file name"),
+            )
+            .into());
+        }
+        Ok(self.uploads_dir().join(name))
+    }
+
+    fn upload_writer(&self, file: File, path: PathBuf) -> BlobWriter {
+        BlobWriter {
+            file,
+            tmp: path,
+            // Named by `commit_as`.
+            dest: PathBuf::new(),
+            hasher: Some(Hasher::new(crate::oci::Algorithm::Sha256)),
+            expected: Digest::sha256_of(b""),
+            written: 0,
+            committed: false,
+            keep: true,
+            broken: false,
+            delta: self.delta.clone(),
+            #[cfg(test)]
+            fail_after: None,
+        }
     }
 
     /// Every published blob: its digest, size and when it was published.
@@ -372,18 +459,20 @@ impl StoredBlob {
 fn map_readonly(file: &File) -> Result<memmap2::Mmap, StoreError> {
     // SAFETY: the mapping is undefined behaviour only if the file is modified or
     // truncated while mapped. Published blob files never are: they are written under
-    // tmp/, verified, renamed into place and afterwards only ever unlinked, which leaves
-    // existing mappings intact.
+    // tmp/ or uploads/ (where alone a writer truncates them), verified, renamed into
+    // place, and afterwards only ever unlinked, which leaves existing mappings intact.
     Ok(unsafe { memmap2::Mmap::map(file)? })
 }
 
 /// A blob being written.
 ///
-/// Contract: every byte passed to [`write`](Self::write) is hashed as it is written;
+/// Contract: every byte passed to [`write`](Self::write) is hashed as it is written, and
+/// the file holds exactly the bytes hashed (a failed write is cut off again);
 /// [`commit`](Self::commit) syncs the file, checks size and digest, and publishes it with
 /// an atomic rename, so a reader of the published path never sees a partial or wrong
 /// blob. Dropping a writer that was not committed (including after a failed commit)
-/// deletes its temporary file.
+/// deletes its temporary file, except the file of an upload ([`BlobStore::upload_file`]),
+/// which stays until it is discarded or a commit is attempted.
 #[derive(Debug)]
 pub struct BlobWriter {
     file: File,
@@ -393,18 +482,85 @@ pub struct BlobWriter {
     expected: Digest,
     written: u64,
     committed: bool,
+    /// The file outlives the writer (an upload's).
+    keep: bool,
+    /// A failed write could not be cut off: the file is not what was hashed.
+    broken: bool,
     delta: Arc<AtomicI64>,
+    /// Test hook: the next write stores this many of its bytes, then fails.
+    #[cfg(test)]
+    fail_after: Option<usize>,
 }
 
 impl BlobWriter {
-    /// Appends `bytes`.
+    /// Appends `bytes`. On an error, whatever part of them reached the file is cut off
+    /// again, and the writer stands where it stood before the call; if even that fails,
+    /// it is [broken](Self::is_broken) and takes no more.
     pub fn write(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
-        self.file.write_all(bytes)?;
+        if self.broken {
+            return Err(broken());
+        }
+        if let Err(e) = self.write_file(bytes) {
+            let cut = self
+                .file
+                .set_len(self.written)
+                .and_then(|()| self.file.seek(SeekFrom::Start(self.written)));
+            if cut.is_err() {
+                self.broken = true;
+            }
+            return Err(e.into());
+        }
         if let Some(h) = self.hasher.as_mut() {
             h.update(bytes);
         }
         self.written += bytes.len() as u64;
         Ok(())
+    }
+
+    fn write_file(&mut self, bytes: &[u8]) -> io::Result<()> {
+        #[cfg(test)]
+        if let Some(n) = self.fail_after.take() {
+            self.file.write_all(&bytes[..n.min(bytes.len())])?;
+            return Err(io::Error::other("injected write failure"));
+        }
+        self.file.write_all(bytes)
+    }
+
+    /// Whether a failed write left bytes in the file that could not be cut off: the
+    /// writer refuses to write or commit.
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    /// Cuts the file back to its first `len` bytes (at most what it holds) and goes on
+    /// writing after them. The hash state is rebuilt by reading those bytes again.
+    pub fn truncate(&mut self, len: u64) -> Result<(), StoreError> {
+        let len = len.min(self.file.metadata()?.len());
+        self.file.set_len(len)?;
+        let mut hasher = Hasher::new(self.expected.algorithm());
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = 0;
+        while at < len {
+            let n = (len - at).min(buf.len() as u64) as usize;
+            self.file.read_exact_at(&mut buf[..n], at)?;
+            hasher.update(&buf[..n]);
+            at += n as u64;
+        }
+        self.file.seek(SeekFrom::Start(len))?;
+        self.hasher = Some(hasher);
+        self.written = len;
+        self.broken = false;
+        Ok(())
+    }
+
+    /// Flushes the bytes written so far to disk (before telling a client they are kept).
+    pub fn sync(&self) -> Result<(), StoreError> {
+        Ok(self.file.sync_data()?)
+    }
+
+    /// Removes the file, an upload's too.
+    pub fn discard(mut self) {
+        self.keep = false;
     }
 
     /// How many bytes have been written so far.
@@ -428,6 +584,11 @@ impl BlobWriter {
         digest: &Digest,
         expected_size: Option<u64>,
     ) -> Result<u64, StoreError> {
+        // Whatever happens now, an upload's file is published or removed.
+        self.keep = false;
+        if self.broken {
+            return Err(broken());
+        }
         if digest.algorithm() != self.expected.algorithm() {
             let mut hasher = Hasher::new(digest.algorithm());
             let mut reader = File::open(&self.tmp)?;
@@ -458,6 +619,9 @@ impl BlobWriter {
         expected_size: Option<u64>,
         durable: Option<&BlobStore>,
     ) -> Result<u64, StoreError> {
+        if self.broken {
+            return Err(broken());
+        }
         if let Some(size) = expected_size {
             if size != self.written {
                 return Err(StoreError::SizeMismatch {
@@ -502,9 +666,13 @@ impl BlobWriter {
     }
 }
 
+fn broken() -> StoreError {
+    io::Error::other("an earlier write failed and could not be undone").into()
+}
+
 impl Drop for BlobWriter {
     fn drop(&mut self) {
-        if !self.committed {
+        if !self.committed && !self.keep {
             let _ = fs::remove_file(&self.tmp);
         }
     }
@@ -663,6 +831,75 @@ mod tests {
         assert_eq!(s.bytes_delta(), 0);
         let (available, total) = s.filesystem().unwrap();
         assert!(total > 0 && available <= total);
+    }
+
+    fn uploads(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir.join("uploads"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn an_upload_file_outlives_its_writer_and_the_store_and_resumes() {
+        let (dir, s) = store();
+        let mut w = s.upload_file("u1").unwrap();
+        w.write(b"hello ").unwrap();
+        w.write(b"world, and more").unwrap();
+        drop(w);
+        drop(s);
+        let s = BlobStore::open(dir.path()).unwrap();
+        assert_eq!(uploads(dir.path()), ["u1"], "opening removed the upload");
+        // Resumed after its first 6 bytes: the rest is cut off and the hash rebuilt.
+        let mut w = s.resume_upload_file("u1", 6).unwrap().unwrap();
+        assert_eq!(w.written(), 6);
+        w.write(b"world").unwrap();
+        let d = Digest::sha256_of(b"hello world");
+        assert_eq!(w.commit_as(&s, &d, Some(11)).unwrap(), 11);
+        assert_eq!(s.stat(&d).unwrap(), Some(11));
+        assert!(uploads(dir.path()).is_empty(), "the upload's file stayed");
+        // Gone, or shorter than asked: nothing to resume.
+        assert!(s.resume_upload_file("u1", 0).unwrap().is_none());
+        let mut w = s.upload_file("u2").unwrap();
+        w.write(b"abc").unwrap();
+        drop(w);
+        assert!(s.resume_upload_file("u2", 4).unwrap().is_none());
+        assert!(s.upload_file("u2").is_err(), "an upload file was replaced");
+        for bad in ["", "../u2", "a/b", ".hidden"] {
+            assert!(s.upload_file(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn an_upload_file_goes_with_discard_or_a_failed_commit() {
+        let (dir, s) = store();
+        let mut w = s.upload_file("gone").unwrap();
+        w.write(b"x").unwrap();
+        w.discard();
+        let mut w = s.upload_file("wrong").unwrap();
+        w.write(b"x").unwrap();
+        assert!(w.commit_as(&s, &Digest::sha256_of(b"y"), None).is_err());
+        assert!(uploads(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn a_failed_write_is_cut_off_and_the_writer_goes_on() {
+        let (dir, s) = store();
+        let mut w = s.upload_file("torn").unwrap();
+        w.write(b"kept ").unwrap();
+        w.fail_after = Some(3);
+        assert!(w.write(b"lost bytes").is_err());
+        assert_eq!(w.written(), 5);
+        assert_eq!(fs::read(dir.path().join("uploads/torn")).unwrap(), b"kept ");
+        w.write(b"then these").unwrap();
+        let d = Digest::sha256_of(b"kept then these");
+        assert_eq!(w.commit_as(&s, &d, None).unwrap(), 15);
+        let blob = s.open_blob(&d).unwrap().unwrap();
+        let mut buf = vec![0; 15];
+        blob.file().read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, b"kept then these");
     }
 
     #[test]

@@ -3,7 +3,8 @@
 //! Invariants this crate keeps:
 //! - a blob is visible under its digest only after its bytes were hashed as they were
 //!   written and matched ([`BlobWriter::commit`]); partial writes live under `tmp/` and
-//!   are removed on drop and on open;
+//!   are removed on drop and on open, except push uploads in progress, which live under
+//!   `uploads/` until their owner finishes or removes them ([`BlobStore::upload_file`]);
 //! - metadata is reached only through typed records ([`MetaStore`]); no RocksDB type is
 //!   exposed;
 //! - the shared OCI vocabulary (digests, names, tags, media types) lives in the
