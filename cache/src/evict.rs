@@ -162,6 +162,7 @@ pub(crate) struct Times {
 /// Reads the store and decides what `goal` removes. Blocks.
 pub(crate) fn plan(store: &Store, goal: &Goal, times: &Times) -> Result<Plan, StoreError> {
     let meta = &store.meta;
+    let keep_after = times.keep_after;
     let mut used: HashMap<Id, u64> = HashMap::new();
     meta.visit_last_accesses(|d, t| {
         used.insert(id(&d), t);
@@ -264,12 +265,16 @@ pub(crate) fn plan(store: &Store, goal: &Goal, times: &Times) -> Result<Plan, St
         u.bytes += rec.size;
         u.blobs += 1;
         let own = used.get(&i).copied().unwrap_or(rec.last_access_ms);
-        blobs.push(BlobNode {
-            used: own.max(blob_used.get(&i).copied().unwrap_or(0)),
-            digest,
-            size: rec.size,
-            upstream,
-        });
+        let used = own.max(blob_used.get(&i).copied().unwrap_or(0));
+        // Only what may go is kept in memory: a large store's recent blobs are counted.
+        if used < keep_after || matches!(goal, Goal::Purge { .. }) {
+            blobs.push(BlobNode {
+                used,
+                digest,
+                size: rec.size,
+                upstream,
+            });
+        }
         true
     })?;
 

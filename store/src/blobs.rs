@@ -250,6 +250,19 @@ impl BlobStore {
     /// Every published blob: its digest, size and when it was published.
     pub fn list(&self) -> Result<Vec<(Digest, u64, std::time::SystemTime)>, StoreError> {
         let mut out = Vec::new();
+        self.list_by_shard(|shard| {
+            out.extend(shard);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// [`list`](Self::list), one shard directory (1/256th of the blobs) at a time, so
+    /// that a walk of a large store holds little in memory.
+    pub fn list_by_shard(
+        &self,
+        mut f: impl FnMut(Vec<(Digest, u64, std::time::SystemTime)>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         for algorithm in [crate::oci::Algorithm::Sha256, crate::oci::Algorithm::Sha512] {
             let dir = self.root.join("blobs").join(algorithm.as_str());
             let Ok(shards) = fs::read_dir(&dir) else {
@@ -260,6 +273,7 @@ impl BlobStore {
                 if !shard.file_type()?.is_dir() {
                     continue;
                 }
+                let mut out = Vec::new();
                 for entry in fs::read_dir(shard.path())? {
                     let entry = entry?;
                     let name = entry.file_name();
@@ -271,9 +285,10 @@ impl BlobStore {
                     let meta = entry.metadata()?;
                     out.push((digest, meta.len(), meta.modified()?));
                 }
+                f(out)?;
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Removes a published blob. Removing one that is not there is not an error.

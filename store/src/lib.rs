@@ -161,35 +161,48 @@ impl Store {
     /// never undone. Blocks; reads every file name and record once.
     pub fn reconcile(&self, before: std::time::SystemTime) -> Result<Reconciled, StoreError> {
         let mut done = Reconciled::default();
-        for (digest, _, published) in self.blobs.list()? {
-            if published >= before
-                || self.meta.get_blob(&digest)?.is_some()
-                || self.meta.privately_linked(&digest)?
-            {
-                continue;
-            }
-            let _exclusive = self
-                .removal_lock
-                .write()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if self.meta.get_blob(&digest)?.is_none() && !self.meta.privately_linked(&digest)? {
-                if let Some(freed) = self.blobs.delete_unpinned(&digest)? {
-                    done.orphan_files += 1;
-                    done.bytes_freed += freed;
+        self.blobs.list_by_shard(|shard| {
+            for (digest, _, published) in shard {
+                if published >= before
+                    || self.meta.get_blob(&digest)?.is_some()
+                    || self.meta.privately_linked(&digest)?
+                {
+                    continue;
+                }
+                let _exclusive = self
+                    .removal_lock
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if self.meta.get_blob(&digest)?.is_none() && !self.meta.privately_linked(&digest)? {
+                    if let Some(freed) = self.blobs.delete_unpinned(&digest)? {
+                        done.orphan_files += 1;
+                        done.bytes_freed += freed;
+                    }
                 }
             }
-        }
-        let mut missing = Vec::new();
-        self.meta.visit_cached_blobs(|digest, _| {
-            missing.push(digest);
-            true
+            Ok(())
         })?;
+        // Records whose file is gone, removed in batches as the records are read.
         let mut batch = Batch::default();
-        for digest in missing {
-            if self.blobs.stat(&digest)?.is_none() {
-                batch.delete_cached_blob(&digest);
-                done.records_without_files += 1;
+        let mut failed = None;
+        self.meta.visit_cached_blobs(|digest, _| {
+            match self.blobs.stat(&digest) {
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    batch.delete_cached_blob(&digest);
+                    done.records_without_files += 1;
+                }
+                Err(e) => failed = Some(e),
             }
+            if batch.len() >= 10_000 {
+                if let Err(e) = self.meta.write(std::mem::take(&mut batch)) {
+                    failed = Some(e);
+                }
+            }
+            failed.is_none()
+        })?;
+        if let Some(e) = failed {
+            return Err(e);
         }
         self.meta.write(batch)?;
         Ok(done)

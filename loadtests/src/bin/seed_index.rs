@@ -5,6 +5,8 @@
 //!
 //! - `--recent`: the records were used now (eviction must read past them), not at the
 //!   epoch;
+//! - `--with-files`: each record gets its blob file (8 bytes, written without syncing),
+//!   so that berth's start-up reconciliation keeps it;
 //! - `--files N --file-size BYTES`: also N real blobs of BYTES each, cached a day ago
 //!   (the ones eviction then removes).
 
@@ -19,6 +21,7 @@ struct Args {
     dir: PathBuf,
     count: u64,
     recent: bool,
+    with_files: bool,
     files: u64,
     file_size: usize,
 }
@@ -31,12 +34,14 @@ fn parse() -> Option<Args> {
         dir,
         count,
         recent: false,
+        with_files: false,
         files: 0,
         file_size: 0,
     };
     while let Some(flag) = it.next() {
         match flag.as_str() {
             "--recent" => args.recent = true,
+            "--with-files" => args.with_files = true,
             "--files" => args.files = it.next()?.parse().ok()?,
             "--file-size" => args.file_size = it.next()?.parse().ok()?,
             _ => return None,
@@ -48,7 +53,7 @@ fn parse() -> Option<Args> {
 fn main() -> ExitCode {
     let Some(args) = parse() else {
         eprintln!(
-            "usage: berth-seed-index STORE_DIR COUNT [--recent] [--files N --file-size BYTES]"
+            "usage: berth-seed-index STORE_DIR COUNT [--recent] [--with-files] [--files N --file-size BYTES]"
         );
         return ExitCode::from(2);
     };
@@ -99,10 +104,22 @@ fn main() -> ExitCode {
         }
     };
     for i in 0..args.count {
-        let digest = Digest::sha256_of(&i.to_le_bytes());
+        let content = i.to_le_bytes();
+        let digest = Digest::sha256_of(&content);
         let used = if args.recent { now } else { i };
-        if let Err(e) = meta.record_blob(&digest, 1024 + i % 4096, "docker.io/library/seeded", used)
-        {
+        let mut size = 1024 + i % 4096;
+        if args.with_files {
+            let hex = digest.hex();
+            let shard = args.dir.join("blobs/sha256").join(&hex[..2]);
+            let written = std::fs::create_dir_all(&shard)
+                .and_then(|()| std::fs::write(shard.join(hex), content));
+            if let Err(e) = written {
+                eprintln!("berth-seed-index: file {i}: {e}");
+                return ExitCode::from(1);
+            }
+            size = content.len() as u64;
+        }
+        if let Err(e) = meta.record_blob(&digest, size, "docker.io/library/seeded", used) {
             eprintln!("berth-seed-index: record {i}: {e}");
             return ExitCode::from(1);
         }
