@@ -847,3 +847,49 @@ async fn kill_9_mid_eviction_and_mid_gc_loses_no_push() {
     })
     .await;
 }
+
+/// 8. `max_age`: cached content unused for longer is evicted whatever the budget, and a
+///    later pull fetches it again; content used since stays.
+#[tokio::test(flavor = "multi_thread")]
+async fn max_age_evicts_unused_content_and_keeps_what_is_used() {
+    within(120, "max_age_evicts_unused_content", async {
+        let reg = Registry::start().await;
+        let push = reg.pusher(None);
+        let unused = make_single(861, 100_000);
+        let used = make_single(862, 100_000);
+        push.image("library/unused", Some("v1"), &unused).await;
+        push.image("library/used", Some("v1"), &used).await;
+        let config = format!(
+            "{}\n[cache]\nmin_free = \"1MiB\"\nmax_age = \"2h\"\nkeep_recent = \"10m\"\n",
+            upstream(&reg)
+        );
+        let berth = Berth::start_with_config(&config, &[]).await;
+        pull(&berth, "library/unused", "v1", &unused).await.unwrap();
+        pull(&berth, "library/used", "v1", &used).await.unwrap();
+        berth.advance_clock(Duration::from_secs(90 * 60)).await;
+        pull(&berth, "library/used", "v1", &used).await.unwrap();
+        berth.advance_clock(Duration::from_secs(60 * 60)).await;
+        // 2.5 h after the first pulls: the unused image is past max_age, the used one
+        // was pulled an hour ago.
+        let report = admin(&berth, reqwest::Method::POST, "/admin/evict").await;
+        assert_eq!(report["manifests"], 1, "{report}");
+        let store = berth.store_dir();
+        for blob in unused.blobs() {
+            assert!(!has_blob_file(&store, &blob.digest), "{report}");
+        }
+        for blob in used.blobs() {
+            assert!(has_blob_file(&store, &blob.digest), "{report}");
+        }
+        let before = reg.requests().await.len();
+        pull(&berth, "library/unused", "v1", &unused).await.unwrap();
+        let reqs = reg.requests().await;
+        assert!(
+            reqs[before..]
+                .iter()
+                .any(|r| r.path == "/v2/library/unused/manifests/v1"),
+            "the evicted image is fetched again: {:?}",
+            &reqs[before..]
+        );
+    })
+    .await;
+}
