@@ -914,15 +914,7 @@ impl Cache {
         repo: &str,
         digest: &Digest,
     ) -> Result<BlobSource, CacheError> {
-        let resp = client
-            .request(
-                Method::GET,
-                repo,
-                &format!("blobs/{digest}"),
-                None,
-                Retry::Yes,
-            )
-            .await?;
+        let resp = get_blob(client, repo, digest).await?;
         let size = resp.content_length().ok_or(CacheError::NoSpace)?;
         tracing::warn!(upstream = %client.config.namespace, repo, digest = %digest, size,
             "the store has no room: streaming the blob without caching it");
@@ -973,15 +965,7 @@ impl Cache {
             progress.streaming(size, blob.into_file());
             return Ok(size);
         }
-        let resp = client
-            .request(
-                Method::GET,
-                repo,
-                &format!("blobs/{digest}"),
-                None,
-                Retry::Yes,
-            )
-            .await?;
+        let resp = get_blob(client, repo, digest).await?;
         let announced = resp.content_length();
         let too_large = |size: u64| {
             CacheError::UpstreamInvalid {
@@ -1532,6 +1516,23 @@ const MAX_AGE_EVERY: Duration = Duration::from_secs(3600);
 /// How often the store is measured again when the budget does not call for a pass (the
 /// measure is kept current in between from the bytes published and removed).
 const MEASURE_EVERY: Duration = Duration::from_secs(600);
+
+/// `GET` of a blob from the upstream, with retries.
+async fn get_blob(
+    client: &UpstreamClient,
+    repo: &str,
+    digest: &Digest,
+) -> Result<reqwest::Response, CacheError> {
+    client
+        .request(
+            Method::GET,
+            repo,
+            &format!("blobs/{digest}"),
+            None,
+            Retry::Yes,
+        )
+        .await
+}
 
 /// Whether a store error is the disk being full.
 fn is_no_space(e: &CacheError) -> bool {

@@ -685,20 +685,9 @@ impl App {
             Body::Mapped(data, _pinned) => {
                 write_mapped(session, &data, start, end, &mut served).await
             }
-            Body::Direct(mut direct) => loop {
-                match direct.next().await {
-                    Ok(Some(chunk)) => {
-                        let len = chunk.len() as u64;
-                        let last = served.bytes + len == size;
-                        if session.write_response_body(chunk, last).await.is_err() {
-                            break Err("client went away".into());
-                        }
-                        served.bytes += len;
-                    }
-                    Ok(None) => break Ok(()),
-                    Err(e) => break Err(e.to_string()),
-                }
-            },
+            Body::Direct(direct) => {
+                write_chunks(session, Chunks::Direct(direct), size, &mut served).await
+            }
             Body::SendFill(socket, fill) => {
                 let mut reader = fill.reader();
                 loop {
@@ -723,21 +712,7 @@ impl App {
                 }
             }
             Body::Fill(fill) => {
-                let mut reader = fill.reader();
-                loop {
-                    match reader.next().await {
-                        Ok(Some(chunk)) => {
-                            let len = chunk.len() as u64;
-                            let last = served.bytes + len == size;
-                            if session.write_response_body(chunk, last).await.is_err() {
-                                break Err("client went away".into());
-                            }
-                            served.bytes += len;
-                        }
-                        Ok(None) => break Ok(()),
-                        Err(e) => break Err(e.to_string()),
-                    }
-                }
+                write_chunks(session, Chunks::Fill(fill.reader()), size, &mut served).await
             }
         };
         match result {
@@ -873,6 +848,44 @@ enum Body {
     Fill(Arc<BlobFill>),
     /// Straight from the upstream, not stored (the disk is full).
     Direct(Box<berth_cache::direct::DirectBlob>),
+}
+
+/// A blob body that arrives in chunks: a fill's reader, or an upstream's body.
+enum Chunks {
+    Fill(berth_cache::fill::FillReader),
+    Direct(Box<berth_cache::direct::DirectBlob>),
+}
+
+impl Chunks {
+    async fn next(&mut self) -> Result<Option<Bytes>, berth_cache::CacheError> {
+        match self {
+            Chunks::Fill(reader) => reader.next().await,
+            Chunks::Direct(direct) => direct.next().await,
+        }
+    }
+}
+
+/// Writes a blob of `size` bytes through the session as its chunks arrive.
+async fn write_chunks(
+    session: &mut ServerSession,
+    mut chunks: Chunks,
+    size: u64,
+    served: &mut Served,
+) -> Result<(), String> {
+    loop {
+        match chunks.next().await {
+            Ok(Some(chunk)) => {
+                let len = chunk.len() as u64;
+                let last = served.bytes + len == size;
+                if session.write_response_body(chunk, last).await.is_err() {
+                    return Err("client went away".into());
+                }
+                served.bytes += len;
+            }
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
 }
 
 /// Writes bytes `start..end` of a mapped blob through the session.
