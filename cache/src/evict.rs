@@ -500,6 +500,24 @@ pub(crate) fn blob_links(plan: &Plan) -> HashMap<Digest, Vec<(String, String)>> 
     out
 }
 
+/// The test hook `BERTH_TEST_EVICT_HOLD=<dir>`: once `<dir>/arm` exists, a pass that
+/// has removed its manifests and tags, and no blob yet, creates `<dir>/held` and waits
+/// until `<dir>/release` exists (at most two minutes). Tests use it to kill berth at that
+/// moment; it changes nothing but timing, and nothing sets it outside tests. Blocks.
+pub(crate) fn test_hold() {
+    let Some(dir) = std::env::var_os("BERTH_TEST_EVICT_HOLD").map(std::path::PathBuf::from) else {
+        return;
+    };
+    if !dir.join("arm").exists() {
+        return;
+    }
+    let _ = std::fs::write(dir.join("held"), b"");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while !dir.join("release").exists() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// A shared handle on the usage last measured, kept current between passes.
 #[derive(Default)]
 pub(crate) struct Measured {

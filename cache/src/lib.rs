@@ -1209,6 +1209,7 @@ impl Cache {
             }
             self.hot_links.invalidate_all();
         }
+        let _ = tokio::task::spawn_blocking(evict::test_hold).await;
         let links = Arc::new(evict::blob_links(&plan));
         for chunk in plan.blobs.chunks(EVICT_CHUNK) {
             let filling = self.blob_fills.digests();

@@ -726,9 +726,10 @@ async fn a_scrub_removes_damaged_blobs_and_fetches_cached_ones_again() {
     .await;
 }
 
-/// 7. kill -9 in the middle of an eviction pass and of a garbage collection, pushes
-///    racing both: after the restart no completed push is lost, every image berth still
-///    has is whole, and the index agrees with the files.
+/// 7. kill -9 in the middle of an eviction pass (its manifests and tags removed, no blob
+///    yet) and of a garbage collection (holding its lock, a push waiting on it): after
+///    the restart no acknowledged push is lost, every image berth still has is whole,
+///    and the index agrees with the files.
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_mid_eviction_and_mid_gc_loses_no_push() {
     within(300, "kill_9_mid_eviction_and_mid_gc", async {
@@ -742,14 +743,19 @@ async fn kill_9_mid_eviction_and_mid_gc_loses_no_push() {
             "{}\n[cache]\nmin_free = \"1MiB\"\nkeep_recent = \"0s\"\n",
             upstream(&reg)
         );
-        let mut berth = Berth::start_with_config(&config, &[]).await;
-        for (i, img) in cached.iter().enumerate() {
-            pull(&berth, &format!("library/k{i}"), "v1", img)
-                .await
-                .unwrap();
-        }
+        let (evict_hold, gc_hold) = (tempdir(), tempdir());
+        let env = [
+            ("BERTH_TEST_EVICT_HOLD", evict_hold.path().to_str().unwrap()),
+            ("BERTH_TEST_GC_HOLD", gc_hold.path().to_str().unwrap()),
+        ];
+        let mut berth = Berth::start_with_config(&config, &env).await;
         let mut pushed: Vec<(String, Image)> = Vec::new();
         for round in 0..2u64 {
+            for (i, img) in cached.iter().enumerate() {
+                pull(&berth, &format!("library/k{i}"), "v1", img)
+                    .await
+                    .unwrap();
+            }
             // berth listens on another port after each restart.
             let private = Pusher::new(&berth.url(), None);
             // Private images: some kept, some deleted for GC to collect.
@@ -770,8 +776,10 @@ async fn kill_9_mid_eviction_and_mid_gc_loses_no_push() {
                     pushed.push((repo, img));
                 }
             }
-            // Evict everything cached and collect everything unreferenced, and kill
-            // berth while both run and a push is going on.
+            for hold in [&evict_hold, &gc_hold] {
+                let _ = std::fs::remove_file(hold.path().join("held"));
+                std::fs::write(hold.path().join("arm"), b"").unwrap();
+            }
             let (client, url) = (berth.client.clone(), berth.url());
             let evict = tokio::spawn({
                 let (client, url) = (client.clone(), url.clone());
@@ -788,23 +796,30 @@ async fn kill_9_mid_eviction_and_mid_gc_loses_no_push() {
                     let _ = client.post(format!("{url}/admin/gc?grace=0s")).send().await;
                 }
             });
-            let racing = make_single(890 + round, 100_000);
-            let racer = {
+            for hold in [&evict_hold, &gc_hold] {
+                let held = hold.path().join("held");
+                wait_for("a pass to reach its hold", 30, async || held.exists()).await;
+            }
+            // A push racing the collection: it waits for the lock, and is killed there.
+            let racer = tokio::spawn({
                 let url = url.clone();
-                let img = racing.clone();
-                tokio::spawn(async move {
-                    let p = Pusher::new(&url, None);
-                    p.image("team/racer", Some(&format!("v{round}")), &img)
+                let img = make_single(890 + round, 100_000);
+                async move {
+                    Pusher::new(&url, None)
+                        .image("team/racer", Some("v1"), &img)
                         .await;
-                })
-            };
-            tokio::time::sleep(Duration::from_millis(15 + 25 * round)).await;
+                }
+            });
+            tokio::time::sleep(Duration::from_millis(300)).await;
             berth.kill();
             let _ = evict.await;
             let _ = gc.await;
-            let racer_done = racer.await.is_ok();
-            if racer_done {
-                pushed.push(("team/racer".into(), racing));
+            assert!(
+                racer.await.is_err(),
+                "the racing push was killed, not acknowledged"
+            );
+            for hold in [&evict_hold, &gc_hold] {
+                std::fs::remove_file(hold.path().join("arm")).unwrap();
             }
             let mark = berth.log_len();
             berth.restart().await;
@@ -827,16 +842,17 @@ async fn kill_9_mid_eviction_and_mid_gc_loses_no_push() {
                     assert_eq!(digest_of(&body), blob.digest);
                 }
             }
-            // Cached images: whole, from the store or fetched again.
+            // The eviction was cut between its manifests and its blobs: the images are
+            // fetched again, whole.
             for (i, img) in cached.iter().enumerate() {
                 pull(&berth, &format!("library/k{i}"), "v1", img)
                     .await
                     .unwrap();
             }
-            let files = blob_files(&berth.store_dir());
-            let usage = store_usage(&berth).await;
             // Every file is indexed (cached) or linked (private), and every indexed or
             // linked blob has its file.
+            let files = blob_files(&berth.store_dir());
+            let usage = store_usage(&berth).await;
             assert_eq!(
                 usage["cached"]["blobs"].as_u64().unwrap()
                     + usage["private"]["blobs"].as_u64().unwrap(),
