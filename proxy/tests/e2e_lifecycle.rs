@@ -909,3 +909,102 @@ async fn max_age_evicts_unused_content_and_keeps_what_is_used() {
     })
     .await;
 }
+
+/// 9. A store too full to open even with its start reserve given back (a kill -9 on a
+///    disk someone else filled to the last byte): berth removes least recently used
+///    cached blobs, with the database opened read-only, and starts.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_too_full_to_open_evicts_offline_and_starts() {
+    within(180, "a_store_too_full_to_open", async {
+        require_tool("mount");
+        let reg = Registry::start().await;
+        let images: Vec<Image> = (0..4).map(|i| make_single(880 + i, 2 * MIB)).collect();
+        for (i, img) in images.iter().enumerate() {
+            reg.pusher(None)
+                .image(&format!("library/full{i}"), Some("v1"), img)
+                .await;
+        }
+        let config = format!(
+            "{}\n[cache]\nmetadata_reserve = \"2MiB\"\nmin_free = \"1MiB\"\nkeep_recent = \"10m\"\n",
+            upstream(&reg)
+        );
+        let mut mount = None;
+        let mut berth = Berth::start_with_store(&config, &[], |store| {
+            mount = Some(Tmpfs::mount(store, "32m"));
+        })
+        .await;
+        let disk = mount.unwrap();
+        for (i, img) in images.iter().enumerate() {
+            pull(&berth, &format!("library/full{i}"), "v1", img).await.unwrap();
+        }
+        // Writes to the database that its log holds until it next opens.
+        for _ in 0..20 {
+            berth.advance_clock(Duration::from_secs(3601)).await;
+            pull(&berth, "library/full0", "v1", &images[0]).await.unwrap();
+        }
+        berth.kill();
+        let store = berth.store_dir();
+        for reserve in ["reserve-start", "reserve-running"] {
+            let _ = std::fs::remove_file(store.join(reserve));
+        }
+        disk.fill("filler");
+        assert!(disk.available() < 64 * 1024, "the disk is full");
+        let mark = berth.log_len();
+        berth.restart().await;
+        assert!(
+            berth
+                .log_since(mark)
+                .contains("removed") && berth.log_since(mark).contains("least recently used cached blobs"),
+            "berth opened without evicting: the test did not fill the disk enough:\n{}",
+            berth.log_since(mark)
+        );
+        // It serves: what it kept from the store, what it removed from the upstream.
+        for (i, img) in images.iter().enumerate() {
+            pull(&berth, &format!("library/full{i}"), "v1", img).await.unwrap();
+        }
+        blob_files(&store);
+    })
+    .await;
+}
+
+/// 10. The background scrub (every `scrub_interval`, at most `scrub_rate`) finds a
+///     damaged cached blob by itself, and the blob is whole again afterwards.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_background_scrub_repairs_a_damaged_cached_blob() {
+    within(120, "the_background_scrub_repairs", async {
+        let reg = Registry::start().await;
+        let image = make_single(885, 300_000);
+        reg.pusher(None)
+            .image("library/bg", Some("v1"), &image)
+            .await;
+        let config = format!(
+            "{}\n[cache]\nscrub_interval = \"1s\"\nscrub_rate = \"64MiB\"\n",
+            upstream(&reg)
+        );
+        let berth = Berth::start_with_config(&config, &[]).await;
+        pull(&berth, "library/bg", "v1", &image).await.unwrap();
+        let layer = &image.layers[0].blob;
+        let hex = layer.hex();
+        let path = berth
+            .store_dir()
+            .join("blobs/sha256")
+            .join(&hex[..2])
+            .join(hex);
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[10] ^= 0x55;
+        let mark = berth.log_len();
+        std::fs::write(&path, bytes).unwrap();
+        wait_for("the background scrub to find the damage", 30, async || {
+            berth
+                .log_since(mark)
+                .contains("scrub: a stored blob does not match its digest")
+        })
+        .await;
+        wait_for("the blob to be fetched again", 30, async || {
+            std::fs::read(&path).is_ok_and(|b| digest_of(&b) == layer.digest)
+        })
+        .await;
+        pull(&berth, "library/bg", "v1", &image).await.unwrap();
+    })
+    .await;
+}
