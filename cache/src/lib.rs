@@ -1279,7 +1279,10 @@ impl Cache {
         let blobs = &self.store.blobs;
         // The database stops writing after a write failed for lack of space, until it is
         // reopened: once there is room again, it is.
-        if self.store.meta.out_of_space() && available >= (half * 2).max(8 << 20) {
+        // Reopening needs little room: half of what giving back the running reserve
+        // frees is enough. (Asking for more left a store full of berth's own content
+        // stuck: eviction writes metadata first, which the database refused.)
+        if self.store.meta.out_of_space() && available >= (half / 2).max(1 << 20) {
             match self.store.meta.recover() {
                 Ok(()) => tracing::info!(
                     available,
@@ -1326,57 +1329,26 @@ impl Cache {
     /// one is reported (it must be pushed again). One pass at a time.
     pub async fn scrub(self: &Arc<Self>, rate: Option<u64>) -> Result<ScrubReport, CacheError> {
         let _one = self.scrubbing.lock().await;
-        let files = self.on_store(|s| s.blobs.list()).await?;
+        // One shard directory's names at a time: a large store's file list stays on disk.
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<Digest>>(1);
+        let store = self.store.clone();
+        let lister = tokio::task::spawn_blocking(move || {
+            store.blobs.list_by_shard(|shard| {
+                let digests = shard.into_iter().map(|(d, _, _)| d).collect();
+                // The scrub stopped: so does the listing.
+                tx.blocking_send(digests)
+                    .map_err(|_| StoreError::Corrupt("scrub stopped".into()))
+            })
+        });
         let mut report = ScrubReport::default();
-        for (digest, _, _) in files {
-            let d = digest.clone();
-            let verdict = self
-                .on_store(move |s| {
-                    let started = std::time::Instant::now();
-                    let mut read = 0u64;
-                    s.verify_blob(&d, &mut |n| {
-                        read += n;
-                        if let Some(rate) = rate.filter(|r| *r > 0) {
-                            let due = Duration::from_secs_f64(read as f64 / rate as f64);
-                            if let Some(wait) = due.checked_sub(started.elapsed()) {
-                                std::thread::sleep(wait);
-                            }
-                        }
-                    })
-                    .map(|v| (v, read))
-                })
-                .await?;
-            let (ok, read) = match verdict {
-                (None, _) => continue,
-                (Some(ok), read) => (ok, read),
-            };
-            report.blobs += 1;
-            report.bytes += read;
-            if ok {
-                continue;
+        while let Some(shard) = rx.recv().await {
+            for digest in shard {
+                self.scrub_one(digest, rate, &mut report).await?;
             }
-            let d = digest.clone();
-            let record = self.on_store(move |s| s.meta.get_blob(&d)).await?;
-            let d = digest.clone();
-            let private = self.on_store(move |s| s.remove_damaged(&d)).await?;
-            tracing::error!(digest = %digest, private,
-                "scrub: a stored blob does not match its digest; removed");
-            let refetch = record.and_then(|r| r.repos.first().cloned()).and_then(|r| {
-                let (ns, repo) = r.split_once('/')?;
-                self.upstreams
-                    .contains_key(ns)
-                    .then(|| (ns.to_owned(), repo.to_owned()))
-            });
-            let refetched = match refetch {
-                Some((ns, repo)) => self.refetch(&ns, &repo, &digest).await,
-                None => false,
-            };
-            report.damaged.push(Damaged {
-                digest: digest.to_string(),
-                private,
-                refetched,
-            });
         }
+        lister
+            .await
+            .map_err(|e| CacheError::Internal(format!("scrub listing failed: {e}")))??;
         tracing::info!(
             blobs = report.blobs,
             bytes = report.bytes,
@@ -1384,6 +1356,63 @@ impl Cache {
             "scrub finished"
         );
         Ok(report)
+    }
+
+    /// Checks one blob for [`scrub`](Self::scrub), and repairs it if it is damaged.
+    async fn scrub_one(
+        self: &Arc<Self>,
+        digest: Digest,
+        rate: Option<u64>,
+        report: &mut ScrubReport,
+    ) -> Result<(), CacheError> {
+        let d = digest.clone();
+        let verdict = self
+            .on_store(move |s| {
+                let started = std::time::Instant::now();
+                let mut read = 0u64;
+                s.verify_blob(&d, &mut |n| {
+                    read += n;
+                    if let Some(rate) = rate.filter(|r| *r > 0) {
+                        let due = Duration::from_secs_f64(read as f64 / rate as f64);
+                        if let Some(wait) = due.checked_sub(started.elapsed()) {
+                            std::thread::sleep(wait);
+                        }
+                    }
+                })
+                .map(|v| (v, read))
+            })
+            .await?;
+        let (ok, read) = match verdict {
+            (None, _) => return Ok(()),
+            (Some(ok), read) => (ok, read),
+        };
+        report.blobs += 1;
+        report.bytes += read;
+        if ok {
+            return Ok(());
+        }
+        let d = digest.clone();
+        let record = self.on_store(move |s| s.meta.get_blob(&d)).await?;
+        let d = digest.clone();
+        let private = self.on_store(move |s| s.remove_damaged(&d)).await?;
+        tracing::error!(digest = %digest, private,
+                "scrub: a stored blob does not match its digest; removed");
+        let refetch = record.and_then(|r| r.repos.first().cloned()).and_then(|r| {
+            let (ns, repo) = r.split_once('/')?;
+            self.upstreams
+                .contains_key(ns)
+                .then(|| (ns.to_owned(), repo.to_owned()))
+        });
+        let refetched = match refetch {
+            Some((ns, repo)) => self.refetch(&ns, &repo, &digest).await,
+            None => false,
+        };
+        report.damaged.push(Damaged {
+            digest: digest.to_string(),
+            private,
+            refetched,
+        });
+        Ok(())
     }
 
     /// Fetches a cached blob again (after scrub removed a damaged copy); whether it

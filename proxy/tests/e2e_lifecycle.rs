@@ -1008,3 +1008,74 @@ async fn the_background_scrub_repairs_a_damaged_cached_blob() {
     })
     .await;
 }
+
+/// 11. A database that refused a write on a full disk reopens within the space its
+///     running reserve gives back, with nothing else freed: before, berth asked for
+///     twice that, and a disk full of its own content stayed stuck (eviction writes
+///     metadata first, which the database refused) until a restart.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_database_reopens_within_the_space_its_reserve_gives_back() {
+    within(180, "the_database_reopens_within_its_reserve", async {
+        require_tool("mount");
+        let reg = Registry::start().await;
+        let cached = make_single(895, 1_000_000);
+        let push = reg.pusher(None);
+        push.image("library/db", Some("v1"), &cached).await;
+        // Tags whose first pulls write metadata (a tag, a link) on the full disk.
+        for t in 0..60 {
+            push.manifest(
+                "library/db",
+                &format!("t{t}"),
+                OCI_MANIFEST,
+                &cached.manifest,
+            )
+            .await;
+        }
+        let config = format!(
+            "{}\n[cache]\nmetadata_reserve = \"8MiB\"\nmin_free = \"1MiB\"\nkeep_recent = \"10m\"\n\
+             eviction_interval = \"1s\"\n",
+            berth_config(&[Upstream::new("docker.io", &reg.url(), &["library/**"]).tag_ttl("1m")])
+        );
+        let mut mount = None;
+        let berth = Berth::start_with_store(&config, &[], |store| {
+            mount = Some(Tmpfs::mount(store, "48m"));
+        })
+        .await;
+        let disk = mount.unwrap();
+        pull(&berth, "library/db", "v1", &cached).await.unwrap();
+        let store = berth.store_dir();
+        wait_for("the metadata reserve", 20, async || {
+            store.join("reserve-running").exists()
+        })
+        .await;
+        // The disk fills up; at once, revalidated tags make the database refuse writes.
+        let mark = berth.log_len();
+        disk.fill("filler");
+        for t in 0..60 {
+            let path = format!("/v2/docker.io/library/db/manifests/t{t}");
+            let (status, _, _) = berth.fetch(&path, &ACCEPT).await;
+            assert_eq!(status, 200, "{path}");
+        }
+        assert!(
+            berth.log_since(mark).contains("could not record"),
+            "the database was meant to refuse a write:\n{}",
+            berth.log_since(mark)
+        );
+        wait_for("berth to give back its running reserve", 20, async || {
+            berth
+                .log_since(mark)
+                .contains("gave back the space reserved for metadata")
+        })
+        .await;
+        // Nothing else is freed: the filler stays. The database reopens and takes a push.
+        wait_for("the database to reopen", 30, async || {
+            berth
+                .log_since(mark)
+                .contains("the metadata database takes writes again")
+        })
+        .await;
+        push_until_accepted(&berth, 896).await;
+        drop(disk);
+    })
+    .await;
+}
