@@ -58,6 +58,29 @@ async fn pull(berth: &Berth, repo: &str, tag: &str, image: &Image) -> Result<(),
     Ok(())
 }
 
+/// Pushes `blob` to team/app (start an upload, then complete it), without asserting:
+/// the status and body of whichever step answered last.
+async fn try_push(berth: &Berth, blob: &Blob) -> (u16, String) {
+    let start = berth
+        .client
+        .post(format!("{}/v2/team/app/blobs/uploads/", berth.url()))
+        .send()
+        .await
+        .unwrap();
+    if start.status() != 202 {
+        return (start.status().as_u16(), start.text().await.unwrap());
+    }
+    let loc = start.headers()["location"].to_str().unwrap().to_owned();
+    let r = berth
+        .client
+        .put(upload_url(berth, &loc, &blob.digest))
+        .body(blob.bytes.clone())
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.text().await.unwrap())
+}
+
 /// The URL that completes the upload at `location` with `digest`.
 fn upload_url(berth: &Berth, location: &str, digest: &str) -> String {
     let sep = if location.contains('?') { '&' } else { '?' };
@@ -70,25 +93,7 @@ async fn push_until_accepted(berth: &Berth, seed: u64) {
     let data = Blob::new("application/octet-stream", random_bytes(seed, 1000));
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let start = berth
-            .client
-            .post(format!("{}/v2/team/app/blobs/uploads/", berth.url()))
-            .send()
-            .await
-            .unwrap();
-        let status = if start.status() == 202 {
-            let loc = start.headers()["location"].to_str().unwrap().to_owned();
-            let r = berth
-                .client
-                .put(upload_url(berth, &loc, &data.digest))
-                .body(data.bytes.clone())
-                .send()
-                .await
-                .unwrap();
-            r.status().as_u16()
-        } else {
-            start.status().as_u16()
-        };
+        let (status, _) = try_push(berth, &data).await;
         if status == 201 {
             return;
         }
@@ -142,13 +147,14 @@ fn blob_files(store: &Path) -> Vec<(String, u64)> {
     out
 }
 
-fn has_blob_file(store: &Path, digest: &str) -> bool {
+/// Where the store keeps the published blob `digest`.
+fn blob_path(store: &Path, digest: &str) -> std::path::PathBuf {
     let hex = digest.strip_prefix("sha256:").unwrap();
-    store
-        .join("blobs/sha256")
-        .join(&hex[..2])
-        .join(hex)
-        .exists()
+    store.join("blobs/sha256").join(&hex[..2]).join(hex)
+}
+
+fn has_blob_file(store: &Path, digest: &str) -> bool {
+    blob_path(store, digest).exists()
 }
 
 async fn wait_for(what: &str, secs: u64, mut check: impl AsyncFnMut() -> bool) {
@@ -617,30 +623,9 @@ async fn a_full_disk_streams_through_refuses_pushes_and_recovers() {
         );
 
         // A push fails clearly.
-        let client = berth.client.clone();
-        let start = client
-            .post(format!("{}/v2/team/app/blobs/uploads/", berth.url()))
-            .send()
-            .await
-            .unwrap();
-        let status = start.status().as_u16();
-        let text = if status == 202 {
-            let loc = start.headers()["location"].to_str().unwrap().to_owned();
-            let data = random_bytes(830, MIB);
-            let r = client
-                .put(upload_url(&berth, &loc, &digest_of(&data)))
-                .body(data)
-                .send()
-                .await
-                .unwrap();
-            let status = r.status().as_u16();
-            let text = r.text().await.unwrap();
-            assert_eq!(status, 507, "{text}");
-            text
-        } else {
-            assert_eq!(status, 507);
-            start.text().await.unwrap()
-        };
+        let data = Blob::new("application/octet-stream", random_bytes(830, MIB));
+        let (status, text) = try_push(&berth, &data).await;
+        assert_eq!(status, 507, "{text}");
         assert!(text.contains("no space left for this push"), "{text}");
 
         // Space returns: berth caches and takes pushes again by itself, without a restart.
@@ -692,8 +677,7 @@ async fn a_scrub_removes_damaged_blobs_and_fetches_cached_ones_again() {
             .await;
         let store = berth.store_dir();
         let corrupt = |digest: &str| {
-            let hex = digest.strip_prefix("sha256:").unwrap();
-            let path = store.join("blobs/sha256").join(&hex[..2]).join(hex);
+            let path = blob_path(&store, digest);
             let mut bytes = std::fs::read(&path).unwrap();
             bytes[1000] ^= 0xff;
             std::fs::write(&path, bytes).unwrap();
@@ -984,12 +968,7 @@ async fn the_background_scrub_repairs_a_damaged_cached_blob() {
         let berth = Berth::start_with_config(&config, &[]).await;
         pull(&berth, "library/bg", "v1", &image).await.unwrap();
         let layer = &image.layers[0].blob;
-        let hex = layer.hex();
-        let path = berth
-            .store_dir()
-            .join("blobs/sha256")
-            .join(&hex[..2])
-            .join(hex);
+        let path = blob_path(&berth.store_dir(), &layer.digest);
         let mut bytes = std::fs::read(&path).unwrap();
         bytes[10] ^= 0x55;
         let mark = berth.log_len();
