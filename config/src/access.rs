@@ -102,6 +102,9 @@ pub struct TokenConfig {
 pub const DEFAULT_API_KEY_MAX_LIFETIME: std::time::Duration =
     std::time::Duration::from_secs(90 * 24 * 3600);
 
+/// How long a browser login lasts unless `[auth] session_lifetime` says otherwise.
+pub const DEFAULT_SESSION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(8 * 3600);
+
 /// `[auth]` and `[access]` together.
 #[derive(Clone, Debug, Default)]
 pub struct AccessConfig {
@@ -114,6 +117,11 @@ pub struct AccessConfig {
     pub open: bool,
     /// The token service, when clients log in with the Docker token flow.
     pub token: Option<TokenConfig>,
+    /// `[[auth.oidc]]`: OpenID Connect providers, for browser logins and workload tokens.
+    pub oidc: Vec<crate::oidc::OidcConfig>,
+    /// `session_lifetime`: how long a browser login lasts. `None`:
+    /// [`DEFAULT_SESSION_LIFETIME`].
+    pub session_lifetime: Option<std::time::Duration>,
     /// Group → members.
     pub groups: HashMap<String, Vec<String>>,
     pub admin: Principals,
@@ -128,6 +136,11 @@ impl AccessConfig {
     pub fn api_key_max_lifetime(&self) -> std::time::Duration {
         self.api_key_max_lifetime
             .unwrap_or(DEFAULT_API_KEY_MAX_LIFETIME)
+    }
+
+    /// How long a browser login lasts.
+    pub fn session_lifetime(&self) -> std::time::Duration {
+        self.session_lifetime.unwrap_or(DEFAULT_SESSION_LIFETIME)
     }
 
     /// The groups `user` belongs to.
@@ -204,6 +217,11 @@ pub(crate) fn parse_auth(v: &Value, access: &mut AccessConfig, p: &mut Problems)
                 _ => p.add(&path, "must be the path of an htpasswd file"),
             },
             "token" => access.token = token(&path, value, p),
+            "oidc" => access.oidc = crate::oidc::parse_oidc(&path, value, p),
+            "session_lifetime" => match value.as_str().map(crate::config::parse_duration) {
+                Some(Ok(d)) if !d.is_zero() => access.session_lifetime = Some(d),
+                _ => p.add(&path, "must be a duration such as \"8h\""),
+            },
             "api_key_max_lifetime" => match value.as_str().map(crate::config::parse_duration) {
                 Some(Ok(d)) if !d.is_zero() => access.api_key_max_lifetime = Some(d),
                 _ => p.add(&path, "must be a duration such as \"2160h\" (90 days)"),

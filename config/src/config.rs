@@ -128,16 +128,7 @@ pub enum SecretSource {
 impl Credentials {
     /// Reads the password. The error names the source, never the secret.
     pub fn resolve(&self) -> Result<(String, String), String> {
-        let password = match &self.password {
-            SecretSource::Env(var) => {
-                std::env::var(var).map_err(|_| format!("environment variable {var} is not set"))?
-            }
-            SecretSource::File(path) => std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?
-                .trim_end_matches(['\r', '\n'])
-                .to_owned(),
-        };
-        Ok((self.username.clone(), password))
+        Ok((self.username.clone(), self.password.read()?))
     }
 }
 

@@ -5,6 +5,8 @@
 //! - [`cache`]: `[cache]`, the disk budget of pulled-through content;
 //! - [`access`]: `[auth]` and `[access]`: users, groups, and the per-repository policies
 //!   that decide who may read, create, update and delete;
+//! - [`oidc`]: `[[auth.oidc]]`, OpenID Connect providers for browser logins and workload
+//!   tokens;
 //! - [`retention`]: `[[retention]]`, the policies that delete old tags and manifests of
 //!   private repositories;
 //! - [`glob`]: the repository patterns they use.
@@ -17,6 +19,7 @@ pub mod access;
 pub mod cache;
 pub mod config;
 pub mod glob;
+pub mod oidc;
 pub mod retention;
 
 pub use cache::{CacheConfig, MinFree};

@@ -93,7 +93,7 @@ impl App {
         };
         let creating = req.method == "POST";
         match login {
-            Login::Password => {}
+            Login::Password | Login::Session => {}
             Login::ApiKey if !creating => {}
             Login::ApiKey => return Err(ApiError::new(
                 Code::Denied,
@@ -102,6 +102,10 @@ impl App {
             Login::Token => return Err(ApiError::new(
                 Code::Denied,
                 "a registry token does not cover API keys: log in with your user name and htpasswd password (Basic credentials)",
+            )),
+            Login::Workload => return Err(ApiError::new(
+                Code::Denied,
+                "a workload token cannot make or list API keys (a key would outlive it): log in on berth's API-key page (/ui/keys)",
             )),
         }
         let internal = |e: String| ApiError::new(Code::Internal, e);
@@ -126,7 +130,7 @@ impl App {
                 let lifetime = lifetime(&v["expires_in"], self.auth.api_key_max_lifetime())?;
                 let (id, key, record) = self
                     .auth
-                    .create_api_key(&owner, &key_name, lifetime)
+                    .create_api_key(&owner, who, &key_name, lifetime)
                     .await
                     .map_err(internal)?;
                 tracing::info!(id = %id, owner = %owner, by = %name, "API key created");

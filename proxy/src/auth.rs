@@ -34,6 +34,9 @@ pub enum Identity {
         grants: Option<Vec<Grant>>,
         /// How the user proved who they are.
         login: Login,
+        /// The `[[auth.oidc]]` provider whose groups `groups` are; `None` for an htpasswd
+        /// user, whose groups are `[auth.groups]`.
+        provider: Option<String>,
     },
 }
 
@@ -46,6 +49,11 @@ pub enum Login {
     ApiKey,
     /// A registry token from `GET /token`.
     Token,
+    /// A JWT from an `[[auth.oidc]]` issuer (a CI job's or a Kubernetes service
+    /// account's), as a Bearer token or as the password of Basic credentials.
+    Workload,
+    /// The `berth_session` cookie of a browser login (berth's pages only).
+    Session,
 }
 
 impl Identity {
@@ -72,6 +80,9 @@ pub enum AuthError {
     BadCredentials,
     /// Too many failed logins from this address just now.
     TooManyFailures,
+    /// A workload token that is not accepted, and why (for the client: it holds the
+    /// token, so the reason tells it nothing it could not find out).
+    Rejected(String),
 }
 
 /// Who may do what when no `[access]` section decides.
@@ -147,7 +158,23 @@ pub struct Auth {
     store: Option<std::sync::Arc<berth_store::Store>>,
     /// What token and API key expiry is judged by.
     clock: Clock,
+    /// `[[auth.oidc]]` providers.
+    oidc: Vec<Arc<crate::oidc::Provider>>,
+    /// Workload tokens verified lately (by hash), with who they are and their expiry in
+    /// seconds: a CI job sends its token with every request, and a signature check per
+    /// blob would cost more than serving it.
+    workloads: Mutex<HashMap<[u8; 32], (Identity, u64)>>,
+    /// Browser sessions and logins in progress.
+    pub sessions: crate::session::Sessions,
+    /// Held around each read-modify-write of an API key record, so that recording a use
+    /// or a login's groups cannot bring back a key revoked meanwhile.
+    key_writes: Arc<Mutex<()>>,
 }
+
+/// Workload tokens remembered at most.
+const MAX_WORKLOADS: usize = 10_000;
+/// An API key's last use is written at most this often.
+const KEY_USE_RESOLUTION_MS: u64 = 60_000;
 
 /// The token endpoint's URL: `[auth] token.realm`, else `[server] external_url` + `/token`,
 /// else the listen address (`https://` with TLS). `None` when the listen address names no
@@ -197,6 +224,17 @@ impl Auth {
             Some(t) => Some(Tokens::load(&t.key, &t.service, t.lifetime, clock.clone())?),
             None => None,
         };
+        let oidc = access
+            .as_ref()
+            .map(|a| a.oidc.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|c| crate::oidc::Provider::new(c, clock.clone()).map(Arc::new))
+            .collect::<Result<Vec<_>, String>>()?;
+        let lifetime = access
+            .as_ref()
+            .map(AccessConfig::session_lifetime)
+            .unwrap_or(berth_config::access::DEFAULT_SESSION_LIFETIME);
         Ok(Auth {
             access,
             mode: Mode::of(config, listen),
@@ -206,7 +244,11 @@ impl Auth {
             scheme: scheme(config),
             listen,
             store,
+            sessions: crate::session::Sessions::new(lifetime, clock.clone()),
             clock,
+            oidc,
+            workloads: Mutex::new(HashMap::new()),
+            key_writes: Arc::new(Mutex::new(())),
         })
     }
 
@@ -253,21 +295,94 @@ impl Auth {
         c
     }
 
-    /// The user named by Basic credentials (for the token service): `Ok(None)` without
-    /// credentials.
+    /// The user named by Basic credentials or a workload token (for the token service):
+    /// `Ok(None)` without credentials.
     pub async fn login(&self, authorization: Option<&str>) -> Result<Option<Identity>, AuthError> {
         match authorization {
             None => Ok(None),
             Some(h) if h.trim_start().to_ascii_lowercase().starts_with("basic ") => {
                 self.authenticate(Some(h)).await.map(Some)
             }
-            Some(_) => Err(AuthError::BadCredentials),
+            Some(h) => match bearer(h).and_then(|t| self.workload_provider(t)) {
+                Some(p) => self
+                    .workload(&p, bearer(h).unwrap_or_default())
+                    .await
+                    .map(Some),
+                None => Err(AuthError::BadCredentials),
+            },
         }
     }
 
     /// Whether requests are checked at all.
     pub fn enabled(&self) -> bool {
         self.access.is_some()
+    }
+
+    /// The `[[auth.oidc]]` providers.
+    pub fn providers(&self) -> &[Arc<crate::oidc::Provider>] {
+        &self.oidc
+    }
+
+    /// The provider called `name`.
+    pub fn provider(&self, name: &str) -> Option<&Arc<crate::oidc::Provider>> {
+        self.oidc.iter().find(|p| p.config.name == name)
+    }
+
+    /// The provider that must verify `token`, when it is a JWT from an issuer that
+    /// accepts workload tokens.
+    fn workload_provider(&self, token: &str) -> Option<Arc<crate::oidc::Provider>> {
+        if self.oidc.is_empty() {
+            return None;
+        }
+        let iss = crate::oidc::unverified_issuer(token)?;
+        self.oidc
+            .iter()
+            .find(|p| p.config.issuer == iss && !p.config.audiences.is_empty())
+            .cloned()
+    }
+
+    /// Who a workload token is, verified by `provider` (or remembered from an earlier
+    /// verification while it is valid).
+    async fn workload(
+        &self,
+        provider: &crate::oidc::Provider,
+        token: &str,
+    ) -> Result<Identity, AuthError> {
+        let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        let now = self.clock.now_ms() / 1000;
+        if let Some((who, exp)) = self.workloads.lock().expect("workloads").get(&key) {
+            if now <= exp.saturating_add(crate::oidc::LEEWAY_SECS) {
+                return Ok(who.clone());
+            }
+        }
+        let audiences = &provider.config.audiences;
+        let verified = provider
+            .verify(token, crate::oidc::Audience::AnyOf(audiences))
+            .await
+            .and_then(|claims| {
+                let exp = claims.get("exp").and_then(|v| v.as_u64()).unwrap_or(0);
+                provider.identity(&claims, true).map(|id| (id, exp))
+            });
+        let ((name, groups), exp) = verified.map_err(|e| {
+            tracing::info!(provider = %provider.config.name, reason = %e, "workload token refused");
+            AuthError::Rejected(e.0)
+        })?;
+        let who = Identity::User {
+            name,
+            groups,
+            grants: None,
+            login: Login::Workload,
+            provider: Some(provider.config.name.clone()),
+        };
+        let mut cache = self.workloads.lock().expect("workloads");
+        if cache.len() >= MAX_WORKLOADS {
+            cache.retain(|_, (_, exp)| *exp >= now);
+            if cache.len() >= MAX_WORKLOADS {
+                cache.clear();
+            }
+        }
+        cache.insert(key, (who.clone(), exp));
+        Ok(who)
     }
 
     /// The identity of a request with this `Authorization` header.
@@ -279,31 +394,63 @@ impl Auth {
             // Access is open: credentials sent anyway are ignored.
             return Ok(Identity::Anonymous);
         };
-        if let Some(token) = header.trim().strip_prefix("Bearer ") {
+        if let Some(token) = bearer(header) {
+            if let Some(p) = self.workload_provider(token) {
+                return self.workload(&p, token).await;
+            }
             let tokens = self.tokens.as_ref().ok_or(AuthError::BadCredentials)?;
             let claims = tokens
-                .verify(token.trim())
+                .verify(token)
                 .map_err(|_| AuthError::BadCredentials)?;
-            return match claims.subject {
-                None => Ok(Identity::Anonymous),
+            return match (claims.subject, claims.provider) {
+                (None, _) => Ok(Identity::Anonymous),
+                // A token of an OIDC user carries their groups, while the provider is
+                // still configured.
+                (Some(name), Some(p)) if self.provider(&p).is_some() => Ok(Identity::User {
+                    name,
+                    groups: claims.groups,
+                    grants: Some(claims.access),
+                    login: Login::Token,
+                    provider: Some(p),
+                }),
+                (Some(_), Some(_)) => Err(AuthError::BadCredentials),
                 // A user removed from the htpasswd file loses the tokens they hold.
-                Some(name) if !self.user_exists(&name) => Err(AuthError::BadCredentials),
-                Some(name) => Ok(Identity::User {
+                (Some(name), None) if !self.user_exists(&name) => Err(AuthError::BadCredentials),
+                (Some(name), None) => Ok(Identity::User {
                     groups: access.groups_of(&name),
                     name,
                     grants: Some(claims.access),
                     login: Login::Token,
+                    provider: None,
                 }),
             };
         }
         let (user, password) = parse_basic(header).ok_or(AuthError::BadCredentials)?;
-        let (valid, login) = if password.starts_with(API_KEY_PREFIX) {
-            (self.verify_api_key(&user, &password).await, Login::ApiKey)
-        } else {
-            let users = self.users.as_ref().ok_or(AuthError::BadCredentials)?;
-            (users.verify(&user, &password).await, Login::Password)
-        };
-        if !valid {
+        if let Some(p) = self.workload_provider(&password) {
+            // `docker login` and imagePullSecrets carry a token as a password; the user
+            // name beside it says nothing the token does not.
+            return self.workload(&p, &password).await;
+        }
+        if password.starts_with(API_KEY_PREFIX) {
+            let record = self
+                .verify_api_key(&user, &password)
+                .await
+                .ok_or(AuthError::BadCredentials)?;
+            let (groups, provider) = if record.provider.is_empty() {
+                (access.groups_of(&user), None)
+            } else {
+                (record.groups, Some(record.provider))
+            };
+            return Ok(Identity::User {
+                name: user,
+                groups,
+                grants: None,
+                login: Login::ApiKey,
+                provider,
+            });
+        }
+        let users = self.users.as_ref().ok_or(AuthError::BadCredentials)?;
+        if !users.verify(&user, &password).await {
             return Err(AuthError::BadCredentials);
         }
         let groups = access.groups_of(&user);
@@ -311,8 +458,43 @@ impl Auth {
             name: user,
             groups,
             grants: None,
-            login,
+            login: Login::Password,
+            provider: None,
         })
+    }
+
+    /// The identity of a browser's `berth_session` cookie (`Cookie` header), if it names
+    /// a live session whose user still exists.
+    pub fn session_identity(&self, cookie_header: Option<&str>) -> Option<Identity> {
+        let access = self.access.as_ref()?;
+        let cookie = crate::session::cookie(cookie_header, crate::session::SESSION_COOKIE)?;
+        let s = self.sessions.get(cookie)?;
+        let groups = match &s.provider {
+            Some(p) if self.provider(p).is_some() => s.groups,
+            Some(_) => return None,
+            None if self.user_exists(&s.user) => access.groups_of(&s.user),
+            None => return None,
+        };
+        Some(Identity::User {
+            name: s.user,
+            groups,
+            grants: None,
+            login: Login::Session,
+            provider: s.provider,
+        })
+    }
+
+    /// Whether htpasswd users can log in (the login form shows a password form).
+    pub fn has_passwords(&self) -> bool {
+        self.users.is_some()
+    }
+
+    /// Checks an htpasswd user's password (the login form).
+    pub async fn check_password(&self, user: &str, password: &str) -> bool {
+        match &self.users {
+            Some(u) => u.verify(user, password).await,
+            None => false,
+        }
     }
 
     /// Whether `user` is in the htpasswd file now.
@@ -343,37 +525,119 @@ impl Auth {
             .map_err(|e| e.to_string())
     }
 
-    /// Whether `key` (`berth_<id>_<secret>`) is a live API key of `user`, who is still in
-    /// the htpasswd file.
-    async fn verify_api_key(&self, user: &str, key: &str) -> bool {
-        let Some((id, secret)) = key
+    /// The record of `key` (`berth_<id>_<secret>`) when it is a live API key of `user`:
+    /// an htpasswd user still in the file, or a user of a provider still configured.
+    /// Records its use, to the minute.
+    async fn verify_api_key(&self, user: &str, key: &str) -> Option<berth_store::ApiKeyRecord> {
+        let (id, secret) = key
             .strip_prefix(API_KEY_PREFIX)
-            .and_then(|rest| rest.split_once('_'))
-        else {
-            return false;
-        };
+            .and_then(|rest| rest.split_once('_'))?;
         let id = id.to_owned();
-        let Ok(Some(record)) = self.on_store(move |s| s.meta.get_api_key(&id)).await else {
-            return false;
-        };
+        let i = id.clone();
+        let record = self
+            .on_store(move |s| s.meta.get_api_key(&i))
+            .await
+            .ok()??;
         let hash: [u8; 32] = Sha256::digest(secret.as_bytes()).into();
-        let same = hash
-            .iter()
-            .zip(record.secret_sha256.iter())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0;
-        same && record.owner == user
-            && self.clock.now_ms() < record.expires_ms
-            && self.user_exists(user)
+        let owner_ok = if record.provider.is_empty() {
+            self.user_exists(user)
+        } else {
+            self.provider(&record.provider).is_some()
+        };
+        let now = self.clock.now_ms();
+        let valid =
+            crate::session::same_secret(&hex::encode(hash), &hex::encode(record.secret_sha256))
+                && record.owner == user
+                && now < record.expires_ms
+                && owner_ok;
+        if !valid {
+            return None;
+        }
+        if now.saturating_sub(record.last_used_ms) >= KEY_USE_RESOLUTION_MS {
+            let _ = self
+                .update_api_keys(
+                    move |_, r| {
+                        r.last_used_ms = now;
+                        true
+                    },
+                    Some(id),
+                )
+                .await;
+        }
+        Some(record)
     }
 
-    /// Makes an API key for `owner`; returns its id and the key (shown once).
+    /// Runs `change` on API key records (`only` one id, or all), writing back those it
+    /// changed, under the lock that orders key writes.
+    async fn update_api_keys<F>(&self, change: F, only: Option<String>) -> Result<usize, String>
+    where
+        F: Fn(&str, &mut berth_store::ApiKeyRecord) -> bool + Send + 'static,
+    {
+        let lock = self.key_writes.clone();
+        self.on_store(move |s| {
+            let _held = lock.lock().expect("key writes");
+            let records = match only {
+                Some(id) => s
+                    .meta
+                    .get_api_key(&id)?
+                    .map(|r| (id, r))
+                    .into_iter()
+                    .collect(),
+                None => s.meta.api_keys()?,
+            };
+            let mut changed = 0;
+            for (id, mut r) in records {
+                if change(&id, &mut r) {
+                    s.meta.put_api_key(&id, &r)?;
+                    changed += 1;
+                }
+            }
+            Ok(changed)
+        })
+        .await
+    }
+
+    /// Gives `owner`'s API keys made through `provider` the groups of their latest login
+    /// (see the README: what a key may do follows its owner's latest login).
+    pub async fn refresh_key_groups(
+        &self,
+        owner: &str,
+        provider: &str,
+        groups: &[String],
+    ) -> Result<usize, String> {
+        let (owner, provider, groups) = (owner.to_owned(), provider.to_owned(), groups.to_vec());
+        self.update_api_keys(
+            move |_, r| {
+                let mine = r.owner == owner && r.provider == provider;
+                let stale = r.groups != groups;
+                if mine && stale {
+                    r.groups = groups.clone();
+                }
+                mine && stale
+            },
+            None,
+        )
+        .await
+    }
+
+    /// Makes an API key for `owner`; returns its id and the key (shown once). `who` is
+    /// who asks: a key made by its owner carries the owner's OIDC provider and groups.
     pub async fn create_api_key(
         &self,
         owner: &str,
+        who: &Identity,
         name: &str,
         lifetime: Duration,
     ) -> Result<(String, String, berth_store::ApiKeyRecord), String> {
+        let (provider, groups) = match who {
+            Identity::User {
+                name: me,
+                groups,
+                provider: Some(p),
+                ..
+            } if me == owner => (p.clone(), groups.clone()),
+            _ => (String::new(), Vec::new()),
+        };
         let id = random_hex(8)?;
         let secret = random_hex(32)?;
         let now = self.clock.now_ms();
@@ -383,6 +647,9 @@ impl Auth {
             secret_sha256: Sha256::digest(secret.as_bytes()).into(),
             created_ms: now,
             expires_ms: now.saturating_add(lifetime.as_millis() as u64),
+            provider,
+            groups,
+            last_used_ms: 0,
         };
         let (i, r) = (id.clone(), record.clone());
         self.on_store(move |s| s.meta.put_api_key(&i, &r)).await?;
@@ -408,7 +675,12 @@ impl Auth {
             return Ok(false);
         }
         let id = id.to_owned();
-        self.on_store(move |s| s.meta.delete_api_key(&id)).await?;
+        let lock = self.key_writes.clone();
+        self.on_store(move |s| {
+            let _held = lock.lock().expect("key writes");
+            s.meta.delete_api_key(&id)
+        })
+        .await?;
         Ok(true)
     }
 
@@ -520,6 +792,12 @@ pub fn token_action(action: Action) -> &'static str {
         Action::Create | Action::Update => "push",
         Action::Delete => "delete",
     }
+}
+
+/// The token of `Bearer <token>`.
+fn bearer(header: &str) -> Option<&str> {
+    let (scheme, rest) = header.trim().split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim())
 }
 
 /// Standard base64, padded or not (clients differ).

@@ -322,6 +322,7 @@ impl App {
                 groups,
                 grants: Some(grants),
                 login,
+                provider,
             } => grants
                 .iter()
                 .any(|g| g.kind == "registry" && g.name == "catalog")
@@ -330,6 +331,7 @@ impl App {
                     groups: groups.clone(),
                     grants: None,
                     login: *login,
+                    provider: provider.clone(),
                 }),
             other => Some(other.clone()),
         };

@@ -81,6 +81,9 @@ pub enum Route {
     },
     /// `/admin/…`: the store's upkeep (see `admin.rs`).
     Admin(crate::admin::AdminRoute),
+    /// `/login…`, `/logout`, `/ui/keys…`: browser logins and the API-key page (see
+    /// `login.rs`).
+    Login(crate::login::LoginRoute),
 }
 
 /// The endpoints of a private repository (`/v2/<repo>/…`).
@@ -118,6 +121,9 @@ pub fn parse(path: &str, query: Option<&str>, config: &Config) -> Result<Route, 
                 id: Some(id.to_owned()),
             });
         }
+    }
+    if let Some(page) = crate::login::parse(path) {
+        return Ok(Route::Login(page));
     }
     if let Some(rest) = path.strip_prefix("/admin/") {
         return crate::admin::parse(rest)

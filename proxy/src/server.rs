@@ -69,6 +69,11 @@ pub(crate) struct Request {
     pub local: Option<std::net::SocketAddr>,
     /// berth is stopping (`/readyz` answers 503).
     pub draining: bool,
+    /// The `Cookie` header, copied only for berth's web pages (a browser session counts
+    /// there and nowhere else). Never logged.
+    pub cookie: Option<String>,
+    /// The client's address (failed logins are counted per address).
+    pub client_ip: Option<std::net::IpAddr>,
 }
 
 impl Request {
@@ -91,6 +96,13 @@ impl Request {
             authorization: header_value(h, "authorization"),
             local: session.server_addr().and_then(|a| a.as_inet()).copied(),
             draining: false,
+            cookie: crate::login::reads_cookies(h.uri.path())
+                .then(|| header_value(h, "cookie"))
+                .flatten(),
+            client_ip: session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip()),
         }
     }
 
@@ -151,11 +163,7 @@ impl HttpServerApp for App {
         let mut req = Request::from_session(&session);
         req.draining = *shutdown.borrow();
         let route = route::parse(&req.path, req.query.as_deref(), &self.config);
-        let client_ip = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip());
-        let who = self.authenticate(&req, client_ip).await;
+        let who = self.authenticate(&req, req.client_ip).await;
         let served = self.serve(&mut session, &req, &route, &who).await;
         let (kind, upstream) = match &route {
             Ok(r) => (route_kind(r), route_upstream(r)),
@@ -204,6 +212,7 @@ fn route_kind(r: &Route) -> &'static str {
         Route::Token => "token",
         Route::ApiKeys { .. } => "api_keys",
         Route::Admin(_) => "admin",
+        Route::Login(_) => "login",
         Route::Private { endpoint, .. } => match endpoint {
             Endpoint::Manifest(_) => "private_manifest",
             Endpoint::Blob(_) => "private_blob",
@@ -269,6 +278,17 @@ impl App {
                 );
                 return send_error(session, &e, req.is_head()).await;
             }
+            Err(AuthError::Rejected(why)) => {
+                let e = ApiError::new(
+                    Code::Unauthorized,
+                    format!("the token was not accepted: {why}"),
+                )
+                .with_headers(vec![(
+                    "WWW-Authenticate",
+                    self.auth.challenge(None, req.local),
+                )]);
+                return refuse(session, req, &e).await;
+            }
             Err(AuthError::BadCredentials) => {
                 let e = ApiError::new(
                     Code::Unauthorized,
@@ -294,6 +314,12 @@ impl App {
                 Err(e) => Err(e),
             };
             return match result {
+                Ok(s) => s,
+                Err(e) => refuse(session, req, &e).await,
+            };
+        }
+        if let Route::Login(page) = route {
+            return match self.login_pages(session, req, who, page).await {
                 Ok(s) => s,
                 Err(e) => refuse(session, req, &e).await,
             };
@@ -383,7 +409,9 @@ impl App {
             Route::Blob { target, digest } => self.blob(session, req, target, digest).await,
             Route::Catalog => self.catalog(session, req, who).await,
             Route::Token => self.token(session, req).await,
-            Route::ApiKeys { .. } | Route::Admin(_) => unreachable!("served above"),
+            Route::ApiKeys { .. } | Route::Admin(_) | Route::Login(_) => {
+                unreachable!("served above")
+            }
             Route::Private { .. } => unreachable!("served above"),
             Route::TagsList { target, query } => {
                 self.tags(session, req, target, query.as_deref()).await
@@ -402,6 +430,9 @@ impl App {
         client_ip: Option<std::net::IpAddr>,
     ) -> Result<Identity, AuthError> {
         if req.authorization.is_none() {
+            if let Some(who) = self.auth.session_identity(req.cookie.as_deref()) {
+                return Ok(who);
+            }
             return self.auth.authenticate(None).await;
         }
         if client_ip.is_some_and(|ip| self.logins.blocked(ip)) {
@@ -438,7 +469,8 @@ impl App {
             | Route::Ready
             | Route::Token
             | Route::ApiKeys { .. }
-            | Route::Admin(_) => return Ok(()),
+            | Route::Admin(_)
+            | Route::Login(_) => return Ok(()),
             Route::Catalog => {
                 if *who == Identity::Anonymous && !self.auth.anonymous_may_read() {
                     let scope = Some("registry:catalog:*".to_owned());

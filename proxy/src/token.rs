@@ -59,6 +59,10 @@ pub struct Claims {
     /// The user; `None` for an anonymous token.
     pub subject: Option<String>,
     pub access: Vec<Grant>,
+    /// For an OIDC user: the provider, whose groups `groups` are (`berth_provider` and
+    /// `berth_groups`); `None` for an htpasswd user.
+    pub provider: Option<String>,
+    pub groups: Vec<String>,
 }
 
 /// Why a token was refused.
@@ -117,11 +121,17 @@ impl Tokens {
         self.lifetime
     }
 
-    /// A token for `subject` with `access`, valid from now for the lifetime.
-    pub fn issue(&self, subject: Option<&str>, access: &[Grant]) -> (String, u64) {
+    /// A token for `subject` with `access`, valid from now for the lifetime; `oidc` is
+    /// an OIDC user's provider and groups.
+    pub fn issue(
+        &self,
+        subject: Option<&str>,
+        access: &[Grant],
+        oidc: Option<(&str, &[String])>,
+    ) -> (String, u64) {
         let now = self.clock.now_ms() / 1000;
         let jti = random_hex(16).unwrap_or_default();
-        let claims = json!({
+        let mut claims = json!({
             "iss": ISSUER,
             "sub": subject.unwrap_or(""),
             "aud": self.service,
@@ -131,6 +141,10 @@ impl Tokens {
             "jti": jti,
             "access": access.iter().map(Grant::to_json).collect::<Vec<_>>(),
         });
+        if let Some((provider, groups)) = oidc {
+            claims["berth_provider"] = json!(provider);
+            claims["berth_groups"] = json!(groups);
+        }
         let header = b64url(br#"{"alg":"HS256","typ":"JWT"}"#);
         let payload = b64url(&serde_json::to_vec(&claims).expect("serializable"));
         let signing_input = format!("{header}.{payload}");
@@ -204,7 +218,21 @@ impl Tokens {
                     .collect()
             })
             .unwrap_or_default();
-        Ok(Claims { subject, access })
+        let provider = claims["berth_provider"].as_str().map(str::to_owned);
+        let groups = claims["berth_groups"]
+            .as_array()
+            .map(|g| {
+                g.iter()
+                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        Ok(Claims {
+            subject,
+            access,
+            provider,
+            groups,
+        })
     }
 }
 
@@ -257,10 +285,19 @@ mod tests {
         let (_d, t) = tokens("berth", Duration::from_secs(300));
         let grant = Grant::parse_scope("repository:team/app:pull,push").unwrap();
         assert_eq!(grant.actions, ["pull", "push"]);
-        let (token, _) = t.issue(Some("alice"), std::slice::from_ref(&grant));
+        let (token, _) = t.issue(Some("alice"), std::slice::from_ref(&grant), None);
         let c = t.verify(&token).unwrap();
         assert_eq!(c.subject.as_deref(), Some("alice"));
         assert_eq!(c.access, std::slice::from_ref(&grant));
+        assert_eq!((c.provider, c.groups.len()), (None, 0));
+        // An OIDC user's token carries their provider and groups.
+        let groups = ["ci".to_owned()];
+        let (oidc, _) = t.issue(Some("u"), &[], Some(("corp", &groups)));
+        let c = t.verify(&oidc).unwrap();
+        assert_eq!(
+            (c.provider.as_deref(), c.groups),
+            (Some("corp"), groups.to_vec())
+        );
 
         // Tampered claims: the signature no longer matches.
         let parts: Vec<&str> = token.split('.').collect();
@@ -276,7 +313,7 @@ mod tests {
 
         // Another service's token (same key): wrong audience.
         let (_d2, other) = tokens("elsewhere", Duration::from_secs(300));
-        let (theirs, _) = other.issue(Some("alice"), std::slice::from_ref(&grant));
+        let (theirs, _) = other.issue(Some("alice"), std::slice::from_ref(&grant), None);
         assert_eq!(t.verify(&theirs), Err(TokenError::WrongAudience));
 
         // Expired.
@@ -284,7 +321,7 @@ mod tests {
         let offset = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
         short.clock = Clock::with_offset(offset.clone());
         short.leeway = 0;
-        let (token, _) = short.issue(Some("alice"), &[]);
+        let (token, _) = short.issue(Some("alice"), &[], None);
         offset.store(1_100, std::sync::atomic::Ordering::Relaxed);
         assert_eq!(short.verify(&token), Err(TokenError::Expired));
         assert!(Grant::parse_scope("repository::pull").is_none());

@@ -8,7 +8,7 @@ use pingora::protocols::http::ServerSession;
 
 use berth_config::access::Action;
 
-use crate::auth::Identity;
+use crate::auth::{AuthError, Identity};
 use crate::errors::{ApiError, Code};
 use crate::route::{query_param, query_values};
 use crate::server::{send_bytes, App, Request, Served};
@@ -40,6 +40,12 @@ impl App {
         }
         let who = match self.auth.login(req.authorization.as_deref()).await {
             Ok(who) => who.unwrap_or(Identity::Anonymous),
+            Err(AuthError::Rejected(why)) => {
+                return Err(ApiError::new(
+                    Code::Unauthorized,
+                    format!("the token was not accepted: {why}"),
+                ))
+            }
             Err(_) => {
                 return Err(ApiError::new(
                     Code::Unauthorized,
@@ -67,7 +73,15 @@ impl App {
             Identity::Anonymous => None,
             Identity::User { name, .. } => Some(name.as_str()),
         };
-        let (token, issued) = tokens.issue(subject, &granted);
+        let oidc = match &who {
+            Identity::User {
+                provider: Some(p),
+                groups,
+                ..
+            } => Some((p.as_str(), groups.as_slice())),
+            _ => None,
+        };
+        let (token, issued) = tokens.issue(subject, &granted, oidc);
         let body = serde_json::json!({
             "token": token,
             "access_token": token,

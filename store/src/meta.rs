@@ -136,6 +136,14 @@ pub struct ApiKeyRecord {
     /// Milliseconds since the Unix epoch.
     pub created_ms: u64,
     pub expires_ms: u64,
+    /// The `[[auth.oidc]]` provider its owner logged in through; empty for an htpasswd
+    /// user.
+    pub provider: String,
+    /// An OIDC owner's groups at their latest login (an htpasswd owner's come from the
+    /// configuration at each use, and this is empty).
+    pub groups: Vec<String>,
+    /// When it was last used, to the minute; 0 for never.
+    pub last_used_ms: u64,
 }
 
 /// A manifest or blob linked into a private repository: readable through it.
@@ -349,10 +357,19 @@ impl Codec for ApiKeyRecord {
         v.extend_from_slice(&self.created_ms.to_be_bytes());
         v.extend_from_slice(&self.expires_ms.to_be_bytes());
         v.extend_from_slice(&self.secret_sha256);
-        for s in [&self.owner, &self.name] {
+        let put = |v: &mut Vec<u8>, s: &str| {
             let b = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
             v.extend_from_slice(&(b.len() as u16).to_be_bytes());
             v.extend_from_slice(b);
+        };
+        put(&mut v, &self.owner);
+        put(&mut v, &self.name);
+        // Records written before keys had providers, groups and uses end here.
+        put(&mut v, &self.provider);
+        v.extend_from_slice(&self.last_used_ms.to_be_bytes());
+        v.extend_from_slice(&(self.groups.len().min(u16::MAX as usize) as u16).to_be_bytes());
+        for g in self.groups.iter().take(u16::MAX as usize) {
+            put(&mut v, g);
         }
         v
     }
@@ -367,6 +384,16 @@ impl Codec for ApiKeyRecord {
         let owner = r.str(len, "api key")?.to_owned();
         let len = r.u16("api key")? as usize;
         let name = r.str(len, "api key")?.to_owned();
+        let (mut provider, mut last_used_ms, mut groups) = (String::new(), 0, Vec::new());
+        if !r.0.is_empty() {
+            let len = r.u16("api key")? as usize;
+            provider = r.str(len, "api key")?.to_owned();
+            last_used_ms = r.u64("api key")?;
+            for _ in 0..r.u16("api key")? {
+                let len = r.u16("api key")? as usize;
+                groups.push(r.str(len, "api key")?.to_owned());
+            }
+        }
         if !r.0.is_empty() {
             return Err(corrupt("api key"));
         }
@@ -376,6 +403,9 @@ impl Codec for ApiKeyRecord {
             secret_sha256,
             created_ms,
             expires_ms,
+            provider,
+            groups,
+            last_used_ms,
         })
     }
 }
@@ -1338,7 +1368,26 @@ mod tests {
             secret_sha256: [9; 32],
             created_ms: 1,
             expires_ms: 2,
+            provider: "corp".into(),
+            groups: vec!["ci".into(), "admins".into()],
+            last_used_ms: 3,
         });
+        // A record written before keys had providers, groups and uses still reads.
+        let mut old = ApiKeyRecord {
+            owner: "ci-robot".into(),
+            name: "pipeline".into(),
+            secret_sha256: [9; 32],
+            created_ms: 1,
+            expires_ms: 2,
+            provider: String::new(),
+            groups: Vec::new(),
+            last_used_ms: 0,
+        };
+        let mut enc = old.encode();
+        enc.truncate(enc.len() - 12);
+        assert_eq!(ApiKeyRecord::decode(&enc).unwrap(), old);
+        old.groups.push("ci".into());
+        round_trip(old);
         round_trip(BlobRecord {
             size: 42,
             last_access_ms: 7,
