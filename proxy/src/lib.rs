@@ -28,3 +28,4 @@ mod sendfile;
 pub mod server;
 mod token;
 mod token_service;
+pub mod ui;

@@ -81,6 +81,8 @@ pub enum Route {
     },
     /// `/admin/…`: the store's upkeep (see `admin.rs`).
     Admin(crate::admin::AdminRoute),
+    /// `/`, `/ui…`: the web pages (see `ui/mod.rs`).
+    Ui(crate::ui::UiRoute),
 }
 
 /// The endpoints of a private repository (`/v2/<repo>/…`).
@@ -118,6 +120,9 @@ pub fn parse(path: &str, query: Option<&str>, config: &Config) -> Result<Route, 
                 id: Some(id.to_owned()),
             });
         }
+    }
+    if let Some(ui) = crate::ui::parse(path) {
+        return Ok(Route::Ui(ui));
     }
     if let Some(rest) = path.strip_prefix("/admin/") {
         return crate::admin::parse(rest)
@@ -465,6 +470,8 @@ prefixes = []
                 Route::TagsList { target: t("ghcr.io", "a/manifests", false), query: Some("n=10&last=x".into()) },
             ),
             ("/metrics", None, Route::Metrics),
+            ("/", None, Route::Ui(crate::ui::UiRoute::Root)),
+            ("/ui", None, Route::Ui(crate::ui::UiRoute::Status)),
             // Private repositories: any first segment that is not an upstream namespace.
             ("/v2/_catalog", Some("n=5"), Route::Catalog),
             ("/v2/nginx/manifests/latest", None, p("nginx", Endpoint::Manifest(tag("latest")))),
