@@ -25,6 +25,8 @@ pub struct DirectBlob {
     held: Option<Bytes>,
     read_timeout: Duration,
     registry: String,
+    /// The upstream's `berth_upstream_bytes`.
+    fetched: prometheus_client::metrics::counter::Counter,
 }
 
 impl DirectBlob {
@@ -34,6 +36,7 @@ impl DirectBlob {
         size: u64,
         read_timeout: Duration,
         registry: &str,
+        fetched: prometheus_client::metrics::counter::Counter,
     ) -> Self {
         DirectBlob {
             stream: resp.bytes_stream().boxed(),
@@ -44,6 +47,7 @@ impl DirectBlob {
             held: None,
             read_timeout,
             registry: registry.to_owned(),
+            fetched,
         }
     }
 
@@ -83,6 +87,7 @@ impl DirectBlob {
                 continue;
             }
             self.received += chunk.len() as u64;
+            self.fetched.inc_by(chunk.len() as u64);
             if self.received > self.size {
                 return Err(CacheError::SizeMismatch {
                     expected: self.size,

@@ -30,9 +30,9 @@ use berth_store::oci::Digest;
 use berth_store::{Batch, Store, StoreError, TagKey};
 
 /// A digest's compact identity in a pass: the first 128 bits of its hex.
-type Id = u128;
+pub(crate) type Id = u128;
 
-fn id(d: &Digest) -> Id {
+pub(crate) fn id(d: &Digest) -> Id {
     let hex = d.hex();
     u128::from_str_radix(&hex[..hex.len().min(32)], 16).unwrap_or(0)
 }
@@ -159,12 +159,10 @@ pub(crate) struct Times {
     pub expire_before: Option<u64>,
 }
 
-/// Reads the store and decides what `goal` removes. Blocks.
-pub(crate) fn plan(store: &Store, goal: &Goal, times: &Times) -> Result<Plan, StoreError> {
-    let meta = &store.meta;
-    let keep_after = times.keep_after;
+/// Every digest's last use: as written, or pending in the access log if later. Blocks.
+pub(crate) fn last_uses(store: &Store) -> Result<HashMap<Id, u64>, StoreError> {
     let mut used: HashMap<Id, u64> = HashMap::new();
-    meta.visit_last_accesses(|d, t| {
+    store.meta.visit_last_accesses(|d, t| {
         used.insert(id(&d), t);
         true
     })?;
@@ -172,6 +170,14 @@ pub(crate) fn plan(store: &Store, goal: &Goal, times: &Times) -> Result<Plan, St
         let slot = used.entry(id(&d)).or_insert(t);
         *slot = (*slot).max(t);
     }
+    Ok(used)
+}
+
+/// Reads the store and decides what `goal` removes. Blocks.
+pub(crate) fn plan(store: &Store, goal: &Goal, times: &Times) -> Result<Plan, StoreError> {
+    let meta = &store.meta;
+    let keep_after = times.keep_after;
+    let mut used = last_uses(store)?;
 
     let mut usage = Usage::default();
     let mut private: HashSet<Id> = HashSet::new();

@@ -21,11 +21,13 @@
 
 pub mod breaker;
 pub mod clock;
+pub mod contents;
 pub mod direct;
 pub mod evict;
 pub mod fill;
 pub mod metrics;
 pub mod resume;
+pub mod stats;
 pub mod tags;
 pub mod upstream;
 
@@ -312,6 +314,35 @@ pub struct Cache {
     write_failure_logged: AtomicU64,
     /// One scrub at a time.
     scrubbing: tokio::sync::Mutex<()>,
+}
+
+/// The store's disk against its budget, in bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Disk {
+    /// Blob files in the store, pulled through and pushed.
+    pub used: u64,
+    pub budget: Budget,
+    /// Free on the store's filesystem.
+    pub available: u64,
+    /// The filesystem's size.
+    pub total: u64,
+}
+
+/// How much the store may hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Budget {
+    /// `[cache] max_size`.
+    MaxSize(u64),
+    /// No `max_size`: the filesystem less `[cache] min_free`.
+    Filesystem(u64),
+}
+
+impl Budget {
+    pub fn bytes(self) -> u64 {
+        match self {
+            Budget::MaxSize(b) | Budget::Filesystem(b) => b,
+        }
+    }
 }
 
 /// What a scrub found.
@@ -924,6 +955,7 @@ impl Cache {
             size,
             client.config.read_timeout,
             &client.config.namespace,
+            client.fetched_counter(),
         ))))
     }
 
@@ -1019,7 +1051,7 @@ impl Cache {
             let (mut batch, end) = next_batch(&mut stream, read_timeout, client).await;
             let received: usize = batch.iter().map(Bytes::len).sum();
             if received > 0 {
-                client.metrics.bytes(namespace, received as u64);
+                client.received(received as u64);
             }
             if skip > 0 {
                 batch = skip_bytes(batch, &mut skip);
@@ -1152,6 +1184,49 @@ impl Cache {
     /// How many blob fills are running.
     pub fn fills_in_progress(&self) -> usize {
         self.blob_fills.len()
+    }
+
+    // --- the status page ---------------------------------------------------------------
+
+    /// Counts a request served for a repository of upstream `namespace` (see
+    /// [`stats::UpstreamStats::served`]); an unknown namespace is ignored.
+    pub fn served(&self, namespace: &str, outcome: Option<Outcome>, bytes: u64) {
+        if let Some(client) = self.upstreams.get(namespace) {
+            client.stats.served(outcome, bytes, self.clock.now_ms());
+        }
+    }
+
+    /// Every upstream's figures now, by namespace.
+    pub fn upstream_status(&self) -> Vec<stats::UpstreamStatus> {
+        let mut all: Vec<_> = self.upstreams.values().map(|c| c.status()).collect();
+        all.sort_by(|a, b| a.namespace.cmp(&b.namespace));
+        all
+    }
+
+    /// Every pulled-through repository with its size and last pull (one read of the
+    /// index, on the blocking pool: see [`contents`]).
+    pub async fn cached_repositories(&self) -> Result<Vec<contents::CachedRepo>, CacheError> {
+        self.on_store(contents::cached_repositories).await
+    }
+
+    /// The disk against the budget: the store's blob bytes as last measured and kept
+    /// current (measured now if no pass has yet), and the filesystem's room.
+    pub async fn disk(&self) -> Result<Disk, CacheError> {
+        let used = match self.usage_estimate() {
+            Some((_, total)) => total,
+            None => self.usage().await?.total_bytes(),
+        };
+        let (available, total) = self.store.blobs.filesystem()?;
+        let budget = match self.budget.max_size {
+            Some(max) => Budget::MaxSize(max),
+            None => Budget::Filesystem(total.saturating_sub(self.budget.min_free.bytes(total))),
+        };
+        Ok(Disk {
+            used,
+            budget,
+            available,
+            total,
+        })
     }
 
     // --- the disk budget ---------------------------------------------------------------
@@ -1687,9 +1762,7 @@ async fn read_limited(
                         reason: format!("response larger than {limit} bytes"),
                     });
                 }
-                client
-                    .metrics
-                    .bytes(&client.config.namespace, chunk.len() as u64);
+                client.received(chunk.len() as u64);
                 body.extend_from_slice(&chunk);
             }
         }

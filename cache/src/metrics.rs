@@ -153,14 +153,6 @@ impl CacheMetrics {
             .inc();
     }
 
-    pub fn bytes(&self, upstream: &str, n: u64) {
-        self.upstream_bytes
-            .get_or_create(&UpstreamLabels {
-                upstream: upstream.to_owned(),
-            })
-            .inc_by(n);
-    }
-
     pub fn fill(&self, upstream: &str, ok: bool) {
         self.blob_fills
             .get_or_create(&FillLabels {

@@ -28,6 +28,7 @@ use reqwest::{Method, Response, StatusCode};
 use crate::breaker::{Breaker, Ticket, Transition};
 use crate::clock::Clock;
 use crate::metrics::{CacheMetrics, UpstreamLabels};
+use crate::stats::{UpstreamStats, UpstreamStatus};
 use crate::CacheError;
 use berth_config::UpstreamConfig;
 
@@ -50,6 +51,10 @@ pub struct UpstreamClient {
     credentials: Option<(String, String)>,
     tokens: Mutex<HashMap<String, (String, Instant)>>,
     pub metrics: CacheMetrics,
+    /// This upstream's `berth_upstream_bytes`, looked up once (not per chunk).
+    fetched: prometheus_client::metrics::counter::Counter,
+    /// What the status page shows of this upstream.
+    pub stats: UpstreamStats,
     breaker: Breaker,
     /// The time the breaker's cool-downs are judged by.
     clock: Clock,
@@ -122,12 +127,20 @@ impl UpstreamClient {
             .pool_idle_timeout(Duration::from_secs(60))
             .build()
             .map_err(|e| format!("upstream {}: {e}", config.namespace))?;
+        let fetched = metrics
+            .upstream_bytes
+            .get_or_create(&UpstreamLabels {
+                upstream: config.namespace.clone(),
+            })
+            .clone();
         let client = UpstreamClient {
             config,
             http,
             credentials,
             tokens: Mutex::new(HashMap::new()),
             metrics,
+            fetched,
+            stats: UpstreamStats::default(),
             breaker: Breaker::default(),
             clock,
         };
@@ -142,6 +155,25 @@ impl UpstreamClient {
                 upstream: self.config.namespace.clone(),
             })
             .set(open as i64);
+    }
+
+    /// Counts `n` body bytes received from the upstream (`berth_upstream_bytes`).
+    pub fn received(&self, n: u64) {
+        self.fetched.inc_by(n);
+    }
+
+    /// The counter of body bytes received from the upstream, for a body read elsewhere.
+    pub(crate) fn fetched_counter(&self) -> prometheus_client::metrics::counter::Counter {
+        self.fetched.clone()
+    }
+
+    /// The figures of the status page for this upstream, now.
+    pub fn status(&self) -> UpstreamStatus {
+        self.stats.status(
+            &self.config.namespace,
+            self.breaker.is_open(),
+            self.fetched.get(),
+        )
     }
 
     fn registry(&self) -> String {
@@ -201,6 +233,10 @@ impl UpstreamClient {
 
     /// Tells the breaker what a request found, and logs and exports a change of state.
     fn settle(&self, ticket: Ticket<'_>, result: &Result<Response, CacheError>) {
+        match result {
+            Ok(_) | Err(CacheError::NotFound) => self.stats.answered(),
+            Err(e) => self.stats.failed(e.to_string(), self.clock.now_ms()),
+        }
         let down = down_reason(result);
         let transition = self
             .breaker

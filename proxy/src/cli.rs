@@ -456,6 +456,7 @@ fn serve(args: ServeArgs) -> i32 {
         cache,
         registry,
         metrics,
+        ui_contents: Default::default(),
     };
     let maintenance = Maintenance {
         registry: app.registry.clone(),

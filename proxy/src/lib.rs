@@ -31,3 +31,4 @@ pub mod server;
 pub mod session;
 mod token;
 mod token_service;
+pub mod ui;

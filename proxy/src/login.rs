@@ -38,6 +38,7 @@ use crate::session::{
     cookie, same_secret, set_cookie, PendingLogin, FORM_COOKIE, LOGIN_COOKIE, SESSION_COOKIE,
 };
 use crate::token::random_hex;
+use crate::ui::{human_time, render, Layout};
 
 /// A page of this module.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -84,14 +85,6 @@ pub fn reads_cookies(path: &str) -> bool {
         || path.starts_with("/ui/")
         || path.starts_with("/login")
         || path == "/logout"
-}
-
-/// What the base layout shows.
-#[derive(Clone, Debug, Default)]
-pub struct Layout {
-    pub title: String,
-    pub user: Option<String>,
-    pub csrf: Option<String>,
 }
 
 #[derive(Template)]
@@ -161,33 +154,8 @@ fn field<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
-fn render(page: &impl Template) -> Result<String, ApiError> {
-    page.render()
-        .map_err(|e| ApiError::new(Code::Internal, format!("rendering the page: {e}")))
-}
-
-/// A time for people, to the second, UTC.
-fn time(ms: u64) -> String {
-    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms);
-    humantime::format_rfc3339_seconds(t).to_string()
-}
 
 impl App {
-    /// The headers of every HTML answer.
-    pub(crate) fn html_headers(&self) -> Headers {
-        vec![
-            ("Content-Type", "text/html; charset=utf-8".to_owned()),
-            ("Cache-Control", "no-store".to_owned()),
-            ("X-Frame-Options", "DENY".to_owned()),
-            (
-                "Content-Security-Policy",
-                "default-src 'none'; style-src 'unsafe-inline'; img-src 'self'; form-action 'self'; frame-ancestors 'none'".to_owned(),
-            ),
-            ("Referrer-Policy", "no-referrer".to_owned()),
-            ("X-Content-Type-Options", "nosniff".to_owned()),
-        ]
-    }
-
     /// Serves one of this module's pages.
     pub(crate) async fn login_pages(
         &self,
@@ -633,13 +601,13 @@ impl App {
                 id,
                 owner: r.owner,
                 name: r.name,
-                created: time(r.created_ms),
+                created: human_time(r.created_ms),
                 last_used: if r.last_used_ms == 0 {
                     "never".into()
                 } else {
-                    time(r.last_used_ms)
+                    human_time(r.last_used_ms)
                 },
-                expires: time(r.expires_ms),
+                expires: human_time(r.expires_ms),
                 expired: r.expires_ms <= now,
                 groups: if r.provider.is_empty() {
                     "[auth.groups], at each use".into()

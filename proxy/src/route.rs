@@ -84,6 +84,8 @@ pub enum Route {
     /// `/login…`, `/logout`, `/ui/keys…`: browser logins and the API-key page (see
     /// `login.rs`).
     Login(crate::login::LoginRoute),
+    /// `/`, `/ui…`: the web pages (see `ui/mod.rs`).
+    Ui(crate::ui::UiRoute),
 }
 
 /// The endpoints of a private repository (`/v2/<repo>/…`).
@@ -124,6 +126,9 @@ pub fn parse(path: &str, query: Option<&str>, config: &Config) -> Result<Route, 
     }
     if let Some(page) = crate::login::parse(path) {
         return Ok(Route::Login(page));
+    }
+    if let Some(ui) = crate::ui::parse(path) {
+        return Ok(Route::Ui(ui));
     }
     if let Some(rest) = path.strip_prefix("/admin/") {
         return crate::admin::parse(rest)
@@ -471,6 +476,8 @@ prefixes = []
                 Route::TagsList { target: t("ghcr.io", "a/manifests", false), query: Some("n=10&last=x".into()) },
             ),
             ("/metrics", None, Route::Metrics),
+            ("/", None, Route::Ui(crate::ui::UiRoute::Root)),
+            ("/ui", None, Route::Ui(crate::ui::UiRoute::Status)),
             // Private repositories: any first segment that is not an upstream namespace.
             ("/v2/_catalog", Some("n=5"), Route::Catalog),
             ("/v2/nginx/manifests/latest", None, p("nginx", Endpoint::Manifest(tag("latest")))),

@@ -50,6 +50,8 @@ pub struct App {
     pub cache: Arc<Cache>,
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
+    /// The store's contents as the status page last read them.
+    pub ui_contents: crate::ui::status::ContentsCache,
 }
 
 /// The parts of a request berth looks at, copied out of the session once.
@@ -170,6 +172,14 @@ impl HttpServerApp for App {
             Err(_) => ("invalid", None),
         };
         let elapsed = started.elapsed();
+        if let Some(upstream) = upstream {
+            let body = if (200..300).contains(&served.status) {
+                served.bytes
+            } else {
+                0
+            };
+            self.cache.served(upstream, served.outcome, body);
+        }
         self.metrics.observe(
             &RequestLabels::new(kind, upstream, served.outcome, served.status),
             served.bytes,
@@ -213,6 +223,7 @@ fn route_kind(r: &Route) -> &'static str {
         Route::ApiKeys { .. } => "api_keys",
         Route::Admin(_) => "admin",
         Route::Login(_) => "login",
+        Route::Ui(_) => "ui",
         Route::Private { endpoint, .. } => match endpoint {
             Endpoint::Manifest(_) => "private_manifest",
             Endpoint::Blob(_) => "private_blob",
@@ -324,6 +335,12 @@ impl App {
                 Err(e) => refuse(session, req, &e).await,
             };
         }
+        if let Route::Ui(ui) = route {
+            return match self.ui(session, req, who, ui).await {
+                Ok(s) => s,
+                Err(e) => refuse(session, req, &e).await,
+            };
+        }
         if let Route::Private { repo, endpoint } = route {
             return match self.private(session, req, who, repo, endpoint).await {
                 Ok(s) => s,
@@ -409,7 +426,7 @@ impl App {
             Route::Blob { target, digest } => self.blob(session, req, target, digest).await,
             Route::Catalog => self.catalog(session, req, who).await,
             Route::Token => self.token(session, req).await,
-            Route::ApiKeys { .. } | Route::Admin(_) | Route::Login(_) => {
+            Route::ApiKeys { .. } | Route::Admin(_) | Route::Login(_) | Route::Ui(_) => {
                 unreachable!("served above")
             }
             Route::Private { .. } => unreachable!("served above"),
@@ -465,12 +482,14 @@ impl App {
         let (path, action) = match route {
             // /api/keys checks its callers itself (a password login to make a key).
             // /admin checks its callers itself (administrators only).
+            // The web pages show each viewer what they may see (see `ui/mod.rs`).
             Route::Health
             | Route::Ready
             | Route::Token
             | Route::ApiKeys { .. }
             | Route::Admin(_)
-            | Route::Login(_) => return Ok(()),
+            | Route::Login(_)
+            | Route::Ui(_) => return Ok(()),
             Route::Catalog => {
                 if *who == Identity::Anonymous && !self.auth.anonymous_may_read() {
                     let scope = Some("registry:catalog:*".to_owned());
