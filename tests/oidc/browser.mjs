@@ -186,8 +186,11 @@ async function login(s) {
   const link = `a.oidc-login#login-${provider}`;
   await s.goto('/login');
   await s.shoot('berth-login', ['form#password-login', link]);
-  await s.page.click(link);
-  await s.page.waitForURL((u) => u.origin !== s.berth, { waitUntil: 'load' });
+  await Promise.all([s.page.waitForNavigation({ waitUntil: 'load' }), s.page.click(link)]);
+  if (s.onBerth()) {
+    const error = await s.text('p.error');
+    throw new Error(`${link} did not lead to the provider${error ? `: ${error}` : ''}`);
+  }
   await s.page.waitForSelector('input[name=login]');
   await s.shoot('provider-login', ['input[name=login]', 'input[name=password]', 'button[type=submit]']);
   await s.page.fill('input[name=login]', user);
