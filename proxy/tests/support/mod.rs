@@ -25,6 +25,8 @@ use flate2::Compression;
 use sha2::{Digest as _, Sha256};
 use tempfile::TempDir;
 
+pub mod oidc;
+
 pub use berth_store::oci::{MANIFEST_ACCEPT_DEFAULT as ACCEPT_ALL, OCI_INDEX, OCI_MANIFEST};
 pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
 pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
@@ -152,6 +154,22 @@ pub fn require_tool(name: &str) {
         .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
         .unwrap_or(false);
     assert!(found, "the end-to-end tests need `{name}` on PATH");
+}
+
+/// Stops `child`: SIGTERM, then SIGKILL if it has not exited within `grace`; reaps it.
+pub fn terminate(child: &mut Child, grace: Duration) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if child.try_wait().ok().flatten().is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 /// A child process, killed (SIGKILL) and reaped when dropped.
@@ -294,18 +312,7 @@ impl Drop for Dockerd {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if child.try_wait().ok().flatten().is_some() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = child.kill();
-        let _ = child.wait();
+        terminate(&mut child, Duration::from_secs(20));
         if std::thread::panicking() {
             eprintln!(
                 "----- dockerd log, last lines -----\n{}\n-----",
