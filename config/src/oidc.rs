@@ -210,7 +210,9 @@ fn provider(path: &str, v: &Value, p: &mut Problems) -> Option<OidcConfig> {
                 Some(s) => c.groups_prefix = s,
                 None => p.add(&kpath, "must be a string"),
             },
-            _ => {
+            "name" | "display_name" | "issuer" | "client_id" | "client_secret_env"
+            | "client_secret_file" | "username_claim" | "groups_claim"
+            | "workload_username_claim" | "ca_file" => {
                 let Some(s) = text().filter(|s| !s.is_empty()) else {
                     p.add(&kpath, "must be a non-empty string");
                     continue;
@@ -236,10 +238,10 @@ fn provider(path: &str, v: &Value, p: &mut Problems) -> Option<OidcConfig> {
                     "username_claim" => c.username_claim = s,
                     "groups_claim" => c.groups_claim = s,
                     "workload_username_claim" => c.workload_username_claim = s,
-                    "ca_file" => c.ca_file = Some(s.into()),
-                    _ => p.add(&kpath, "unknown key"),
+                    _ => c.ca_file = Some(s.into()),
                 }
             }
+            _ => p.add(&kpath, "unknown key"),
         }
     }
     if c.name.is_empty() {

@@ -153,6 +153,8 @@ pub struct Auth {
     realm: Option<String>,
     /// `http` or `https`, for a realm built from a connection's address.
     scheme: &'static str,
+    /// `[server] external_url`.
+    external_url: Option<String>,
     listen: SocketAddr,
     /// Where API keys are kept.
     store: Option<std::sync::Arc<berth_store::Store>>,
@@ -242,6 +244,7 @@ impl Auth {
             tokens,
             realm: token_realm(config, listen),
             scheme: scheme(config),
+            external_url: config.server.external_url.clone(),
             listen,
             store,
             sessions: crate::session::Sessions::new(lifetime, clock.clone()),
@@ -260,6 +263,18 @@ impl Auth {
     /// Who may do what.
     pub fn mode(&self) -> &Mode {
         &self.mode
+    }
+
+    /// berth's base URL for a browser whose connection arrived on `local`: `[server]
+    /// external_url`, else the listen address, else `local` (never the `Host` header).
+    pub fn base_url(&self, local: Option<SocketAddr>) -> String {
+        match &self.external_url {
+            Some(url) => url.clone(),
+            None if self.listen.ip().is_unspecified() || self.listen.port() == 0 => {
+                format!("{}://{}", self.scheme, local.unwrap_or(self.listen))
+            }
+            None => format!("{}://{}", self.scheme, self.listen),
+        }
     }
 
     /// The token endpoint's URL for a client whose connection arrived on `local`.

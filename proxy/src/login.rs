@@ -154,7 +154,6 @@ fn field<'a>(fields: &'a [(String, String)], name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
-
 impl App {
     /// Serves one of this module's pages.
     pub(crate) async fn login_pages(
@@ -189,13 +188,19 @@ impl App {
     /// The base URL berth is reached at by the browser: `[server] external_url`, else the
     /// address the connection arrived on (never the `Host` header).
     fn base_url(&self, req: &Request) -> String {
-        let realm = self.auth.realm(req.local);
-        realm.strip_suffix("/token").unwrap_or(&realm).to_owned()
+        self.auth.base_url(req.local)
     }
 
     /// Whether cookies get `Secure`: berth is reached over HTTPS.
     fn secure_cookies(&self, req: &Request) -> bool {
         self.base_url(req).starts_with("https://")
+    }
+
+    /// The CSRF token of the request's browser session, for the forms of a page.
+    pub(crate) fn session_csrf(&self, req: &Request) -> Option<String> {
+        cookie(req.cookie.as_deref(), SESSION_COOKIE)
+            .and_then(|c| self.auth.sessions.get(c))
+            .map(|s| s.csrf)
     }
 
     /// The layout of a page for the request's session.

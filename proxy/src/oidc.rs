@@ -527,13 +527,19 @@ fn has_kid(keys: &[Jwk], kid: &str) -> bool {
 fn pick_key<'a>(keys: &'a [Jwk], kid: Option<&str>, alg: Algorithm) -> Option<&'a Jwk> {
     use jsonwebtoken::jwk::AlgorithmParameters as P;
     let fits = |k: &Jwk| {
-        let type_fits = match (&k.algorithm, alg) {
-            (P::RSA(_), Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512)
-            | (P::RSA(_), Algorithm::PS256 | Algorithm::PS384 | Algorithm::PS512) => true,
-            (P::EllipticCurve(_), Algorithm::ES256 | Algorithm::ES384) => true,
-            (P::OctetKeyPair(_), Algorithm::EdDSA) => true,
-            _ => false,
-        };
+        let type_fits = matches!(
+            (&k.algorithm, alg),
+            (
+                P::RSA(_),
+                Algorithm::RS256
+                    | Algorithm::RS384
+                    | Algorithm::RS512
+                    | Algorithm::PS256
+                    | Algorithm::PS384
+                    | Algorithm::PS512
+            ) | (P::EllipticCurve(_), Algorithm::ES256 | Algorithm::ES384)
+                | (P::OctetKeyPair(_), Algorithm::EdDSA)
+        );
         // A key that names its algorithm is used with that one only.
         let alg_fits = k
             .common

@@ -257,7 +257,7 @@ fn header(status: u16, headers: &Headers, length: u64) -> Box<ResponseHeader> {
     for (k, v) in headers {
         // Values come from validated routes and upstream metadata; skip any that is not a
         // valid header value rather than fail the response.
-        let _ = h.insert_header(*k, v.as_str());
+        let _ = h.append_header(*k, v.as_str());
     }
     Box::new(h)
 }
