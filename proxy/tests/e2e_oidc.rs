@@ -240,7 +240,40 @@ async fn browser_login_key_push_status_workloads_expiry_and_group_removal() {
         let e = anon.expect_err("an anonymous viewer saw the node's figures");
         assert!(e.contains("#hit-ratio is missing"), "{e}");
 
-        // The keys page lists the key as used.
+        // The page's forms are protected against CSRF: with bob's session cookie but
+        // without the form's token, or with another, nothing is made.
+        let state = std::fs::read(browser.screenshots().with_file_name("state.json")).unwrap();
+        let state: serde_json::Value = serde_json::from_slice(&state).unwrap();
+        let cookie = state["cookies"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["name"] == "berth_session")
+            .map(|c| format!("berth_session={}", c["value"].as_str().unwrap()))
+            .expect("the browser holds a berth_session cookie");
+        for body in ["name=forged", "name=forged&csrf=0123456789abcdef"] {
+            let r = berth
+                .client
+                .post(format!("{}/ui/keys", berth.url()))
+                .header("Cookie", &cookie)
+                .header("Content-Type", "application/x-www-form-urlencoded")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status().as_u16(), 403, "{body}");
+        }
+        // The session cookie does not authenticate the registry API.
+        let r = berth
+            .client
+            .post(format!("{}/v2/ci/app/blobs/uploads/", berth.url()))
+            .header("Cookie", &cookie)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 401);
+
+        // The keys page lists the key as used, and not the forged ones.
         let keys = browser.run("keys", &[]).await;
         let row = keys["keys"]
             .as_array()
@@ -250,6 +283,7 @@ async fn browser_login_key_push_status_workloads_expiry_and_group_removal() {
             .unwrap_or_else(|| panic!("key {key_id} not listed: {keys}"))
             .clone();
         assert!(!texts(&row).contains("never"), "last used: {row}");
+        assert!(!texts(&keys).contains("forged"), "{keys}");
 
         // Workload tokens: the right audience, as Bearer and as a Basic password, and
         // exchanged at /token; a wrong audience is refused, saying why.
