@@ -27,18 +27,17 @@ use std::time::Duration;
 
 use askama::Template;
 use base64::Engine as _;
-use bytes::Bytes;
 use pingora::protocols::http::ServerSession;
 use sha2::{Digest as _, Sha256};
 
 use crate::auth::{Identity, Login};
 use crate::errors::{ApiError, Code};
-use crate::server::{send_bytes, App, Headers, Request, Served};
+use crate::server::{App, Request, Served};
 use crate::session::{
     cookie, same_secret, set_cookie, PendingLogin, FORM_COOKIE, LOGIN_COOKIE, SESSION_COOKIE,
 };
 use crate::token::random_hex;
-use crate::ui::{human_time, render, Layout};
+use crate::ui::{human_time, render, see_other, Layout};
 
 /// A page of this module.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -142,6 +141,15 @@ fn safe_next(next: Option<&str>) -> String {
     }
 }
 
+/// The `next` query parameter of `req`, made safe.
+fn next_param(req: &Request) -> String {
+    let q = req.query.as_deref();
+    safe_next(
+        q.and_then(|q| crate::route::query_param(q, "next"))
+            .as_deref(),
+    )
+}
+
 /// The fields of a form body.
 fn form(body: &[u8]) -> Vec<(String, String)> {
     form_urlencoded::parse(body).into_owned().collect()
@@ -196,42 +204,25 @@ impl App {
         self.base_url(req).starts_with("https://")
     }
 
+    /// The request's browser session (its cookie's value, and the session), if live.
+    fn browser_session(&self, req: &Request) -> Option<(String, crate::session::Session)> {
+        let value = cookie(req.cookie.as_deref(), SESSION_COOKIE)?;
+        Some((value.to_owned(), self.auth.sessions.get(value)?))
+    }
+
     /// The CSRF token of the request's browser session, for the forms of a page.
     pub(crate) fn session_csrf(&self, req: &Request) -> Option<String> {
-        cookie(req.cookie.as_deref(), SESSION_COOKIE)
-            .and_then(|c| self.auth.sessions.get(c))
-            .map(|s| s.csrf)
+        self.browser_session(req).map(|(_, s)| s.csrf)
     }
 
     /// The layout of a page for the request's session.
     fn layout(&self, title: &str, req: &Request) -> Layout {
-        let s =
-            cookie(req.cookie.as_deref(), SESSION_COOKIE).and_then(|c| self.auth.sessions.get(c));
+        let s = self.browser_session(req).map(|(_, s)| s);
         Layout {
             title: title.to_owned(),
             user: s.as_ref().map(|s| s.user.clone()),
             csrf: s.map(|s| s.csrf),
         }
-    }
-
-    async fn send_page(
-        &self,
-        session: &mut ServerSession,
-        req: &Request,
-        status: u16,
-        html: String,
-        mut headers: Headers,
-    ) -> Served {
-        headers.extend(self.html_headers());
-        send_bytes(
-            session,
-            status,
-            headers,
-            Bytes::from(html),
-            req.is_head(),
-            None,
-        )
-        .await
     }
 
     async fn message(
@@ -247,23 +238,7 @@ impl App {
             message,
             link: ("/login", "Log in again"),
         })?;
-        Ok(self.send_page(session, req, status, html, Vec::new()).await)
-    }
-
-    /// `303 See Other` to `location`, setting `cookies`.
-    async fn redirect(
-        &self,
-        session: &mut ServerSession,
-        req: &Request,
-        location: &str,
-        cookies: Vec<String>,
-    ) -> Served {
-        let mut headers: Headers = vec![
-            ("Location", location.to_owned()),
-            ("Cache-Control", "no-store".to_owned()),
-        ];
-        headers.extend(cookies.into_iter().map(|c| ("Set-Cookie", c)));
-        send_bytes(session, 303, headers, Bytes::new(), req.is_head(), None).await
+        Ok(self.send_html(session, req, status, html, Vec::new()).await)
     }
 
     async fn login_page(
@@ -279,12 +254,7 @@ impl App {
             Some(t) => t,
             None => random_hex(16).map_err(|e| ApiError::new(Code::Internal, e))?,
         };
-        let next = safe_next(
-            req.query
-                .as_deref()
-                .and_then(|q| crate::route::query_param(q, "next"))
-                .as_deref(),
-        );
+        let next = next_param(req);
         let providers = self
             .auth
             .providers()
@@ -318,7 +288,7 @@ impl App {
             );
             headers.push(("Set-Cookie", c));
         }
-        Ok(self.send_page(session, req, status, html, headers).await)
+        Ok(self.send_html(session, req, status, html, headers).await)
     }
 
     async fn password_login(
@@ -360,7 +330,7 @@ impl App {
         tracing::info!(user = %user, "browser login (htpasswd)");
         let c = self.session_cookie(req, &value);
         let next = safe_next(field(&fields, "next"));
-        Ok(self.redirect(session, req, &next, vec![c]).await)
+        Ok(see_other(session, req, &next, vec![c]).await)
     }
 
     fn session_cookie(&self, req: &Request, value: &str) -> String {
@@ -418,12 +388,7 @@ impl App {
                     .await
             }
         };
-        let next = safe_next(
-            req.query
-                .as_deref()
-                .and_then(|q| crate::route::query_param(q, "next"))
-                .as_deref(),
-        );
+        let next = next_param(req);
         self.auth.sessions.start_login(
             &state,
             PendingLogin {
@@ -442,7 +407,7 @@ impl App {
             crate::session::LOGIN_TIMEOUT,
             self.secure_cookies(req),
         );
-        Ok(self.redirect(session, req, &url, vec![c]).await)
+        Ok(see_other(session, req, &url, vec![c]).await)
     }
 
     async fn oidc_callback(
@@ -532,9 +497,7 @@ impl App {
                 "browser login (OIDC): the groups of the user's API keys were not updated"),
         }
         let c = self.session_cookie(req, &value);
-        Ok(self
-            .redirect(session, req, &pending.next, vec![c, clear])
-            .await)
+        Ok(see_other(session, req, &pending.next, vec![c, clear]).await)
     }
 
     /// The session of the request when the form's CSRF token is the session's.
@@ -543,10 +506,9 @@ impl App {
         req: &Request,
         fields: &[(String, String)],
     ) -> Option<(String, crate::session::Session)> {
-        let value = cookie(req.cookie.as_deref(), SESSION_COOKIE)?;
-        let s = self.auth.sessions.get(value)?;
+        let (value, s) = self.browser_session(req)?;
         let sent = field(fields, "csrf")?;
-        same_secret(sent, &s.csrf).then(|| (value.to_owned(), s))
+        same_secret(sent, &s.csrf).then_some((value, s))
     }
 
     async fn logout(&self, session: &mut ServerSession, req: &Request) -> Result<Served, ApiError> {
@@ -562,7 +524,7 @@ impl App {
             Duration::ZERO,
             self.secure_cookies(req),
         );
-        Ok(self.redirect(session, req, "/ui", vec![c]).await)
+        Ok(see_other(session, req, "/ui", vec![c]).await)
     }
 
     /// The longest lifetime a key may have, in whole days, and the default.
@@ -576,7 +538,7 @@ impl App {
         session: &mut ServerSession,
         req: &Request,
         who: &Identity,
-        created: Option<(String, String, Option<String>)>,
+        outcome: Option<Result<(String, String), String>>,
     ) -> Result<Served, ApiError> {
         let Identity::User {
             name,
@@ -586,13 +548,11 @@ impl App {
             ..
         } = who
         else {
-            return Ok(self
-                .redirect(session, req, "/login?next=/ui/keys", Vec::new())
-                .await);
+            return Ok(see_other(session, req, "/login?next=/ui/keys", Vec::new()).await);
         };
-        let (new_key, error) = match created {
-            Some((key, user, None)) => (Some((key, user)), None),
-            Some((_, _, Some(e))) => (None, Some(e)),
+        let (new_key, error) = match outcome {
+            Some(Ok(made)) => (Some(made), None),
+            Some(Err(e)) => (None, Some(e)),
             None => (None, None),
         };
         let now = self.cache.now_ms();
@@ -639,7 +599,7 @@ impl App {
             max_days,
             default_days,
         })?;
-        Ok(self.send_page(session, req, status, html, Vec::new()).await)
+        Ok(self.send_html(session, req, status, html, Vec::new()).await)
     }
 
     async fn create_key(
@@ -674,16 +634,7 @@ impl App {
         };
         let days = match days {
             Ok(d) => d,
-            Err(e) => {
-                return self
-                    .keys_page(
-                        session,
-                        req,
-                        who,
-                        Some((String::new(), String::new(), Some(e))),
-                    )
-                    .await
-            }
+            Err(e) => return self.keys_page(session, req, who, Some(Err(e))).await,
         };
         let lifetime = Duration::from_secs(days * 86_400).min(self.auth.api_key_max_lifetime());
         let (id, key, _) = self
@@ -692,7 +643,7 @@ impl App {
             .await
             .map_err(|e| ApiError::new(Code::Internal, e))?;
         tracing::info!(id = %id, owner = %s.user, "API key created on the page");
-        self.keys_page(session, req, who, Some((key, s.user, None)))
+        self.keys_page(session, req, who, Some(Ok((key, s.user))))
             .await
     }
 
@@ -722,7 +673,7 @@ impl App {
             }
             Err(e) => return Err(ApiError::new(Code::Internal, e)),
         }
-        Ok(self.redirect(session, req, "/ui/keys", Vec::new()).await)
+        Ok(see_other(session, req, "/ui/keys", Vec::new()).await)
     }
 }
 

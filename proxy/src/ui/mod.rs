@@ -86,10 +86,10 @@ impl App {
         route: &UiRoute,
     ) -> Result<Served, ApiError> {
         match (route, req.method.as_str()) {
-            (UiRoute::Root, "GET" | "HEAD") => Ok(see_other(session, req, "/ui").await),
+            (UiRoute::Root, "GET" | "HEAD") => Ok(see_other(session, req, "/ui", Vec::new()).await),
             (UiRoute::Status, "GET" | "HEAD") => {
                 let html = self.status_page(who, self.session_csrf(req)).await?;
-                Ok(self.send_html(session, req, 200, html).await)
+                Ok(self.send_html(session, req, 200, html, Vec::new()).await)
             }
             _ => {
                 let allowed = route.allowed();
@@ -125,18 +125,21 @@ impl App {
         ]
     }
 
-    /// Sends a rendered page with [`App::html_headers`] (the body left out for `HEAD`).
+    /// Sends a rendered page with [`App::html_headers`] and `extra` (cookies), the body
+    /// left out for `HEAD`.
     pub(crate) async fn send_html(
         &self,
         session: &mut ServerSession,
         req: &Request,
         status: u16,
         html: String,
+        mut extra: Headers,
     ) -> Served {
+        extra.extend(self.html_headers());
         send_bytes(
             session,
             status,
-            self.html_headers(),
+            extra,
             Bytes::from(html),
             req.is_head(),
             None,
@@ -145,16 +148,18 @@ impl App {
     }
 }
 
-/// `303 See Other` to `location` (a path on berth).
+/// `303 See Other` to `location`, setting `cookies` (`Set-Cookie` values).
 pub(crate) async fn see_other(
     session: &mut ServerSession,
     req: &Request,
     location: &str,
+    cookies: Vec<String>,
 ) -> Served {
-    let headers = vec![
+    let mut headers = vec![
         ("Location", location.to_owned()),
         ("Cache-Control", "no-store".to_owned()),
     ];
+    headers.extend(cookies.into_iter().map(|c| ("Set-Cookie", c)));
     send_bytes(session, 303, headers, Bytes::new(), req.is_head(), None).await
 }
 
