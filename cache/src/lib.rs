@@ -190,14 +190,32 @@ pub struct Manifest {
     pub digest: Digest,
     pub media_type: String,
     pub body: Bytes,
-    /// `digest` as text, made once: it goes into every response.
-    pub digest_text: String,
+    /// The values of its response headers, made once: they go into every response.
+    pub headers: ManifestHeaders,
+}
+
+/// A manifest's `Content-Type`, `Docker-Content-Digest` and `ETag` values.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ManifestHeaders {
+    /// `None` if the upstream's media type is not a valid header value.
+    pub content_type: Option<http::HeaderValue>,
+    pub digest: http::HeaderValue,
+    pub etag: http::HeaderValue,
 }
 
 impl Manifest {
     pub fn new(digest: Digest, media_type: String, body: Bytes) -> Self {
+        let text = digest.to_string();
+        let value = |s: String| {
+            http::HeaderValue::from_maybe_shared(Bytes::from(s))
+                .expect("a digest is a valid header value")
+        };
         Manifest {
-            digest_text: digest.to_string(),
+            headers: ManifestHeaders {
+                content_type: http::HeaderValue::from_str(&media_type).ok(),
+                etag: value(format!("\"{text}\"")),
+                digest: value(text),
+            },
             digest,
             media_type,
             body,
@@ -589,49 +607,26 @@ impl Cache {
         let client = self.client(namespace)?;
         let accept = accept
             .filter(|a| !a.trim().is_empty() && *a != "*/*")
-            .unwrap_or(MANIFEST_ACCEPT_DEFAULT)
-            .to_owned();
+            .unwrap_or(MANIFEST_ACCEPT_DEFAULT);
+        // A hit is answered here. Everything else goes on in a boxed future: the future
+        // of a fetch is several kilobytes, and a request's future, which holds this one,
+        // is moved into a box of its own on every request.
         match reference {
             Reference::Digest(digest) => {
-                if let Some(hot) = self.hot_manifest(digest).await? {
-                    if !hot.served_for(namespace, repo) {
-                        self.confirm(&client, repo, digest, Kind::Manifest).await?;
-                        hot.remember(namespace, repo);
+                let hot = self.hot_manifest(digest).await?;
+                if let Some(hot) = &hot {
+                    if hot.served_for(namespace, repo) {
+                        return Ok((hot.manifest.clone(), Outcome::Hit));
                     }
-                    return Ok((hot.manifest.clone(), Outcome::Hit));
                 }
-                let this = self.clone();
-                let (repo2, digest2) = (repo.to_owned(), digest.clone());
-                let (result, role) = self
-                    .manifest_lock
-                    .run(link_key(namespace, repo, digest), async move {
-                        // Stored by a fetch that ended between the look above and
-                        // this one taking the lock.
-                        let ns = &client.config.namespace;
-                        if let Some(m) = this.stored_manifest(&digest2).await? {
-                            if this.linked(ns, &repo2, &digest2).await? {
-                                return Ok(m);
-                            }
-                        }
-                        this.fetch_manifest(
-                            &client,
-                            &repo2,
-                            &Reference::Digest(digest2),
-                            &accept,
-                            Retry::Yes,
-                        )
-                        .await
-                    })
-                    .await;
-                let m = result.map_err(unshare)?;
-                Ok((m, coalesced(Outcome::Miss, role)))
+                Box::pin(self.manifest_by_digest(client, repo, digest, hot, accept)).await
             }
             Reference::Tag(tag) => {
                 let key = TagKey {
                     upstream: namespace.to_owned(),
                     repo: repo.to_owned(),
                     tag: tag.clone(),
-                    variant: berth_store::oci::accept_variant(&accept),
+                    variant: berth_store::oci::accept_variant(accept),
                 };
                 let cached = match self.tag_record(&key).await? {
                     Some(rec) => self.stored_manifest(&rec.digest).await?.map(|m| {
@@ -642,53 +637,111 @@ impl Cache {
                     }),
                     None => None,
                 };
-                let this = self.clone();
-                let (result, role) = match cached {
-                    Some((m, Freshness::Fresh)) => return Ok((m, Outcome::Hit)),
-                    Some((m, Freshness::Revalidate))
-                        if self.failed_revalidations.get(&key).await.is_some_and(|at| {
-                            tags::in_backoff(at, self.clock.now_ms(), client.config.tag_ttl)
-                        }) =>
-                    {
-                        // The upstream failed to confirm this tag moments ago: serve it
-                        // stale at once rather than wait out another timeout.
-                        return Ok((m, Outcome::Stale));
-                    }
-                    Some((m, Freshness::Revalidate)) => {
-                        self.tag_lock
-                            .run(key.clone(), async move {
-                                if let Some(m) = this.fresh_tag(&key, &client).await? {
-                                    return Ok((m, Outcome::Hit));
-                                }
-                                this.revalidate(&client, &key, m, &accept).await
-                            })
-                            .await
-                    }
-                    None => {
-                        self.tag_lock
-                            .run(key.clone(), async move {
-                                if let Some(m) = this.fresh_tag(&key, &client).await? {
-                                    return Ok((m, Outcome::Hit));
-                                }
-                                let m = this
-                                    .fetch_manifest(
-                                        &client,
-                                        &key.repo,
-                                        &Reference::Tag(key.tag.clone()),
-                                        &accept,
-                                        Retry::Yes,
-                                    )
-                                    .await?;
-                                this.confirm_tag(&key, &m.digest).await?;
-                                Ok((m, Outcome::Miss))
-                            })
-                            .await
-                    }
-                };
-                let (m, outcome) = result.map_err(unshare)?;
-                Ok((m, coalesced(outcome, role)))
+                if let Some((m, Freshness::Fresh)) = cached {
+                    return Ok((m, Outcome::Hit));
+                }
+                Box::pin(self.manifest_by_tag(client, key, cached, accept)).await
             }
         }
+    }
+
+    /// [`Cache::manifest`] by digest, past a hit: a manifest in memory that this
+    /// repository has not been confirmed to hold, or one to look up or fetch.
+    async fn manifest_by_digest(
+        self: &Arc<Self>,
+        client: Arc<UpstreamClient>,
+        repo: &str,
+        digest: &Digest,
+        hot: Option<Arc<HotManifest>>,
+        accept: &str,
+    ) -> Result<(Arc<Manifest>, Outcome), CacheError> {
+        let namespace = client.config.namespace.clone();
+        if let Some(hot) = hot {
+            self.confirm(&client, repo, digest, Kind::Manifest).await?;
+            hot.remember(&namespace, repo);
+            return Ok((hot.manifest.clone(), Outcome::Hit));
+        }
+        let this = self.clone();
+        let (repo2, digest2, accept) = (repo.to_owned(), digest.clone(), accept.to_owned());
+        let (result, role) = self
+            .manifest_lock
+            .run(link_key(&namespace, repo, digest), async move {
+                // Stored by a fetch that ended between the look above and
+                // this one taking the lock.
+                let ns = &client.config.namespace;
+                if let Some(m) = this.stored_manifest(&digest2).await? {
+                    if this.linked(ns, &repo2, &digest2).await? {
+                        return Ok(m);
+                    }
+                }
+                this.fetch_manifest(
+                    &client,
+                    &repo2,
+                    &Reference::Digest(digest2),
+                    &accept,
+                    Retry::Yes,
+                )
+                .await
+            })
+            .await;
+        let m = result.map_err(unshare)?;
+        Ok((m, coalesced(Outcome::Miss, role)))
+    }
+
+    /// [`Cache::manifest`] by tag, past a hit: a tag to revalidate, or one to fetch.
+    async fn manifest_by_tag(
+        self: &Arc<Self>,
+        client: Arc<UpstreamClient>,
+        key: TagKey,
+        cached: Option<(Arc<Manifest>, Freshness)>,
+        accept: &str,
+    ) -> Result<(Arc<Manifest>, Outcome), CacheError> {
+        let this = self.clone();
+        let accept = accept.to_owned();
+        let (result, role) = match cached {
+            Some((m, Freshness::Fresh)) => return Ok((m, Outcome::Hit)),
+            Some((m, Freshness::Revalidate))
+                if self.failed_revalidations.get(&key).await.is_some_and(|at| {
+                    tags::in_backoff(at, self.clock.now_ms(), client.config.tag_ttl)
+                }) =>
+            {
+                // The upstream failed to confirm this tag moments ago: serve it
+                // stale at once rather than wait out another timeout.
+                return Ok((m, Outcome::Stale));
+            }
+            Some((m, Freshness::Revalidate)) => {
+                self.tag_lock
+                    .run(key.clone(), async move {
+                        if let Some(m) = this.fresh_tag(&key, &client).await? {
+                            return Ok((m, Outcome::Hit));
+                        }
+                        this.revalidate(&client, &key, m, &accept).await
+                    })
+                    .await
+            }
+            None => {
+                self.tag_lock
+                    .run(key.clone(), async move {
+                        if let Some(m) = this.fresh_tag(&key, &client).await? {
+                            return Ok((m, Outcome::Hit));
+                        }
+                        let m = this
+                            .fetch_manifest(
+                                &client,
+                                &key.repo,
+                                &Reference::Tag(key.tag.clone()),
+                                &accept,
+                                Retry::Yes,
+                            )
+                            .await?;
+                        this.confirm_tag(&key, &m.digest).await?;
+                        Ok((m, Outcome::Miss))
+                    })
+                    .await
+            }
+        };
+        let (m, outcome) = result.map_err(unshare)?;
+        Ok((m, coalesced(outcome, role)))
     }
 
     /// The manifest a tag names if the tag is fresh: confirmed by a fetch that ended

@@ -15,6 +15,7 @@ use berth_config::{Config, DEFAULT_CONFIG};
 use berth_registry::Registry;
 use berth_store::Store;
 
+use crate::access_log::AccessLog;
 use crate::drain::{Drain, InFlight};
 use crate::metrics::Metrics;
 use crate::private::Maintenance;
@@ -456,6 +457,7 @@ fn serve(args: ServeArgs) -> i32 {
         cache,
         registry,
         metrics,
+        access_log: AccessLog::from_filter(),
         ui_contents: Default::default(),
     };
     let maintenance = Maintenance {

@@ -13,6 +13,7 @@
 //! curl -s 'localhost:5000/v2/library/nginx/manifests/latest?ns=docker.io' -I
 //! ```
 
+pub mod access_log;
 pub mod admin;
 pub mod api_keys;
 pub mod auth;

@@ -35,19 +35,64 @@ impl RequestLabels {
         RequestLabels {
             route,
             upstream: upstream.unwrap_or("none").to_owned(),
-            outcome: outcome.map(Outcome::as_str).unwrap_or("none"),
-            status: match status {
-                100..=199 => "1xx",
-                200..=299 => "2xx",
-                300..=399 => "3xx",
-                400..=499 => "4xx",
-                _ => "5xx",
-            },
+            outcome: outcome_label(outcome),
+            status: status_class(status),
         }
+    }
+
+    /// Whether these are the labels [`RequestLabels::new`] makes of the same values,
+    /// without making them.
+    fn is(
+        &self,
+        route: &'static str,
+        upstream: Option<&str>,
+        outcome: Option<Outcome>,
+        status: u16,
+    ) -> bool {
+        self.route == route
+            && self.upstream == upstream.unwrap_or("none")
+            && self.outcome == outcome_label(outcome)
+            && self.status == status_class(status)
     }
 }
 
+fn outcome_label(outcome: Option<Outcome>) -> &'static str {
+    outcome.map(Outcome::as_str).unwrap_or("none")
+}
+
+fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// The metrics of one label set, shared with the families that encode them.
+struct Series {
+    requests: Counter,
+    bytes: Counter,
+    duration: Histogram,
+}
+
+/// How many series each thread remembers (a node sees a handful of label sets: route
+/// kinds, upstreams, outcomes and status classes); the oldest is forgotten first.
+const SERIES_PER_THREAD: usize = 64;
+
+thread_local! {
+    /// The series this thread counted into lately, by [`Metrics::id`] and labels.
+    static SERIES: std::cell::RefCell<Vec<(u64, RequestLabels, Series)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Tells the [`Metrics`] of a process apart (tests make several).
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 pub struct Metrics {
+    /// Unique in the process: remembered series belong to one `Metrics`.
+    id: u64,
     registry: Registry,
     /// The cache's counters, registered into the same registry.
     pub cache: CacheMetrics,
@@ -84,6 +129,7 @@ impl Metrics {
         );
         let cache = CacheMetrics::register(&mut registry);
         Metrics {
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             registry,
             cache,
             requests,
@@ -93,12 +139,48 @@ impl Metrics {
         }
     }
 
-    pub fn observe(&self, labels: &RequestLabels, bytes: u64, elapsed: Duration) {
-        self.requests.get_or_create(labels).inc();
-        self.bytes.get_or_create(labels).inc_by(bytes);
-        self.duration
-            .get_or_create(labels)
-            .observe(elapsed.as_secs_f64());
+    /// Counts one request, its body bytes and its duration under the labels
+    /// [`RequestLabels::new`] makes of `route`, `upstream`, `outcome` and `status`.
+    ///
+    /// Each thread remembers the series it has counted into, so that a request costs no
+    /// label hashing and no lock of the three families (which took about 2,000
+    /// instructions per request). Series are never removed from a family, so a
+    /// remembered one stays the one the family encodes.
+    pub fn observe(
+        &self,
+        route: &'static str,
+        upstream: Option<&str>,
+        outcome: Option<Outcome>,
+        status: u16,
+        bytes: u64,
+        elapsed: Duration,
+    ) {
+        SERIES.with(|series| {
+            let mut series = series.borrow_mut();
+            let found = series
+                .iter()
+                .position(|(id, l, _)| *id == self.id && l.is(route, upstream, outcome, status));
+            let index = match found {
+                Some(i) => i,
+                None => {
+                    if series.len() == SERIES_PER_THREAD {
+                        series.remove(0);
+                    }
+                    let labels = RequestLabels::new(route, upstream, outcome, status);
+                    let s = Series {
+                        requests: self.requests.get_or_create(&labels).clone(),
+                        bytes: self.bytes.get_or_create(&labels).clone(),
+                        duration: self.duration.get_or_create(&labels).clone(),
+                    };
+                    series.push((self.id, labels, s));
+                    series.len() - 1
+                }
+            };
+            let s = &series[index].2;
+            s.requests.inc();
+            s.bytes.inc_by(bytes);
+            s.duration.observe(elapsed.as_secs_f64());
+        });
     }
 
     /// The OpenMetrics text exposition.
@@ -182,6 +264,61 @@ berth_requests_total{route=\"base\"} 1\n# HELP g A gauge.\n# TYPE g gauge\ng 2\n
             to_prometheus_text(om),
             "# HELP berth_requests_total HTTP requests served.\n# TYPE berth_requests_total counter\n\
 berth_requests_total{route=\"base\"} 1\n# HELP g A gauge.\n# TYPE g gauge\ng 2\n"
+        );
+    }
+
+    #[test]
+    fn each_metrics_counts_its_own_requests_into_its_series() {
+        let (a, b) = (Metrics::new(), Metrics::new());
+        let ms = Duration::from_millis(1);
+        for _ in 0..3 {
+            a.observe(
+                "manifest",
+                Some("docker.io"),
+                Some(Outcome::Hit),
+                200,
+                10,
+                ms,
+            );
+        }
+        a.observe(
+            "manifest",
+            Some("docker.io"),
+            Some(Outcome::Miss),
+            200,
+            5,
+            ms,
+        );
+        a.observe("blob", None, None, 404, 0, ms);
+        b.observe(
+            "manifest",
+            Some("docker.io"),
+            Some(Outcome::Hit),
+            204,
+            7,
+            ms,
+        );
+        let (a, b) = (a.render(0), b.render(0));
+        let hit = r#"{route="manifest",upstream="docker.io",outcome="hit",status="2xx"}"#;
+        assert!(a.contains(&format!("berth_requests_total{hit} 3\n")), "{a}");
+        assert!(
+            a.contains(&format!("berth_response_body_bytes_total{hit} 30\n")),
+            "{a}"
+        );
+        assert!(a.contains(
+            r#"berth_requests_total{route="manifest",upstream="docker.io",outcome="miss",status="2xx"} 1"#
+        ), "{a}");
+        assert!(a.contains(
+            r#"berth_requests_total{route="blob",upstream="none",outcome="none",status="4xx"} 1"#
+        ), "{a}");
+        assert!(
+            a.contains(&format!("berth_request_duration_seconds_count{hit} 3\n")),
+            "{a}"
+        );
+        assert!(b.contains(&format!("berth_requests_total{hit} 1\n")), "{b}");
+        assert!(
+            b.contains(&format!("berth_response_body_bytes_total{hit} 7\n")),
+            "{b}"
         );
     }
 

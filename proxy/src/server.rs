@@ -8,6 +8,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue};
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
 use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession;
@@ -22,7 +23,7 @@ use berth_store::StoredBlob;
 
 use crate::auth::{AuthError, Identity};
 use crate::errors::{ApiError, Code, Subject};
-use crate::metrics::{Metrics, RequestLabels};
+use crate::metrics::Metrics;
 use crate::range::{parse_range, ByteRange};
 use crate::route::{self, Endpoint, Form, Route, Target};
 use crate::sendfile::Socket;
@@ -50,6 +51,7 @@ pub struct App {
     pub cache: Arc<Cache>,
     pub registry: Arc<Registry>,
     pub metrics: Arc<Metrics>,
+    pub access_log: crate::access_log::AccessLog,
     /// The store's contents as the status page last read them.
     pub ui_contents: crate::ui::status::ContentsCache,
 }
@@ -81,17 +83,25 @@ pub(crate) struct Request {
 impl Request {
     fn from_session(session: &ServerSession) -> Self {
         let h = session.req_header();
-        let accept: Vec<&str> = h
+        // Most requests have one Accept header: it is copied without a list and a join.
+        let mut accepts = h
             .headers
-            .get_all("accept")
+            .get_all(http::header::ACCEPT)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .collect();
+            .filter_map(|v| v.to_str().ok());
+        let accept = accepts.next().map(|first| {
+            let mut all = first.to_owned();
+            for more in accepts {
+                all.push_str(", ");
+                all.push_str(more);
+            }
+            all
+        });
         Request {
             method: h.method.as_str().to_owned(),
             path: h.uri.path().to_owned(),
             query: h.uri.query().map(str::to_owned),
-            accept: (!accept.is_empty()).then(|| accept.join(", ")),
+            accept,
             range: header_value(h, "range"),
             content_type: header_value(h, "content-type"),
             content_range: header_value(h, "content-range"),
@@ -181,23 +191,28 @@ impl HttpServerApp for App {
             self.cache.served(upstream, served.outcome, body);
         }
         self.metrics.observe(
-            &RequestLabels::new(kind, upstream, served.outcome, served.status),
+            kind,
+            upstream,
+            served.outcome,
+            served.status,
             served.bytes,
             elapsed,
         );
-        tracing::info!(
-            target: "berth::access",
-            method = %req.method,
-            user = %who.as_ref().map(Identity::name).unwrap_or("(refused)"),
-            path = %req.path,
-            ns = req.query.as_deref().and_then(|q| route::query_param(q, "ns")).as_deref().unwrap_or(""),
-            status = served.status,
-            bytes = served.bytes,
-            outcome = served.outcome.map(Outcome::as_str).unwrap_or("-"),
-            complete = served.complete,
-            ms = elapsed.as_millis() as u64,
-            "request"
-        );
+        let ns = req
+            .query
+            .as_deref()
+            .and_then(|q| route::query_param(q, "ns"));
+        self.access_log.write(&crate::access_log::Entry {
+            method: &req.method,
+            user: who.as_ref().map(Identity::name).unwrap_or("(refused)"),
+            path: &req.path,
+            ns: ns.as_deref().unwrap_or(""),
+            status: served.status,
+            bytes: served.bytes,
+            outcome: served.outcome.map(Outcome::as_str).unwrap_or("-"),
+            complete: served.complete,
+            ms: elapsed.as_millis() as u64,
+        });
         if !served.complete {
             return None;
         }
@@ -245,21 +260,48 @@ fn route_upstream(r: &Route) -> Option<&str> {
 
 pub(crate) type Headers = Vec<(&'static str, String)>;
 
-fn header(status: u16, headers: &Headers, length: u64) -> Box<ResponseHeader> {
-    let mut h = ResponseHeader::build(status, Some(headers.len() + 3)).expect("valid status");
-    h.insert_header("Docker-Distribution-API-Version", "registry/2.0")
-        .expect("valid header");
+const DOCKER_CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
+const OCI_NAMESPACE: HeaderName = HeaderName::from_static("oci-namespace");
+
+/// `Docker-Distribution-API-Version`, on every response.
+const API_VERSION: HeaderName = HeaderName::from_static("docker-distribution-api-version");
+
+/// A response header with `headers`, which must not hold `Content-Length`: the one
+/// berth sends, `length`, is added with `Docker-Distribution-API-Version`.
+///
+/// Names and values arrive made and go straight into the header map, without Pingora's
+/// map of header-name case: names go out in lowercase, as HTTP/2 carries them (HTTP/1.1
+/// names are case-insensitive). Building the header with Pingora's `insert_header`
+/// parsed every name again and kept a second map of their case.
+fn response_header(status: u16, mut headers: HeaderMap, length: u64) -> Box<ResponseHeader> {
+    headers.insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
     // A 204 has no body and, per RFC 9110, no Content-Length.
     if status != 204 {
-        h.insert_header("Content-Length", length.to_string())
-            .expect("valid header");
+        headers.insert(http::header::CONTENT_LENGTH, HeaderValue::from(length));
     }
+    let (mut parts, ()) = http::Response::new(()).into_parts();
+    parts.status = http::StatusCode::from_u16(status).expect("valid status");
+    parts.headers = headers;
+    Box::new(ResponseHeader::from(parts))
+}
+
+/// Room for the headers berth and Pingora add to every response (API version, length,
+/// date, connection).
+const ADDED_HEADERS: usize = 4;
+
+fn header(status: u16, headers: &Headers, length: u64) -> Box<ResponseHeader> {
+    let mut map = HeaderMap::with_capacity(headers.len() + ADDED_HEADERS);
     for (k, v) in headers {
         // Values come from validated routes and upstream metadata; skip any that is not a
         // valid header value rather than fail the response.
-        let _ = h.append_header(*k, v.as_str());
+        if let (Ok(k), Ok(v)) = (
+            HeaderName::from_bytes(k.as_bytes()),
+            HeaderValue::from_str(v),
+        ) {
+            map.append(k, v);
+        }
     }
-    Box::new(h)
+    response_header(status, map, length)
 }
 
 impl App {
@@ -313,7 +355,7 @@ impl App {
             return refuse(session, req, &e).await;
         }
         if let Route::ApiKeys { id } = route {
-            let result = self.api_keys(session, req, who, id.as_deref()).await;
+            let result = Box::pin(self.api_keys(session, req, who, id.as_deref())).await;
             return match result {
                 Ok(s) => s,
                 Err(e) => refuse(session, req, &e).await,
@@ -321,7 +363,7 @@ impl App {
         }
         if let Route::Admin(admin) = route {
             let result = match self.check_admin(who, req) {
-                Ok(()) => self.admin(session, req, admin).await,
+                Ok(()) => Box::pin(self.admin(session, req, admin)).await,
                 Err(e) => Err(e),
             };
             return match result {
@@ -330,19 +372,19 @@ impl App {
             };
         }
         if let Route::Login(page) = route {
-            return match self.login_pages(session, req, who, page).await {
+            return match Box::pin(self.login_pages(session, req, who, page)).await {
                 Ok(s) => s,
                 Err(e) => refuse(session, req, &e).await,
             };
         }
         if let Route::Ui(ui) = route {
-            return match self.ui(session, req, who, ui).await {
+            return match Box::pin(self.ui(session, req, who, ui)).await {
                 Ok(s) => s,
                 Err(e) => refuse(session, req, &e).await,
             };
         }
         if let Route::Private { repo, endpoint } = route {
-            return match self.private(session, req, who, repo, endpoint).await {
+            return match Box::pin(self.private(session, req, who, repo, endpoint)).await {
                 Ok(s) => s,
                 Err(e) => send_error(session, &e, req.is_head()).await,
             };
@@ -423,15 +465,17 @@ impl App {
             Route::Manifest { target, reference } => {
                 self.manifest(session, req, target, reference).await
             }
-            Route::Blob { target, digest } => self.blob(session, req, target, digest).await,
-            Route::Catalog => self.catalog(session, req, who).await,
-            Route::Token => self.token(session, req).await,
+            Route::Blob { target, digest } => {
+                Box::pin(self.blob(session, req, target, digest)).await
+            }
+            Route::Catalog => Box::pin(self.catalog(session, req, who)).await,
+            Route::Token => Box::pin(self.token(session, req)).await,
             Route::ApiKeys { .. } | Route::Admin(_) | Route::Login(_) | Route::Ui(_) => {
                 unreachable!("served above")
             }
             Route::Private { .. } => unreachable!("served above"),
             Route::TagsList { target, query } => {
-                self.tags(session, req, target, query.as_deref()).await
+                Box::pin(self.tags(session, req, target, query.as_deref())).await
             }
         };
         match result {
@@ -447,11 +491,21 @@ impl App {
         client_ip: Option<std::net::IpAddr>,
     ) -> Result<Identity, AuthError> {
         if req.authorization.is_none() {
-            if let Some(who) = self.auth.session_identity(req.cookie.as_deref()) {
-                return Ok(who);
-            }
-            return self.auth.authenticate(None).await;
+            return Ok(self
+                .auth
+                .session_identity(req.cookie.as_deref())
+                .unwrap_or(Identity::Anonymous));
         }
+        // Boxed: checking credentials can wait on a provider or on bcrypt, and that future
+        // would otherwise make every request's future larger.
+        Box::pin(self.check_credentials(req, client_ip)).await
+    }
+
+    async fn check_credentials(
+        &self,
+        req: &Request,
+        client_ip: Option<std::net::IpAddr>,
+    ) -> Result<Identity, AuthError> {
         if client_ip.is_some_and(|ip| self.logins.blocked(ip)) {
             return Err(AuthError::TooManyFailures);
         }
@@ -567,24 +621,25 @@ impl App {
                     &format!("manifest {}/{}:{reference}", target.upstream, target.repo),
                 )
             })?;
-        let mut headers = vec![
-            ("Content-Type", m.media_type.clone()),
-            ("Docker-Content-Digest", m.digest_text.clone()),
-            ("ETag", ["\"", &m.digest_text, "\""].concat()),
-        ];
-        ns_header(&mut headers, target);
-        if outcome == Outcome::Stale {
-            headers.push(("Warning", STALE_WARNING.into()));
+        let mut headers = HeaderMap::with_capacity(5 + ADDED_HEADERS);
+        if let Some(v) = &m.headers.content_type {
+            headers.insert(http::header::CONTENT_TYPE, v.clone());
         }
-        Ok(send_bytes(
-            session,
-            200,
-            headers,
-            m.body.clone(),
-            req.is_head(),
-            Some(outcome),
-        )
-        .await)
+        headers.insert(DOCKER_CONTENT_DIGEST, m.headers.digest.clone());
+        headers.insert(http::header::ETAG, m.headers.etag.clone());
+        if target.form == Form::Ns {
+            if let Ok(v) = HeaderValue::from_str(&target.upstream) {
+                headers.insert(OCI_NAMESPACE, v);
+            }
+        }
+        if outcome == Outcome::Stale {
+            headers.insert(
+                http::header::WARNING,
+                HeaderValue::from_static(STALE_WARNING),
+            );
+        }
+        let resp = response_header(200, headers, m.body.len() as u64);
+        Ok(write_response(session, resp, m.body.clone(), req.is_head(), Some(outcome)).await)
     }
 
     async fn blob(
@@ -971,11 +1026,17 @@ pub(crate) async fn send_head(
     length: u64,
     outcome: Option<Outcome>,
 ) -> Served {
-    let ok = session
-        .write_response_header(header(status, &headers, length))
-        .await
-        .is_ok()
-        && session.finish_body().await.is_ok();
+    write_head(session, header(status, &headers, length), outcome).await
+}
+
+async fn write_head(
+    session: &mut ServerSession,
+    resp: Box<ResponseHeader>,
+    outcome: Option<Outcome>,
+) -> Served {
+    let status = resp.status.as_u16();
+    let ok =
+        session.write_response_header(resp).await.is_ok() && session.finish_body().await.is_ok();
     Served {
         status,
         bytes: 0,
@@ -992,14 +1053,24 @@ pub(crate) async fn send_bytes(
     head: bool,
     outcome: Option<Outcome>,
 ) -> Served {
+    let resp = header(status, &headers, body.len() as u64);
+    write_response(session, resp, body, head, outcome).await
+}
+
+/// Writes `resp` and then `body`, or only `resp` for a HEAD request.
+async fn write_response(
+    session: &mut ServerSession,
+    resp: Box<ResponseHeader>,
+    body: Bytes,
+    head: bool,
+    outcome: Option<Outcome>,
+) -> Served {
     if head {
-        return send_head(session, status, headers, body.len() as u64, outcome).await;
+        return write_head(session, resp, outcome).await;
     }
+    let status = resp.status.as_u16();
     let len = body.len() as u64;
-    let ok = session
-        .write_response_header(header(status, &headers, len))
-        .await
-        .is_ok()
+    let ok = session.write_response_header(resp).await.is_ok()
         && session.write_response_body(body, true).await.is_ok();
     Served {
         status,
