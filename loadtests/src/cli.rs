@@ -77,6 +77,9 @@ pub enum Command {
         /// At most this many GETs are started.
         #[arg(long, default_value_t = 1000)]
         requests: u64,
+        /// Do not hash the bodies (as `wrk` does not).
+        #[arg(long)]
+        no_verify: bool,
     },
     /// A cold start: N clients released at the same instant, each GETs the blob once.
     /// Point it at a registry with an empty cache. --concurrency is ignored.
@@ -199,10 +202,16 @@ impl Cli {
                 repo,
                 reference,
                 requests,
+                no_verify,
             } => {
                 let reference =
                     Reference::parse(&reference).map_err(|e| format!("--reference: {e}"))?;
-                (common, Mode::Manifests { repo, reference }, requests)
+                let mode = Mode::Manifests {
+                    repo,
+                    reference,
+                    verify: !no_verify,
+                };
+                (common, mode, requests)
             }
             Command::Cold {
                 common,

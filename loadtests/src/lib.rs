@@ -68,6 +68,7 @@
 pub mod accesslog;
 pub mod cli;
 pub mod digest;
+pub mod h1;
 pub mod http;
 pub mod metrics;
 pub mod oci;

@@ -413,6 +413,7 @@ mod tests {
             Mode::Manifests {
                 repo: "library/app".into(),
                 reference: Reference::Tag("latest".into()),
+                verify: true,
             },
         );
         let mut stats = Stats::default();

@@ -11,6 +11,7 @@ use futures_util::stream::{self, StreamExt};
 
 use crate::accesslog::LogTail;
 use crate::digest::Digest;
+use crate::h1;
 use crate::http::{self, ClientOptions, Expect};
 use crate::metrics::{self, UpstreamCounters};
 use crate::oci::{self, Parsed, Platform, ACCEPT_MANIFESTS};
@@ -164,8 +165,13 @@ pub enum Mode {
         digest: Digest,
         verify: bool,
     },
-    /// One manifest, by tag or by digest, over and over.
-    Manifests { repo: String, reference: Reference },
+    /// One manifest, by tag or by digest, over and over; `verify` hashes every body.
+    /// Over plain HTTP each worker keeps one connection of [`crate::h1`]'s lean client.
+    Manifests {
+        repo: String,
+        reference: Reference,
+        verify: bool,
+    },
     /// `clients` clients released at the same instant, each GETting the blob once.
     Cold {
         repo: String,
@@ -246,9 +252,9 @@ impl Config {
             Mode::Pull {
                 repo, reference, ..
             }
-            | Mode::Manifests { repo, reference } => {
-                self.target.manifest_url(repo, &reference.to_string())
-            }
+            | Mode::Manifests {
+                repo, reference, ..
+            } => self.target.manifest_url(repo, &reference.to_string()),
             Mode::Blob { repo, digest, .. } | Mode::Cold { repo, digest, .. } => {
                 self.target.blob_url(repo, digest)
             }
@@ -365,7 +371,48 @@ async fn run_workers(config: &Config, http: reqwest::Client, started: Instant) -
     stats
 }
 
+/// What a manifest body must hash to, if it is verified.
+fn manifest_expect(reference: &Reference, verify: bool) -> Expect {
+    if verify {
+        reference.expect()
+    } else {
+        Expect::Nothing
+    }
+}
+
 async fn worker(shared: &Shared, rec: &Recorder) {
+    if let Mode::Manifests {
+        repo,
+        reference,
+        verify,
+    } = &shared.config.mode
+    {
+        let url = shared
+            .config
+            .target
+            .manifest_url(repo, &reference.to_string());
+        if let Some(endpoint) = h1::Endpoint::new(&url, ACCEPT_MANIFESTS) {
+            let mut conn = h1::Connection::new(endpoint, shared.config.client.connect_timeout);
+            let (kind, expect) = (reference.kind(), manifest_expect(reference, *verify));
+            let all = async {
+                while shared.limits.take() {
+                    let ok = conn.fetch(rec, kind, &expect).await;
+                    rec.unit(if ok {
+                        UnitOutcome::Ok
+                    } else {
+                        UnitOutcome::Failed
+                    });
+                }
+            };
+            if tokio::time::timeout_at(shared.limits.hard_deadline, all)
+                .await
+                .is_err()
+            {
+                rec.unit(UnitOutcome::Cancelled);
+            }
+            return;
+        }
+    }
     while shared.limits.take() {
         let unit = unit(shared, rec);
         match tokio::time::timeout_at(shared.limits.hard_deadline, unit).await {
@@ -419,13 +466,17 @@ async fn unit(shared: &Shared, rec: &Recorder) -> bool {
         )
         .await
         .is_ok(),
-        Mode::Manifests { repo, reference } => http::fetch(
+        Mode::Manifests {
+            repo,
+            reference,
+            verify,
+        } => http::fetch(
             &shared.http,
             rec,
             &target.manifest_url(repo, &reference.to_string()),
             reference.kind(),
             Some(ACCEPT_MANIFESTS),
-            &reference.expect(),
+            &manifest_expect(reference, *verify),
             false,
         )
         .await

@@ -663,6 +663,7 @@ async fn blob_manifests_and_cold_modes() {
             Mode::Manifests {
                 repo: REPO.into(),
                 reference: Reference::parse(&reference).unwrap(),
+                verify: true,
             },
         );
         config.count = 50;
