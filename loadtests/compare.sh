@@ -12,6 +12,7 @@
 #
 #   loadtests/compare.sh                 # ROUNDS=3 LAYER_MIB=200 by default
 #   WORKLOADS=cold,serve,pull,resilience # the default; name a subset to run only those
+#   BERTH_BIN_DIR=DIR                    # take berth, berth-load, berth-seed-index from DIR, no build
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
@@ -21,13 +22,20 @@ WORKLOADS=${WORKLOADS:-cold,serve,pull,resilience}
 COMMAND="ROUNDS=$ROUNDS LAYER_MIB=$LAYER_MIB WORKLOADS=$WORKLOADS loadtests/compare.sh"
 wants() { case ",$WORKLOADS," in *",$1,"*) return 0;; *) return 1;; esac; }
 
-./scripts/setup
+# BERTH_BIN_DIR=DIR: use the berth, berth-load and berth-seed-index already built in DIR
+# (no cargo build, no scripts/setup; the tools below must be installed).
+if [ -z "${BERTH_BIN_DIR:-}" ]; then ./scripts/setup; else
+    for t in docker-registry skopeo curl python3; do command -v $t >/dev/null || { echo "compare.sh: $t is missing (scripts/setup installs it)" >&2; exit 1; }; done
+fi
 command -v nginx >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; }
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/berth-target}"
-cargo build --release --locked -p berth-proxy -p berth-loadtests
+[ -n "${BERTH_BIN_DIR:-}" ] || cargo build --release --locked -p berth-proxy -p berth-loadtests
 BERTH="$CARGO_TARGET_DIR/release/berth"
 LOAD="$CARGO_TARGET_DIR/release/berth-load"
 SEED_INDEX="$CARGO_TARGET_DIR/release/berth-seed-index"
+if [ -n "${BERTH_BIN_DIR:-}" ]; then
+    BERTH="$BERTH_BIN_DIR/berth"; LOAD="$BERTH_BIN_DIR/berth-load"; SEED_INDEX="$BERTH_BIN_DIR/berth-seed-index"
+fi
 
 WORK=$(mktemp -d /tmp/berth-bench.XXXXXX)
 PIDS=()
