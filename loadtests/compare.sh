@@ -11,23 +11,40 @@
 # date and this command). Not part of CI: it takes several minutes.
 #
 #   loadtests/compare.sh                 # ROUNDS=3 LAYER_MIB=200 by default
-#   WORKLOADS=cold,serve,pull,resilience # the default; name a subset to run only those
+#   WORKLOADS=cold,serve,pull,resilience,containerd,idle # the default; name a subset to run only those
+#   BERTH_BIN_DIR=DIR                    # take berth, berth-load, berth-seed-index from DIR, no build
+#
+# containerd: a real containerd (Debian's 1.6) pulls the image's linux/amd64 platform direct
+# from the upstream, through berth cold and through berth warm (about 20 s a round).
+# idle: 1,000 idle keep-alive connections (loadtests/idle.py; IDLE_CONNS to change it) held
+# open while 32 busy ones GET the manifest by tag for 5 s, on berth and on nginx, with the
+# servers' memory (about 15 s a round). Both were added to the default list, as they are
+# quick; whatever the list's order, the workloads run in the script's order (resilience last).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 LAYER_MIB=${LAYER_MIB:-200}
 RESULTS=${RESULTS:-loadtests/RESULTS.md}
-WORKLOADS=${WORKLOADS:-cold,serve,pull,resilience}
+WORKLOADS=${WORKLOADS:-cold,serve,pull,resilience,containerd,idle}
 COMMAND="ROUNDS=$ROUNDS LAYER_MIB=$LAYER_MIB WORKLOADS=$WORKLOADS loadtests/compare.sh"
 wants() { case ",$WORKLOADS," in *",$1,"*) return 0;; *) return 1;; esac; }
 
-./scripts/setup
+# BERTH_BIN_DIR=DIR: use the berth, berth-load and berth-seed-index already built in DIR
+# (no cargo build, no scripts/setup; the tools below must be installed).
+if [ -z "${BERTH_BIN_DIR:-}" ]; then ./scripts/setup; else
+    for t in docker-registry skopeo curl python3; do command -v $t >/dev/null || { echo "compare.sh: $t is missing (scripts/setup installs it)" >&2; exit 1; }; done
+fi
+# The idle workload holds 1,000 connections open in one server and in idle.py.
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 command -v nginx >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; }
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/berth-target}"
-cargo build --release --locked -p berth-proxy -p berth-loadtests
+[ -n "${BERTH_BIN_DIR:-}" ] || cargo build --release --locked -p berth-proxy -p berth-loadtests
 BERTH="$CARGO_TARGET_DIR/release/berth"
 LOAD="$CARGO_TARGET_DIR/release/berth-load"
 SEED_INDEX="$CARGO_TARGET_DIR/release/berth-seed-index"
+if [ -n "${BERTH_BIN_DIR:-}" ]; then
+    BERTH="$BERTH_BIN_DIR/berth"; LOAD="$BERTH_BIN_DIR/berth-load"; SEED_INDEX="$BERTH_BIN_DIR/berth-seed-index"
+fi
 
 WORK=$(mktemp -d /tmp/berth-bench.XXXXXX)
 PIDS=()
@@ -218,6 +235,118 @@ for r in $(seq 1 "$ROUNDS"); do
         run pull50 $t "$r" pull --image "$(target_repo $t):v1" --concurrency 50 --pulls 100 --upstream-log "$UPLOG"
     done
 done
+
+# --- containerd: whole pulls by a real containerd (Debian's 1.6) -------------------------
+# The image's linux/amd64 platform, three ways, each into an empty content store (a fresh
+# containerd root): direct from the upstream (--plain-http), through berth cold (a fresh
+# berth store) and through berth warm (cached by the cold pull). Each way twice: `ctr
+# content fetch` (every blob into the content store, verified) and `ctr images pull` with
+# the native snapshotter (the same, then the layers unpacked). Timed from the start of ctr
+# to its end; containerd's start-up is not. containerd reaches berth through a hosts.toml
+# mirror for docker.io (the mirror form: /v2/library/bench/...?ns=docker.io) whose
+# fallback server is a port nothing listens on, so a failing berth fails the pull.
+CTD=$WORK/ctd
+ctd_start() { # a containerd with an empty root and state
+    [ -n "${CTD_PID:-}" ] && stop_pid "$CTD_PID"
+    rm -rf "$CTD"; mkdir -p "$CTD"
+    cat > "$CTD/config.toml" <<EOF
+version = 2
+root = "$CTD/root"
+state = "$CTD/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt",
+  "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
+  "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs"]
+[grpc]
+  address = "$CTD/c.sock"
+[ttrpc]
+  address = "$CTD/c.sock.ttrpc"
+EOF
+    containerd --config "$CTD/config.toml" </dev/null >"$CTD/err.log" 2>&1 &
+    CTD_PID=$!; PIDS+=($CTD_PID)
+    for _ in $(seq 1 200); do
+        timeout 5 ctr --address "$CTD/c.sock" version </dev/null >/dev/null 2>&1 && return 0
+        kill -0 "$CTD_PID" 2>/dev/null || break
+        sleep 0.05
+    done
+    echo "containerd did not start" >&2; tail -n 20 "$CTD/err.log" >&2; return 1
+}
+ctd_time() { # way fetch|pull ref remote-options... -> a line of $OUT/containerd.extra
+    local way=$1 mode=$2 ref=$3; shift 3
+    local args=(content fetch) ms=null up0 t0 log=$OUT/containerd.$way.$mode.$r.log
+    [ "$mode" = pull ] && args=(images pull --snapshotter native)
+    ctd_start
+    log "round $r: containerd $mode, $way"
+    up0=$(wc -l < "$UPLOG"); t0=$(date +%s%N)
+    if timeout 600 ctr --address "$CTD/c.sock" -n bench "${args[@]}" --platform linux/amd64 "$@" "$ref" </dev/null >"$log" 2>&1; then
+        ms=$(( ($(date +%s%N) - t0) / 1000000 ))
+        timeout 60 ctr --address "$CTD/c.sock" -n bench content ls </dev/null >"$log.ls" 2>&1 || true
+        grep -q "$BIG" "$log.ls" || ms=null # the layer is in the content store
+    fi
+    [ "$ms" = null ] && { echo "FAILED: containerd $mode, $way (round $r):"; tail -n 20 "$log"; } >&2
+    sleep 0.3 # the upstream logs a request once it has sent the response
+    printf '{"round": %d, "mode": "%s", "way": "%s", "ms": %s, "upstream_requests": %d}\n' \
+        "$r" "$mode" "$way" "$ms" $(( $(wc -l < "$UPLOG") - up0 )) >> "$OUT/containerd.extra"
+}
+if wants containerd; then
+    for t in containerd ctr; do command -v $t >/dev/null || { echo "compare.sh: $t is missing (scripts/setup installs it)" >&2; exit 1; }; done
+    HOSTS=$WORK/ctd-hosts; mkdir -p "$HOSTS/docker.io"
+    printf 'server = "http://127.0.0.1:%s"\n\n[host."http://127.0.0.1:%s"]\n  capabilities = ["pull", "resolve"]\n' \
+        "$(free_port)" "$BERTH_PORT" > "$HOSTS/docker.io/hosts.toml"
+    for r in $(seq 1 "$ROUNDS"); do
+        for mode in fetch pull; do
+            ctd_time direct $mode "127.0.0.1:$UP_PORT/library/bench:v1" --plain-http
+            [ -n "${BERTH_PID:-}" ] && stop_pid "$BERTH_PID"; start_berth
+            ctd_time cold $mode docker.io/library/bench:v1 --hosts-dir "$HOSTS"
+            ctd_time warm $mode docker.io/library/bench:v1 --hosts-dir "$HOSTS"
+        done
+    done
+    stop_pid "$CTD_PID"; rm -rf "$CTD"
+fi
+
+# --- idle: 1,000 idle keep-alive connections and 32 busy ones ---------------------------
+# loadtests/idle.py opens $IDLE_CONNS connections; each GETs the manifest by tag once and
+# then stays open and idle. With them open, berth-load runs 32 connections of manifest
+# GETs by tag for 5 s. Per target: requests per second and p99, how many idle connections
+# are still open at the end (berth's keep-alive timeout is 60 s, nginx's 75 s; the whole
+# hold lasts about 10 s), and the server's memory (VmRSS and RssAnon, for nginx summed
+# over its master and workers): before the idle connections, with them open, and at its
+# peak during the busy run (sampled every 100 ms).
+IDLE_CONNS=${IDLE_CONNS:-1000}
+server_pids() { case $1 in berth) echo "$BERTH_PID";; nginx) local m; m=$(cat "$WORK/nginx/nginx.pid"); echo "$m" $(pgrep -P "$m");; esac; }
+mem_kib() { # pids... -> "VmRSS RssAnon" summed over them, in KiB
+    local f=() p; for p in "$@"; do f+=("/proc/$p/status"); done
+    awk '/^VmRSS:/ {r += $2} /^RssAnon:/ {a += $2} END {print r + 0, a + 0}' "${f[@]}" 2>/dev/null || echo "0 0"
+}
+if wants idle; then
+    [ -n "${BERTH_PID:-}" ] && kill -0 "$BERTH_PID" 2>/dev/null || start_berth
+    curl -sf -o /dev/null -H "Accept: application/vnd.oci.image.index.v1+json" \
+        "http://127.0.0.1:$BERTH_PORT/v2/docker.io/library/bench/manifests/v1"
+    for r in $(seq 1 "$ROUNDS"); do
+        for t in berth nginx; do
+            pids=$(server_pids $t); port=$BERTH_PORT; [ $t = nginx ] && port=$NGINX_PORT
+            read -r rss0 anon0 < <(mem_kib $pids)
+            log "round $r: idle on $t: opening $IDLE_CONNS connections"
+            python3 loadtests/idle.py 127.0.0.1 "$port" "/v2/$(target_repo $t)/manifests/v1" "$IDLE_CONNS" \
+                >"$OUT/idle.$t.$r.out" 2>"$OUT/idle.$t.$r.err" &
+            idle_pid=$!; PIDS+=($idle_pid)
+            for _ in $(seq 1 600); do
+                grep -q '^ready' "$OUT/idle.$t.$r.out" && break; kill -0 "$idle_pid" 2>/dev/null || break; sleep 0.1
+            done
+            sleep 0.5
+            read -r rss1 anon1 < <(mem_kib $pids)
+            echo "$rss1 $anon1" > "$WORK/idle-peak"
+            ( pr=$rss1; pa=$anon1; while :; do read -r vr va < <(mem_kib $pids)
+                [ "$vr" -gt "$pr" ] && pr=$vr; [ "$va" -gt "$pa" ] && pa=$va; echo "$pr $pa" > "$WORK/idle-peak"; sleep 0.1; done ) &
+            sampler=$!
+            run idle32 $t "$r" manifests --repo "$(target_repo $t)" --reference v1 --concurrency 32 --duration 5s --requests 100000000
+            stop_pid "$sampler"; read -r rss2 anon2 < "$WORK/idle-peak"
+            stop_pid "$idle_pid"
+            held=$(grep '^{' "$OUT/idle.$t.$r.out" || echo null)
+            printf '{"round": %d, "target": "%s", "conns": %d, "rss_before_kib": %d, "anon_before_kib": %d, "rss_idle_kib": %d, "anon_idle_kib": %d, "rss_peak_kib": %d, "anon_peak_kib": %d, "held": %s}\n' \
+                "$r" "$t" "$IDLE_CONNS" "$rss0" "$anon0" "$rss1" "$anon1" "$rss2" "$anon2" "$held" >> "$OUT/idle.extra"
+        done
+    done
+fi
 
 # --- resilience: restart with a large index, a hung upstream, SIGTERM ----------------------
 ms_since() { echo $(( ($(date +%s%N) - $1) / 1000000 )); }

@@ -2,7 +2,9 @@
 """Turns the JSON reports of one loadtests/compare.sh run into loadtests/RESULTS.md.
 
 usage: summarize.py OUT_DIR RESULTS_MD   (environment: COMMAND, LAYER_MIB, ROUNDS,
-BERTH_RSS_PEAK_KIB, as compare.sh exports them)
+BERTH_RSS_PEAK_KIB, as compare.sh exports them). Besides berth-load's JSON reports
+(NAME.TARGET.ROUND.json) it reads resilience.extra (one JSON object) and
+containerd.extra and idle.extra (JSON Lines, one object per measurement).
 """
 import datetime
 import glob
@@ -71,6 +73,87 @@ def machine():
     except (OSError, ValueError):
         pass
     return f"{os.cpu_count()} cores ({model}){mem}, {platform.system()} {platform.release()}"
+
+
+def load_lines(path):
+    """The JSON objects of a JSON Lines file (an .extra file written one run at a time)."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def containerd_section(out, lines):
+    recs = load_lines(os.path.join(out, "containerd.extra"))
+    if not recs:
+        return
+    ways = ("direct", "cold", "warm")
+    lines.append("\n## containerd: whole pulls of the image (linux/amd64) by a real containerd\n")
+    lines.append(
+        "Debian's containerd 1.6, each pull into an empty content store (a fresh containerd "
+        "root). *fetch* is `ctr content fetch` (every blob into the content store, verified); "
+        "*pull* is `ctr images pull --snapshotter native` (the same, then the layers "
+        "unpacked). *direct*: from the upstream docker-registry with `--plain-http`; "
+        "*berth cold*: through berth (a `hosts.toml` mirror for docker.io) with an empty "
+        "store; *berth warm*: through berth with the image cached. Wall-clock time of `ctr`, "
+        "median over the rounds. Targets (issue 13): cold/direct ≤ 1.1x, warm/direct < 1.0x.\n"
+    )
+    lines.append("| ctr | direct (ms) | berth cold (ms) | berth warm (ms) | cold/direct | warm/direct "
+                 "| upstream requests: direct / cold / warm | failed runs |")
+    lines.append("|---|---|---|---|---|---|---|---|")
+    for mode, label in (("fetch", "fetch (`ctr content fetch`)"), ("pull", "pull incl. unpack (`ctr images pull`)")):
+        sel = {w: [r for r in recs if r["mode"] == mode and r["way"] == w] for w in ways}
+        ms = {w: median(r["ms"] for r in sel[w]) for w in ways}
+        up = {w: median(r["upstream_requests"] for r in sel[w]) for w in ways}
+        failed = sum(1 for w in ways for r in sel[w] if r["ms"] is None)
+        lines.append(
+            f"| {label} | {fmt(ms['direct'])} | {fmt(ms['cold'])} | {fmt(ms['warm'])} | "
+            f"{fmt(ratio(ms['cold'], ms['direct']), 'x')} | {fmt(ratio(ms['warm'], ms['direct']), 'x')} | "
+            f"{' / '.join(fmt(up[w]) for w in ways)} | {failed} |"
+        )
+
+
+def idle_section(out, lines, m):
+    recs = load_lines(os.path.join(out, "idle.extra"))
+    if not recs:
+        return
+    conns = recs[0]["conns"]
+    lines.append(f"\n## Many connections: {conns:,} idle keep-alive connections and 32 busy ones\n")
+    lines.append(
+        f"`loadtests/idle.py` opens {conns:,} connections, each GETs the manifest by tag once "
+        "and then stays open and idle; with them open, `berth-load manifests --concurrency 32 "
+        "--duration 5s` GETs the manifest by tag. Memory is the server's (for nginx summed "
+        "over its master and workers), from /proc/PID/status: before the idle connections, "
+        "with them open, and the peak during the busy run (sampled every 100 ms). Medians "
+        "over the rounds.\n"
+    )
+    lines.append("| target | req/s (32 busy conns) | p99 (ms) | failed requests | idle conns open at the end "
+                 "| held (s) | VmRSS before / idle / peak (MiB) | RssAnon before / idle / peak (MiB) "
+                 "| RssAnon per idle conn (KiB) |")
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    mib = lambda v: None if v is None else v / 1024
+    for t in ("berth", "nginx"):
+        sel = [r for r in recs if r["target"] == t]
+        if not sel:
+            continue
+        med = lambda k: median(r.get(k) for r in sel)
+        held = [r["held"] or {} for r in sel]
+        open_end = median(h.get("open_at_end") for h in held)
+        opened = median(h.get("opened") for h in held)
+        held_s = median(h.get("held_s") for h in held)
+        per_conn = median(
+            (r["anon_idle_kib"] - r["anon_before_kib"]) / r["conns"] for r in sel if r["conns"]
+        )
+        rps = m("idle32", t, lambda r: r.get("requests_per_s"))
+        p99 = m("idle32", t, lambda r: first_kind(r, ["tag_manifest", "manifest"], "p99"))
+        failed = m("idle32", t, lambda r: sum((r.get("errors") or {}).values()))
+        open_txt = "–" if open_end is None else f"{open_end:,.0f} of {opened:,.0f}"
+        lines.append(
+            f"| {t} | {fmt(rps)} | {fmt(p99)} | {fmt(failed)} | {open_txt} | {fmt(held_s)} | "
+            f"{fmt(mib(med('rss_before_kib')))} / {fmt(mib(med('rss_idle_kib')))} / {fmt(mib(med('rss_peak_kib')))} | "
+            f"{fmt(mib(med('anon_before_kib')))} / {fmt(mib(med('anon_idle_kib')))} / {fmt(mib(med('anon_peak_kib')))} | "
+            f"{fmt(per_conn)} |"
+        )
 
 
 def main():
@@ -182,6 +265,8 @@ def main():
             f"read timeout {res['read_timeout_ms']} ms + connect timeout 1,000 ms |"
         )
         lines.append(f"| the same tag again, right after | {res['hung_again_ms']} ms | (served stale at once) |")
+    containerd_section(out, lines)
+    idle_section(out, lines, m)
     lines.append("\n## Memory\n")
     lines.append(
         f"- berth peak anonymous resident memory (RssAnon, sampled every 100 ms over the whole run): "
