@@ -11,21 +11,24 @@
 # date and this command). Not part of CI: it takes several minutes.
 #
 #   loadtests/compare.sh                 # ROUNDS=3 LAYER_MIB=200 by default
-#   WORKLOADS=cold,serve,pull,resilience,containerd,idle # the default; name a subset to run only those
+#   WORKLOADS=cold,serve,pull,resilience,containerd,idle,tls # the default; name a subset to run only those
 #   BERTH_BIN_DIR=DIR                    # take berth, berth-load, berth-seed-index from DIR, no build
 #
 # containerd: a real containerd (Debian's 1.6) pulls the image's linux/amd64 platform direct
 # from the upstream, through berth cold and through berth warm (about 20 s a round).
 # idle: 1,000 idle keep-alive connections (loadtests/idle.py; IDLE_CONNS to change it) held
 # open while 32 busy ones GET the manifest by tag for 5 s, on berth and on nginx, with the
-# servers' memory (about 15 s a round). Both were added to the default list, as they are
-# quick; whatever the list's order, the workloads run in the script's order (resilience last).
+# servers' memory (about 15 s a round).
+# tls: warm blobs and manifests over HTTPS, berth (rustls) against nginx (OpenSSL).
+# serve also runs the manifest loads from wrk, and every run records the server's CPU time
+# (user + system, /proc/<pid>/stat): CPU per request and per GiB are in the tables.
+# Whatever the list's order, the workloads run in the script's order (resilience last).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROUNDS=${ROUNDS:-3}
 LAYER_MIB=${LAYER_MIB:-200}
 RESULTS=${RESULTS:-loadtests/RESULTS.md}
-WORKLOADS=${WORKLOADS:-cold,serve,pull,resilience,containerd,idle}
+WORKLOADS=${WORKLOADS:-cold,serve,pull,resilience,containerd,idle,tls}
 COMMAND="ROUNDS=$ROUNDS LAYER_MIB=$LAYER_MIB WORKLOADS=$WORKLOADS loadtests/compare.sh"
 wants() { case ",$WORKLOADS," in *",$1,"*) return 0;; *) return 1;; esac; }
 
@@ -37,6 +40,7 @@ fi
 # The idle workload holds 1,000 connections open in one server and in idle.py.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 command -v nginx >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light >/dev/null; }
+command -v wrk >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/berth-target}"
 [ -n "${BERTH_BIN_DIR:-}" ] || cargo build --release --locked -p berth-proxy -p berth-loadtests
 BERTH="$CARGO_TARGET_DIR/release/berth"
@@ -57,7 +61,7 @@ trap cleanup EXIT
 log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_http() { # url
-    for _ in $(seq 1 200); do curl -s -o /dev/null "$1" && return 0; sleep 0.05; done
+    for _ in $(seq 1 200); do curl -sk -o /dev/null "$1" && return 0; sleep 0.05; done
     echo "not ready: $1" >&2
     tail -n 20 "$WORK"/*/err.log >&2 2>/dev/null || true
     return 1
@@ -124,19 +128,24 @@ start_berth() { # [store dir, default: a fresh one] [upstream port] [extra upstr
     local store=${1:-} port=${2:-$UP_PORT} extra=${3:-} default_ttl='tag_ttl = "5m"'
     mkdir -p "$WORK/berth"
     if [ -z "$store" ]; then rm -rf "$WORK/berth/store"; store=$WORK/berth/store; fi
+    # BERTH_TLS=1: serve HTTPS with the benchmark's certificate (the tls workload).
+    local tls="" scheme=http
+    if [ -n "${BERTH_TLS:-}" ]; then tls="tls = { cert = \"$WORK/tls.pem\", key = \"$WORK/tls.key\" }"; scheme=https; fi
     cat > "$WORK/berth/berth.toml" <<EOF
 [server]
 drain = "5s"
+$tls
 [[upstream]]
 namespace = "docker.io"
 url = "http://127.0.0.1:$port"
 prefixes = ["library/**"]
 ${extra:-$default_ttl}
 EOF
-    BERTH_LOG=warn "$BERTH" serve --config "$WORK/berth/berth.toml" --listen "127.0.0.1:$BERTH_PORT" \
+    # berth's default log level: the access log is on, one line per request, as nginx's is.
+    BERTH_LOG=info "$BERTH" serve --config "$WORK/berth/berth.toml" --listen "127.0.0.1:$BERTH_PORT" \
         --store "$store" 2>>"$WORK/berth/err.log" &
     BERTH_PID=$!; PIDS+=($BERTH_PID)
-    wait_http "http://127.0.0.1:$BERTH_PORT/v2/"
+    wait_http "$scheme://127.0.0.1:$BERTH_PORT/v2/"
     # Peak anonymous resident memory (heap, not file-backed mappings), sampled.
     ( peak=0; while kill -0 "$BERTH_PID" 2>/dev/null; do
         v=$(awk '/^RssAnon:/{print $2}' "/proc/$BERTH_PID/status" 2>/dev/null || echo 0)
@@ -166,6 +175,10 @@ mkdir -p "$NROOT/blobs" "$NROOT/manifests"
 cp "$WORK/layout/blobs/sha256/$BIG" "$NROOT/blobs/sha256:$BIG"
 cp "$WORK/index.json" "$NROOT/manifests/v1"
 cp "$WORK/index.json" "$NROOT/manifests/sha256:$INDEX"
+# One certificate for HTTPS, served by berth (rustls) and nginx (OpenSSL) alike.
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=127.0.0.1 \
+    -addext subjectAltName=IP:127.0.0.1 -keyout "$WORK/tls.key" -out "$WORK/tls.pem" 2>/dev/null
+NGINX_TLS_PORT=$(free_port)
 cat > "$WORK/nginx/nginx.conf" <<EOF
 user root;
 worker_processes $(nproc);
@@ -173,11 +186,20 @@ pid $WORK/nginx/nginx.pid;
 error_log $WORK/nginx/error.log;
 events { worker_connections 4096; }
 http {
-    sendfile on; tcp_nopush on; access_log off; keepalive_requests 1000000;
+    # The access log is on, one line per request, as berth's is.
+    sendfile on; tcp_nopush on; access_log $WORK/nginx/access.log; keepalive_requests 1000000;
     default_type application/octet-stream;
     server {
         listen 127.0.0.1:$NGINX_PORT; root $WORK/nginx/root;
         # The headers a registry sends with a manifest, so that clients do the same work.
+        location /v2/library/bench/manifests/ {
+            default_type application/vnd.oci.image.index.v1+json;
+            add_header Docker-Content-Digest sha256:$INDEX;
+        }
+    }
+    server {
+        listen 127.0.0.1:$NGINX_TLS_PORT ssl; root $WORK/nginx/root;
+        ssl_certificate $WORK/tls.pem; ssl_certificate_key $WORK/tls.key;
         location /v2/library/bench/manifests/ {
             default_type application/vnd.oci.image.index.v1+json;
             add_header Docker-Content-Digest sha256:$INDEX;
@@ -190,14 +212,44 @@ PIDS+=($!)
 wait_http "http://127.0.0.1:$NGINX_PORT/v2/library/bench/manifests/v1"
 
 OUT=$WORK/out; mkdir -p "$OUT"
-target_url() { case $1 in berth) echo "http://127.0.0.1:$BERTH_PORT";; peer) echo "http://127.0.0.1:$PEER_PORT";; nginx) echo "http://127.0.0.1:$NGINX_PORT";; esac; }
-target_repo() { case $1 in berth) echo docker.io/library/bench;; *) echo library/bench;; esac; }
+target_url() { case $1 in berth) echo "http://127.0.0.1:$BERTH_PORT";; peer) echo "http://127.0.0.1:$PEER_PORT";; nginx) echo "http://127.0.0.1:$NGINX_PORT";;
+    berth-tls) echo "https://127.0.0.1:$BERTH_PORT";; nginx-tls) echo "https://127.0.0.1:$NGINX_TLS_PORT";; esac; }
+target_repo() { case $1 in berth*) echo docker.io/library/bench;; *) echo library/bench;; esac; }
 
+# The processes of a target, whose CPU time is its cost: berth and the peer are one
+# process each (their threads included), nginx its master and workers.
+server_pids() {
+    case $1 in
+        berth*) echo "${BERTH_PID:-}";; peer) echo "${PEER_PID:-}";;
+        nginx*) local m; m=$(cat "$WORK/nginx/nginx.pid"); echo "$m" $(pgrep -P "$m");;
+    esac
+}
+cpu_ticks() { # pids... -> user + system CPU time in clock ticks (of every thread)
+    local f=() p; for p in "$@"; do f+=("/proc/$p/stat"); done
+    [ ${#f[@]} -gt 0 ] || { echo 0; return; }
+    awk '{t += $14 + $15} END {print t + 0}' "${f[@]}" 2>/dev/null || echo 0
+}
+export CLK_TCK; CLK_TCK=$(getconf CLK_TCK)
+
+# Each run also writes the target's CPU time during it (ticks) to $OUT/<name>.<target>.<round>.cpu.
 run() { # name target round args...
-    local name=$1 t=$2 r=$3; shift 3
+    local name=$1 t=$2 r=$3 pids c0; shift 3
     log "round $r: $name on $t"
+    pids=$(server_pids "$t"); c0=$(cpu_ticks $pids)
     "$LOAD" "$@" --registry "$(target_url "$t")" --json "$OUT/$name.$t.$r.json" >"$OUT/$name.$t.$r.txt" 2>&1 \
         || { echo "FAILED: $name on $t (round $r):"; cat "$OUT/$name.$t.$r.txt"; } >&2
+    echo $(( $(cpu_ticks $pids) - c0 )) > "$OUT/$name.$t.$r.cpu"
+}
+# The same load from wrk, an independent load generator (2 threads, 32 connections, 5 s):
+# its output goes to $OUT/<name>.<target>.<round>.wrk, the target's CPU time to .cpu.
+run_wrk() { # name target round path
+    local name=$1 t=$2 r=$3 path=$4 pids c0
+    log "round $r: $name (wrk) on $t"
+    pids=$(server_pids "$t"); c0=$(cpu_ticks $pids)
+    wrk -t2 -c32 -d5s --latency -H "Accept: application/vnd.oci.image.index.v1+json" \
+        "$(target_url "$t")$path" >"$OUT/$name.$t.$r.wrk" 2>&1 \
+        || { echo "FAILED: $name (wrk) on $t (round $r):"; cat "$OUT/$name.$t.$r.wrk"; } >&2
+    echo $(( $(cpu_ticks $pids) - c0 )) > "$OUT/$name.$t.$r.cpu"
 }
 
 # --- workloads ------------------------------------------------------------------------
@@ -230,6 +282,9 @@ for r in $(seq 1 "$ROUNDS"); do
         # Bounded by time, not by count.
         run tag32 $t "$r" manifests --repo "$repo" --reference v1 --concurrency 32 --duration 5s --requests 100000000
         run digest32 $t "$r" manifests --repo "$repo" --reference "sha256:$INDEX" --concurrency 32 --duration 5s --requests 100000000
+        # The same two loads from wrk, to check the harness against.
+        run_wrk wtag32 $t "$r" "/v2/$repo/manifests/v1"
+        run_wrk wdigest32 $t "$r" "/v2/$repo/manifests/sha256:$INDEX"
     done
     wants pull && for t in berth peer; do
         run pull50 $t "$r" pull --image "$(target_repo $t):v1" --concurrency 50 --pulls 100 --upstream-log "$UPLOG"
@@ -312,7 +367,6 @@ fi
 # over its master and workers): before the idle connections, with them open, and at its
 # peak during the busy run (sampled every 100 ms).
 IDLE_CONNS=${IDLE_CONNS:-1000}
-server_pids() { case $1 in berth) echo "$BERTH_PID";; nginx) local m; m=$(cat "$WORK/nginx/nginx.pid"); echo "$m" $(pgrep -P "$m");; esac; }
 mem_kib() { # pids... -> "VmRSS RssAnon" summed over them, in KiB
     local f=() p; for p in "$@"; do f+=("/proc/$p/status"); done
     awk '/^VmRSS:/ {r += $2} /^RssAnon:/ {a += $2} END {print r + 0, a + 0}' "${f[@]}" 2>/dev/null || echo "0 0"
@@ -346,6 +400,31 @@ if wants idle; then
                 "$r" "$t" "$IDLE_CONNS" "$rss0" "$anon0" "$rss1" "$anon1" "$rss2" "$anon2" "$held" >> "$OUT/idle.extra"
         done
     done
+fi
+
+# --- tls: warm serving over HTTPS --------------------------------------------------------
+# berth (rustls, ring) and nginx (OpenSSL) with the same certificate: blob throughput from
+# berth-load (--insecure), manifests from wrk (berth-load's lean client is plain HTTP
+# only), each with the server's CPU time. berth serves HTTPS from a store of its own,
+# filled by one pull of the layer and the manifests.
+if wants tls; then
+    [ -n "${BERTH_PID:-}" ] && stop_pid "$BERTH_PID"
+    BERTH_TLS=1 start_berth
+    TLS_BASE="https://127.0.0.1:$BERTH_PORT/v2/docker.io/library/bench"
+    curl -skf -o /dev/null "$TLS_BASE/blobs/sha256:$BIG"
+    for ref in v1 "sha256:$INDEX"; do
+        curl -skf -o /dev/null -H "Accept: application/vnd.oci.image.index.v1+json" "$TLS_BASE/manifests/$ref"
+    done
+    for r in $(seq 1 "$ROUNDS"); do
+        for t in berth-tls nginx-tls; do
+            repo=$(target_repo $t)
+            run tblob1 $t "$r" blob --repo "$repo" --digest "sha256:$BIG" --concurrency 1 --requests 8 --no-verify --insecure
+            run tblob32 $t "$r" blob --repo "$repo" --digest "sha256:$BIG" --concurrency 32 --requests 96 --no-verify --insecure
+            run_wrk wttag32 $t "$r" "/v2/$repo/manifests/v1"
+            run_wrk wtdigest32 $t "$r" "/v2/$repo/manifests/sha256:$INDEX"
+        done
+    done
+    stop_pid "$BERTH_PID"; BERTH_PID=""
 fi
 
 # --- resilience: restart with a large index, a hung upstream, SIGTERM ----------------------

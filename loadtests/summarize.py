@@ -20,7 +20,9 @@ def load(out):
     for path in glob.glob(os.path.join(out, "*.json")):
         name, target, rnd, _ = os.path.basename(path).split(".")
         with open(path) as f:
-            runs.setdefault((name, target), []).append(json.load(f))
+            report = json.load(f)
+        report["round"] = rnd
+        runs.setdefault((name, target), []).append(report)
     return runs
 
 
@@ -81,6 +83,154 @@ def load_lines(path):
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def load_side(out, ext):
+    """The side files of the runs: {(name, target): {round: text}}."""
+    side = {}
+    for path in glob.glob(os.path.join(out, f"*.{ext}")):
+        name, target, rnd, _ = os.path.basename(path).split(".")
+        with open(path) as f:
+            side.setdefault((name, target), {})[rnd] = f.read()
+    return side
+
+
+def parse_wrk(text):
+    """wrk's output: total requests, requests per second, p99 (ms), errors."""
+    units = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+    res = {"requests": None, "requests_per_s": None, "p99_ms": None, "errors": 0}
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) >= 3 and words[1] == "requests" and words[2] == "in":
+            res["requests"] = int(words[0])
+        elif line.startswith("Requests/sec:"):
+            res["requests_per_s"] = float(words[1])
+        elif len(words) == 2 and words[0] == "99%":
+            v = words[1]
+            for u in ("us", "ms", "s"):
+                if v.endswith(u):
+                    res["p99_ms"] = float(v[: -len(u)]) * units[u]
+                    break
+        elif line.startswith("Non-2xx or 3xx responses:"):
+            res["errors"] += int(words[-1])
+        elif line.strip().startswith("Socket errors:"):
+            res["errors"] += sum(int(w.strip(",")) for w in words[3::2])
+    return res
+
+
+class Cpu:
+    """Server CPU time per unit of work, from the .cpu side files (clock ticks)."""
+
+    def __init__(self, out, runs):
+        self.ticks = load_side(out, "cpu")
+        self.wrk = load_side(out, "wrk")
+        self.runs = runs
+        self.hz = float(os.environ.get("CLK_TCK", "100"))
+
+    def cpu_s(self, name, target, rnd):
+        text = self.ticks.get((name, target), {}).get(rnd)
+        return None if text is None else int(text.strip() or 0) / self.hz
+
+    def rounds(self, name, target):
+        return sorted(self.ticks.get((name, target), {}))
+
+    def report(self, name, target, rnd):
+        for r in self.runs.get((name, target), []):
+            if str(r.get("round")) == rnd:
+                return r
+        return None
+
+    def wrk_run(self, name, target, rnd):
+        text = self.wrk.get((name, target), {}).get(rnd)
+        return None if text is None else parse_wrk(text)
+
+    def per_request_us(self, name, target):
+        """Median over rounds of CPU per request, for a wrk or a berth-load run."""
+        vals = []
+        for rnd in self.rounds(name, target):
+            cpu = self.cpu_s(name, target, rnd)
+            w = self.wrk_run(name, target, rnd)
+            n = w["requests"] if w else ((self.report(name, target, rnd) or {}).get("units") or {}).get("ok")
+            if cpu is not None and n:
+                vals.append(cpu / n * 1e6)
+        return median(vals)
+
+    def per_gib_s(self, name, target):
+        vals = []
+        for rnd in self.rounds(name, target):
+            cpu = self.cpu_s(name, target, rnd)
+            b = (self.report(name, target, rnd) or {}).get("bytes")
+            if cpu is not None and b:
+                vals.append(cpu / (b / (1 << 30)))
+        return median(vals)
+
+    def wrk_median(self, name, target, key):
+        return median((self.wrk_run(name, target, rnd) or {}).get(key) for rnd in self.wrk.get((name, target), {}))
+
+
+def cpu_section(cpu, lines, m):
+    """Server CPU per unit of work, and berth-load's request rates against wrk's."""
+    if not cpu.ticks:
+        return
+    targets = ("berth", "peer", "nginx")
+    rows = [
+        ("manifests by tag, 32 conns, wrk (req/s)", lambda t: cpu.wrk_median("wtag32", t, "requests_per_s")),
+        ("manifests by tag, wrk p99 (ms)", lambda t: cpu.wrk_median("wtag32", t, "p99_ms")),
+        ("manifests by tag: server CPU per request (us)", lambda t: cpu.per_request_us("wtag32", t)),
+        ("manifests by digest, 32 conns, wrk (req/s)", lambda t: cpu.wrk_median("wdigest32", t, "requests_per_s")),
+        ("manifests by digest, wrk p99 (ms)", lambda t: cpu.wrk_median("wdigest32", t, "p99_ms")),
+        ("manifests by digest: server CPU per request (us)", lambda t: cpu.per_request_us("wdigest32", t)),
+        ("warm blob, 1 stream: server CPU per GiB (s)", lambda t: cpu.per_gib_s("blob1", t)),
+        ("warm blob, 32 clients: server CPU per GiB (s)", lambda t: cpu.per_gib_s("blob32", t)),
+    ]
+    lines.append("\n## Server CPU per unit of work (user + system time of the server's processes)\n")
+    lines.append(
+        "Manifest rows are from `wrk -t2 -c32 -d5s --latency`; blob rows from the berth-load "
+        "runs above. Both servers write an access log line per request.\n"
+    )
+    lines.append("| workload | berth | peer (distribution proxy) | nginx (limit) | berth/peer | berth/limit |")
+    lines.append("|---|---|---|---|---|---|")
+    for label, fn in rows:
+        v = {t: fn(t) for t in targets}
+        lines.append(
+            f"| {label} | {fmt(v['berth'])} | {fmt(v['peer'])} | {fmt(v['nginx'])} | "
+            f"{fmt(ratio(v['berth'], v['peer']), 'x')} | {fmt(ratio(v['berth'], v['nginx']), 'x')} |"
+        )
+    lines.append("\n### The harness against wrk: manifests, 32 connections, requests per second\n")
+    lines.append("| target | by tag: berth-load | by tag: wrk | berth-load/wrk | by digest: berth-load | by digest: wrk | berth-load/wrk |")
+    lines.append("|---|---|---|---|---|---|---|")
+    for t in targets:
+        bt = m("tag32", t, lambda r: r.get("requests_per_s"))
+        wt = cpu.wrk_median("wtag32", t, "requests_per_s")
+        bd = m("digest32", t, lambda r: r.get("requests_per_s"))
+        wd = cpu.wrk_median("wdigest32", t, "requests_per_s")
+        lines.append(
+            f"| {t} | {fmt(bt)} | {fmt(wt)} | {fmt(ratio(bt, wt), 'x')} | "
+            f"{fmt(bd)} | {fmt(wd)} | {fmt(ratio(bd, wd), 'x')} |"
+        )
+
+
+def tls_section(cpu, lines, m):
+    """Warm serving over HTTPS: berth (rustls) against nginx (OpenSSL)."""
+    if not cpu.rounds("tblob1", "berth-tls"):
+        return
+    gib = lambda r: r.get("bytes_per_s", 0) / (1 << 30)
+    rows = [
+        ("warm blob, 1 stream (GiB/s)", lambda t: m("tblob1", t, gib)),
+        ("warm blob, 32 clients (GiB/s)", lambda t: m("tblob32", t, gib)),
+        ("warm blob, 1 stream: server CPU per GiB (s)", lambda t: cpu.per_gib_s("tblob1", t)),
+        ("warm blob, 32 clients: server CPU per GiB (s)", lambda t: cpu.per_gib_s("tblob32", t)),
+        ("manifests by tag, 32 conns, wrk (req/s)", lambda t: cpu.wrk_median("wttag32", t, "requests_per_s")),
+        ("manifests by tag: server CPU per request (us)", lambda t: cpu.per_request_us("wttag32", t)),
+        ("manifests by digest, 32 conns, wrk (req/s)", lambda t: cpu.wrk_median("wtdigest32", t, "requests_per_s")),
+        ("manifests by digest: server CPU per request (us)", lambda t: cpu.per_request_us("wtdigest32", t)),
+    ]
+    lines.append("\n## HTTPS: warm serving, one certificate (ECDSA P-256), TLS 1.3\n")
+    lines.append("| workload | berth (rustls) | nginx (OpenSSL) | berth/nginx |")
+    lines.append("|---|---|---|---|")
+    for label, fn in rows:
+        b, n = fn("berth-tls"), fn("nginx-tls")
+        lines.append(f"| {label} | {fmt(b)} | {fmt(n)} | {fmt(ratio(b, n), 'x')} |")
 
 
 def containerd_section(out, lines):
@@ -210,7 +360,8 @@ def main():
     lines.append(
         "Produced by `loadtests/compare.sh` (see the script for the set-up: the upstream is "
         "Debian's docker-registry; the peer a second docker-registry in proxy mode; the limit "
-        "nginx serving the same bytes as static files with sendfile). All on loopback, no TLS. "
+        "nginx serving the same bytes as static files with sendfile). All on loopback; HTTPS only "
+        "in its own section. Both berth and nginx write an access log line per request. "
         "Figures are medians over the rounds; ratios are berth/peer and berth/nginx. "
         "Blob throughput is measured with a client that counts the bytes without hashing "
         "them (`--no-verify`), except in the row that says it verifies.\n"
@@ -265,6 +416,9 @@ def main():
             f"read timeout {res['read_timeout_ms']} ms + connect timeout 1,000 ms |"
         )
         lines.append(f"| the same tag again, right after | {res['hung_again_ms']} ms | (served stale at once) |")
+    cpu = Cpu(out, runs)
+    cpu_section(cpu, lines, m)
+    tls_section(cpu, lines, m)
     containerd_section(out, lines)
     idle_section(out, lines, m)
     lines.append("\n## Memory\n")
