@@ -170,7 +170,7 @@ class Cpu:
 
 def cpu_section(cpu, lines, m):
     """Server CPU per unit of work, and berth-load's request rates against wrk's."""
-    if not cpu.ticks:
+    if not cpu.rounds("wtag32", "berth"):
         return
     targets = ("berth", "peer", "nginx")
     rows = [

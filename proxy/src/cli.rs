@@ -484,7 +484,14 @@ fn serve(args: ServeArgs) -> i32 {
     let tls = app.config.server.tls.clone();
     let mut service = Service::new("berth".to_owned(), app);
     match &tls {
-        None => service.add_tcp(&listen),
+        // Plain HTTP reads go straight into the request's header buffer. Pingora's
+        // default 64 KiB read buffer per connection saves no read(2) here (a request
+        // head is read whole), and it made an idle keep-alive connection cost about
+        // 33 KiB of memory. The write buffer holds a response head and a small body
+        // (a manifest) so that they go out in one write.
+        None => service.add_listener(pingora::listeners::ListenerConfig::tcp(&listen).l4_buffer(
+            pingora::protocols::l4::stream::L4BufferSettings::new(0, 16 << 10),
+        )),
         Some(t) => {
             let (cert, key) = (t.cert.display().to_string(), t.key.display().to_string());
             if let Err(e) = service.add_tls(&listen, &cert, &key) {
