@@ -46,8 +46,10 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/berth-target}"
 BERTH="$CARGO_TARGET_DIR/release/berth"
 LOAD="$CARGO_TARGET_DIR/release/berth-load"
 SEED_INDEX="$CARGO_TARGET_DIR/release/berth-seed-index"
+FLOOR="$CARGO_TARGET_DIR/release/berth-pingora-floor"
 if [ -n "${BERTH_BIN_DIR:-}" ]; then
     BERTH="$BERTH_BIN_DIR/berth"; LOAD="$BERTH_BIN_DIR/berth-load"; SEED_INDEX="$BERTH_BIN_DIR/berth-seed-index"
+    FLOOR="$BERTH_BIN_DIR/berth-pingora-floor"
 fi
 
 WORK=$(mktemp -d /tmp/berth-bench.XXXXXX)
@@ -212,15 +214,23 @@ PIDS+=($!)
 wait_http "http://127.0.0.1:$NGINX_PORT/v2/library/bench/manifests/v1"
 
 OUT=$WORK/out; mkdir -p "$OUT"
+# berth-pingora-floor: the least a Pingora server does per request (the serve workload).
+FLOOR_PORT=$(free_port)
+if wants serve; then
+    "$FLOOR" "127.0.0.1:$FLOOR_PORT" "$WORK/index.json" 2>"$WORK/floor.log" &
+    FLOOR_PID=$!; PIDS+=($FLOOR_PID)
+    wait_http "http://127.0.0.1:$FLOOR_PORT/v2/"
+fi
 target_url() { case $1 in berth) echo "http://127.0.0.1:$BERTH_PORT";; peer) echo "http://127.0.0.1:$PEER_PORT";; nginx) echo "http://127.0.0.1:$NGINX_PORT";;
-    berth-tls) echo "https://127.0.0.1:$BERTH_PORT";; nginx-tls) echo "https://127.0.0.1:$NGINX_TLS_PORT";; esac; }
+    berth-tls) echo "https://127.0.0.1:$BERTH_PORT";; nginx-tls) echo "https://127.0.0.1:$NGINX_TLS_PORT";;
+    floor) echo "http://127.0.0.1:$FLOOR_PORT";; esac; }
 target_repo() { case $1 in berth*) echo docker.io/library/bench;; *) echo library/bench;; esac; }
 
 # The processes of a target, whose CPU time is its cost: berth and the peer are one
 # process each (their threads included), nginx its master and workers.
 server_pids() {
     case $1 in
-        berth*) echo "${BERTH_PID:-}";; peer) echo "${PEER_PID:-}";;
+        berth*) echo "${BERTH_PID:-}";; peer) echo "${PEER_PID:-}";; floor) echo "${FLOOR_PID:-}";;
         nginx*) local m; m=$(cat "$WORK/nginx/nginx.pid"); echo "$m" $(pgrep -P "$m");;
     esac
 }
@@ -286,6 +296,8 @@ for r in $(seq 1 "$ROUNDS"); do
         run_wrk wtag32 $t "$r" "/v2/$repo/manifests/v1"
         run_wrk wdigest32 $t "$r" "/v2/$repo/manifests/sha256:$INDEX"
     done
+    # What Pingora itself costs: berth-pingora-floor answers every request with the index.
+    wants serve && run_wrk wtag32 floor "$r" /v2/library/bench/manifests/v1
     wants pull && for t in berth peer; do
         run pull50 $t "$r" pull --image "$(target_repo $t):v1" --concurrency 50 --pulls 100 --upstream-log "$UPLOG"
     done

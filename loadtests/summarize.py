@@ -196,6 +196,23 @@ def cpu_section(cpu, lines, m):
             f"| {label} | {fmt(v['berth'])} | {fmt(v['peer'])} | {fmt(v['nginx'])} | "
             f"{fmt(ratio(v['berth'], v['peer']), 'x')} | {fmt(ratio(v['berth'], v['nginx']), 'x')} |"
         )
+    if cpu.rounds("wtag32", "floor"):
+        lines.append("\n### Pingora's own cost: berth-pingora-floor beside nginx and berth, manifests by tag, wrk\n")
+        lines.append(
+            "`berth-pingora-floor` is a Pingora server that answers every request with the "
+            "index and berth's manifest headers, on berth's listener settings: no routing, "
+            "cache, access log or metrics.\n"
+        )
+        lines.append("| | nginx | Pingora floor | berth | floor/nginx | berth/floor |")
+        lines.append("|---|---|---|---|---|---|")
+        for label, key in (("req/s", "requests_per_s"), ("p99 (ms)", "p99_ms")):
+            n, f, b = (cpu.wrk_median("wtag32", t, key) for t in ("nginx", "floor", "berth"))
+            lines.append(f"| {label} | {fmt(n)} | {fmt(f)} | {fmt(b)} | {fmt(ratio(f, n), 'x')} | {fmt(ratio(b, f), 'x')} |")
+        n, f, b = (cpu.per_request_us("wtag32", t) for t in ("nginx", "floor", "berth"))
+        lines.append(
+            f"| server CPU per request (us) | {fmt(n)} | {fmt(f)} | {fmt(b)} | "
+            f"{fmt(ratio(f, n), 'x')} | {fmt(ratio(b, f), 'x')} |"
+        )
     lines.append("\n### The harness against wrk: manifests, 32 connections, requests per second\n")
     lines.append("| target | by tag: berth-load | by tag: wrk | berth-load/wrk | by digest: berth-load | by digest: wrk | berth-load/wrk |")
     lines.append("|---|---|---|---|---|---|---|")
