@@ -339,10 +339,10 @@ EOF
 }
 ctd_time() { # way fetch|pull ref remote-options... -> a line of $OUT/containerd.extra
     local way=$1 mode=$2 ref=$3; shift 3
-    local args=(content fetch) ms=null up0 t0 log=$OUT/containerd.$way.$mode.$r.log
+    local args=(content fetch) ms=null up0 t0 log=$OUT/containerd.${link%% *}.$way.$mode.$r.log
     [ "$mode" = pull ] && args=(images pull --snapshotter native)
     ctd_start
-    log "round $r: containerd $mode, $way"
+    log "round $r: containerd $mode, $way, upstream on $link"
     up0=$(wc -l < "$UPLOG"); t0=$(date +%s%N)
     if timeout 600 ctr --address "$CTD/c.sock" -n bench "${args[@]}" --platform linux/amd64 "$@" "$ref" </dev/null >"$log" 2>&1; then
         ms=$(( ($(date +%s%N) - t0) / 1000000 ))
@@ -351,23 +351,36 @@ ctd_time() { # way fetch|pull ref remote-options... -> a line of $OUT/containerd
     fi
     [ "$ms" = null ] && { echo "FAILED: containerd $mode, $way (round $r):"; tail -n 20 "$log"; } >&2
     sleep 0.3 # the upstream logs a request once it has sent the response
-    printf '{"round": %d, "mode": "%s", "way": "%s", "ms": %s, "upstream_requests": %d}\n' \
-        "$r" "$mode" "$way" "$ms" $(( $(wc -l < "$UPLOG") - up0 )) >> "$OUT/containerd.extra"
+    printf '{"round": %d, "link": "%s", "mode": "%s", "way": "%s", "ms": %s, "upstream_requests": %d}\n' \
+        "$r" "$link" "$mode" "$way" "$ms" $(( $(wc -l < "$UPLOG") - up0 )) >> "$OUT/containerd.extra"
 }
 if wants containerd; then
     for t in containerd ctr; do command -v $t >/dev/null || { echo "compare.sh: $t is missing (scripts/setup installs it)" >&2; exit 1; }; done
     HOSTS=$WORK/ctd-hosts; mkdir -p "$HOSTS/docker.io"
     printf 'server = "http://127.0.0.1:%s"\n\n[host."http://127.0.0.1:%s"]\n  capabilities = ["pull", "resolve"]\n' \
         "$(free_port)" "$BERTH_PORT" > "$HOSTS/docker.io/hosts.toml"
+    # The upstream on loopback, and across an emulated link (loadtests/slowlink.py: each
+    # direction delayed by half of $LINK_RTT_MS and paced to $LINK_MIBPS per connection),
+    # as a registry across a network is. Direct pulls and berth's fills both go through it.
+    LINK_RTT_MS=${LINK_RTT_MS:-20}; LINK_MIBPS=${LINK_MIBPS:-100}
+    LINK_PORT=$(free_port)
+    python3 loadtests/slowlink.py "$LINK_PORT" "$UP_PORT" "$LINK_RTT_MS" "$LINK_MIBPS" >"$WORK/slowlink.log" 2>&1 &
+    PIDS+=($!)
+    for _ in $(seq 1 100); do grep -q ready "$WORK/slowlink.log" && break; sleep 0.05; done
     for r in $(seq 1 "$ROUNDS"); do
-        for mode in fetch pull; do
-            ctd_time direct $mode "127.0.0.1:$UP_PORT/library/bench:v1" --plain-http
-            [ -n "${BERTH_PID:-}" ] && stop_pid "$BERTH_PID"; start_berth
-            ctd_time cold $mode docker.io/library/bench:v1 --hosts-dir "$HOSTS"
-            ctd_time warm $mode docker.io/library/bench:v1 --hosts-dir "$HOSTS"
+        for link in loopback "link $LINK_RTT_MS ms, $LINK_MIBPS MiB/s"; do
+            up=$UP_PORT; [ "$link" = loopback ] || up=$LINK_PORT
+            for mode in fetch pull; do
+                ctd_time direct $mode "127.0.0.1:$up/library/bench:v1" --plain-http
+                [ -n "${BERTH_PID:-}" ] && stop_pid "$BERTH_PID"; start_berth "" "$up"
+                ctd_time cold $mode docker.io/library/bench:v1 --hosts-dir "$HOSTS"
+                ctd_time warm $mode docker.io/library/bench:v1 --hosts-dir "$HOSTS"
+            done
         done
     done
     stop_pid "$CTD_PID"; rm -rf "$CTD"
+    # The workloads after this one use berth with the upstream on loopback.
+    stop_pid "$BERTH_PID"; start_berth
 fi
 
 # --- idle: 1,000 idle keep-alive connections and 32 busy ones ---------------------------

@@ -263,18 +263,33 @@ def containerd_section(out, lines):
         "unpacked). *direct*: from the upstream docker-registry with `--plain-http`; "
         "*berth cold*: through berth (a `hosts.toml` mirror for docker.io) with an empty "
         "store; *berth warm*: through berth with the image cached. Wall-clock time of `ctr`, "
-        "median over the rounds. Targets (issue 13): cold/direct ≤ 1.1x, warm/direct < 1.0x.\n"
+        "median over the rounds. Targets (issue 13): cold/direct ≤ 1.1x, warm/direct < 1.0x. "
+        "*loopback*: the upstream on loopback, the best case for a direct pull; *link*: the "
+        "upstream behind `loadtests/slowlink.py`, which delays and paces each connection as "
+        "a network between a node and a registry does (direct pulls and berth's fills both "
+        "cross it).\n"
     )
-    lines.append("| ctr | direct (ms) | berth cold (ms) | berth warm (ms) | cold/direct | warm/direct "
+    lines.append("| upstream | ctr | direct (ms) | berth cold (ms) | berth warm (ms) | cold/direct | warm/direct "
                  "| upstream requests: direct / cold / warm | failed runs |")
-    lines.append("|---|---|---|---|---|---|---|---|")
-    for mode, label in (("fetch", "fetch (`ctr content fetch`)"), ("pull", "pull incl. unpack (`ctr images pull`)")):
-        sel = {w: [r for r in recs if r["mode"] == mode and r["way"] == w] for w in ways}
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    links = []
+    for r in recs:
+        if r.get("link", "loopback") not in links:
+            links.append(r.get("link", "loopback"))
+    for link, mode, label in (
+        (link, mode, label)
+        for link in links
+        for mode, label in (("fetch", "fetch (`ctr content fetch`)"), ("pull", "pull incl. unpack (`ctr images pull`)"))
+    ):
+        sel = {
+            w: [r for r in recs if r.get("link", "loopback") == link and r["mode"] == mode and r["way"] == w]
+            for w in ways
+        }
         ms = {w: median(r["ms"] for r in sel[w]) for w in ways}
         up = {w: median(r["upstream_requests"] for r in sel[w]) for w in ways}
         failed = sum(1 for w in ways for r in sel[w] if r["ms"] is None)
         lines.append(
-            f"| {label} | {fmt(ms['direct'])} | {fmt(ms['cold'])} | {fmt(ms['warm'])} | "
+            f"| {link} | {label} | {fmt(ms['direct'])} | {fmt(ms['cold'])} | {fmt(ms['warm'])} | "
             f"{fmt(ratio(ms['cold'], ms['direct']), 'x')} | {fmt(ratio(ms['warm'], ms['direct']), 'x')} | "
             f"{' / '.join(fmt(up[w]) for w in ways)} | {failed} |"
         )
