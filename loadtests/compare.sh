@@ -397,10 +397,13 @@ mem_kib() { # pids... -> "VmRSS RssAnon" summed over them, in KiB
     awk '/^VmRSS:/ {r += $2} /^RssAnon:/ {a += $2} END {print r + 0, a + 0}' "${f[@]}" 2>/dev/null || echo "0 0"
 }
 if wants idle; then
-    [ -n "${BERTH_PID:-}" ] && kill -0 "$BERTH_PID" 2>/dev/null || start_berth
-    curl -sf -o /dev/null -H "Accept: application/vnd.oci.image.index.v1+json" \
-        "http://127.0.0.1:$BERTH_PORT/v2/docker.io/library/bench/manifests/v1"
     for r in $(seq 1 "$ROUNDS"); do
+        # A fresh berth each round (its manifest cached by one request), so that memory
+        # freed by earlier work does not hide what the connections cost.
+        [ -n "${BERTH_PID:-}" ] && stop_pid "$BERTH_PID"
+        start_berth
+        curl -sf -o /dev/null -H "Accept: application/vnd.oci.image.index.v1+json" \
+            "http://127.0.0.1:$BERTH_PORT/v2/docker.io/library/bench/manifests/v1"
         for t in berth nginx; do
             pids=$(server_pids $t); port=$BERTH_PORT; [ $t = nginx ] && port=$NGINX_PORT
             read -r rss0 anon0 < <(mem_kib $pids)

@@ -590,6 +590,69 @@ async fn http_and_connection_errors_are_counted_by_kind() {
     assert_eq!(r.errors.get("connect"), Some(&2));
 }
 
+/// The manifests mode's own HTTP/1.1 client: bad bytes are caught by tag and by digest,
+/// a missing `Docker-Content-Digest` leaves a tag unverified, a 404 is a 4xx, and a
+/// manifest that never comes is cancelled at the run's hard deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_manifests_client_sees_bad_bytes_missing_digests_and_hangs() {
+    let image = Image::new();
+    let manifests = |server: &Server, reference: &str, verify: bool| {
+        let mut config = Config::new(
+            Target::new(&server.url, None).unwrap(),
+            Mode::Manifests {
+                repo: REPO.into(),
+                reference: Reference::parse(reference).unwrap(),
+                verify,
+            },
+        );
+        config.count = 12;
+        config.concurrency = 3;
+        config
+    };
+    let corrupt = Behaviour {
+        corrupt: HashSet::from([manifest_path(TAG), manifest_path(&image.index_digest)]),
+        ..Default::default()
+    };
+    let server = Server::start(&image, corrupt, None).await;
+    for reference in [TAG, image.index_digest.as_str()] {
+        let r = run(&manifests(&server, reference, true)).await.unwrap();
+        assert_eq!((r.units.ok, r.units.failed), (0, 12), "{reference}");
+        assert_eq!(r.errors.get("digest_mismatch"), Some(&12), "{:?}", r.errors);
+        // Without verification the same bytes are only counted.
+        let r = run(&manifests(&server, reference, false)).await.unwrap();
+        assert_eq!((r.units.ok, r.digests_verified), (12, 0), "{reference}");
+    }
+    // The server saw every request, failed or not.
+    assert_eq!(server.hits(&manifest_path(TAG)), 24);
+
+    let no_digest = Behaviour {
+        no_digest_header: true,
+        ..Default::default()
+    };
+    let server = Server::start(&image, no_digest, None).await;
+    let r = run(&manifests(&server, TAG, true)).await.unwrap();
+    assert_eq!((r.units.ok, r.digests_verified), (12, 0));
+    let r = run(&manifests(&server, "nope", true)).await.unwrap();
+    assert_eq!(r.errors.get("status_4xx"), Some(&12), "{:?}", r.errors);
+
+    let hang = Behaviour {
+        hang: HashSet::from([manifest_path(TAG)]),
+        ..Default::default()
+    };
+    let server = Server::start(&image, hang, None).await;
+    let mut config = manifests(&server, TAG, true);
+    config.duration = Duration::from_millis(300);
+    config.grace = Duration::from_millis(300);
+    let t = Instant::now();
+    let r = run(&config).await.unwrap();
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(600) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    assert_eq!((r.units.ok, r.units.failed, r.units.cancelled), (0, 0, 3));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_are_bounded_in_time() {
     let image = Image::new();
