@@ -9,7 +9,7 @@
 
 use std::cell::RefCell;
 use std::io::Write;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// One request, as the access log records it.
 pub(crate) struct Entry<'a> {
@@ -33,6 +33,9 @@ pub struct AccessLog {
 
 thread_local! {
     static LINE: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(256));
+    /// The second last formatted on this thread and its text up to the seconds
+    /// (`2026-12-01T19:20:30`): most lines share it with the one before.
+    static SECOND: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
 }
 
 impl AccessLog {
@@ -62,7 +65,21 @@ impl AccessLog {
 fn format_line(out: &mut Vec<u8>, now: SystemTime, e: &Entry<'_>) {
     let mut num = itoa::Buffer::new();
     // The same time format as the rest of the log (RFC 3339, microseconds, UTC).
-    let _ = write!(out, "{}", humantime::format_rfc3339_micros(now));
+    let since = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    SECOND.with(|second| {
+        let mut second = second.borrow_mut();
+        if second.0 != since.as_secs() {
+            let whole = UNIX_EPOCH + Duration::from_secs(since.as_secs());
+            let text = humantime::format_rfc3339_seconds(whole).to_string();
+            *second = (since.as_secs(), text.trim_end_matches('Z').to_owned());
+        }
+        out.extend_from_slice(second.1.as_bytes());
+    });
+    let micros = num.format(since.subsec_micros() + 1_000_000);
+    // 1xxxxxx: the leading 1 keeps the six digits' zeros; it becomes the dot.
+    out.push(b'.');
+    out.extend_from_slice(&micros.as_bytes()[1..]);
+    out.push(b'Z');
     out.extend_from_slice(b"  INFO berth::access: request method=");
     out.extend_from_slice(e.method.as_bytes());
     out.extend_from_slice(b" user=");
@@ -89,7 +106,6 @@ fn format_line(out: &mut Vec<u8>, now: SystemTime, e: &Entry<'_>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::{Duration, UNIX_EPOCH};
 
     #[test]
     fn a_line_has_every_field_in_the_log_format() {
@@ -116,6 +132,32 @@ mod tests {
              path=/v2/library/nginx/manifests/1.27 ns=docker.io status=200 bytes=1234 \
              outcome=hit complete=true ms=3\n"
         );
+    }
+
+    #[test]
+    fn times_keep_their_zeros_and_follow_the_second_they_are_in() {
+        let entry = Entry {
+            method: "GET",
+            user: "-",
+            path: "/v2/",
+            ns: "",
+            status: 200,
+            bytes: 2,
+            outcome: "-",
+            complete: true,
+            ms: 0,
+        };
+        let time = |micros: u64| {
+            let mut out = Vec::new();
+            format_line(&mut out, UNIX_EPOCH + Duration::from_micros(micros), &entry);
+            String::from_utf8(out).unwrap()[..27].to_owned()
+        };
+        let second = 1_764_616_830_000_000;
+        assert_eq!(time(second + 5), "2025-12-01T19:20:30.000005Z");
+        assert_eq!(time(second + 999_999), "2025-12-01T19:20:30.999999Z");
+        assert_eq!(time(second + 1_000_000), "2025-12-01T19:20:31.000000Z");
+        assert_eq!(time(second - 1), "2025-12-01T19:20:29.999999Z");
+        assert_eq!(time(second + 42), "2025-12-01T19:20:30.000042Z");
     }
 
     #[test]
