@@ -15,10 +15,17 @@ import statistics
 import sys
 
 
+def run_files(out, ext):
+    """(name, target, round, path) of each run's file with the extension `ext`
+    (compare.sh names them <name>.<target>.<round>.<ext>)."""
+    for path in glob.glob(os.path.join(out, f"*.{ext}")):
+        name, target, rnd, _ = os.path.basename(path).split(".")
+        yield name, target, rnd, path
+
+
 def load(out):
     runs = {}
-    for path in glob.glob(os.path.join(out, "*.json")):
-        name, target, rnd, _ = os.path.basename(path).split(".")
+    for name, target, rnd, path in run_files(out, "json"):
         with open(path) as f:
             report = json.load(f)
         report["round"] = rnd
@@ -88,8 +95,7 @@ def load_lines(path):
 def load_side(out, ext):
     """The side files of the runs: {(name, target): {round: text}}."""
     side = {}
-    for path in glob.glob(os.path.join(out, f"*.{ext}")):
-        name, target, rnd, _ = os.path.basename(path).split(".")
+    for name, target, rnd, path in run_files(out, ext):
         with open(path) as f:
             side.setdefault((name, target), {})[rnd] = f.read()
     return side

@@ -619,7 +619,8 @@ impl Cache {
                         return Ok((hot.manifest.clone(), Outcome::Hit));
                     }
                 }
-                Box::pin(self.manifest_by_digest(client, repo, digest, hot, accept)).await
+                Box::pin(self.manifest_by_digest(client, namespace, repo, digest, hot, accept))
+                    .await
             }
             Reference::Tag(tag) => {
                 let key = TagKey {
@@ -650,22 +651,22 @@ impl Cache {
     async fn manifest_by_digest(
         self: &Arc<Self>,
         client: Arc<UpstreamClient>,
+        namespace: &str,
         repo: &str,
         digest: &Digest,
         hot: Option<Arc<HotManifest>>,
         accept: &str,
     ) -> Result<(Arc<Manifest>, Outcome), CacheError> {
-        let namespace = client.config.namespace.clone();
         if let Some(hot) = hot {
             self.confirm(&client, repo, digest, Kind::Manifest).await?;
-            hot.remember(&namespace, repo);
+            hot.remember(namespace, repo);
             return Ok((hot.manifest.clone(), Outcome::Hit));
         }
         let this = self.clone();
         let (repo2, digest2, accept) = (repo.to_owned(), digest.clone(), accept.to_owned());
         let (result, role) = self
             .manifest_lock
-            .run(link_key(&namespace, repo, digest), async move {
+            .run(link_key(namespace, repo, digest), async move {
                 // Stored by a fetch that ended between the look above and
                 // this one taking the lock.
                 let ns = &client.config.namespace;

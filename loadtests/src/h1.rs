@@ -14,7 +14,6 @@ use bytes::{Buf, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::digest::{Digest, Verifier};
 use crate::http::Expect;
 use crate::oci::MAX_MANIFEST_BYTES;
 use crate::stats::{ErrorKind, Kind, Recorder, Sample};
@@ -135,17 +134,8 @@ impl Connection {
         if !(200..300).contains(&head.status) {
             return Err(ErrorKind::from_status(head.status));
         }
-        let expected = match expect {
-            Expect::Digest(d) => Some(d.clone()),
-            Expect::Nothing => None,
-            Expect::HeaderDigest => match head.digest {
-                None => None,
-                Some(d) => Some(Digest::parse(d.trim()).map_err(|_| ErrorKind::DigestUnsupported)?),
-            },
-        };
-        if let Some(d) = expected {
+        if let Some(mut v) = expect.verifier(head.digest.as_deref())? {
             sample.verified = true;
-            let mut v = Verifier::new(d);
             v.update(&body);
             v.finish().map_err(|_| ErrorKind::DigestMismatch)?;
         }
@@ -190,7 +180,8 @@ fn parse_head(buf: &[u8]) -> Result<Option<Head>, ErrorKind> {
                 .ok()
                 .and_then(|v| v.trim().parse::<usize>().ok());
         } else if h.name.eq_ignore_ascii_case("docker-content-digest") {
-            head.digest = std::str::from_utf8(h.value).ok().map(str::to_owned);
+            // Bytes that are not text stay, and fail as a digest, as through reqwest.
+            head.digest = Some(String::from_utf8_lossy(h.value).into_owned());
         } else if h.name.eq_ignore_ascii_case("connection") {
             head.close = h.value.eq_ignore_ascii_case(b"close");
         } else if h.name.eq_ignore_ascii_case("transfer-encoding") {

@@ -51,6 +51,24 @@ pub enum Expect {
     Nothing,
 }
 
+impl Expect {
+    /// The verifier a body needs; `header` is the response's `Docker-Content-Digest`, if
+    /// it sent one. A header that is not a digest this harness can check is an error.
+    pub fn verifier(&self, header: Option<&str>) -> Result<Option<Verifier>, ErrorKind> {
+        match self {
+            Expect::Digest(d) => Ok(Some(Verifier::new(d.clone()))),
+            Expect::Nothing => Ok(None),
+            Expect::HeaderDigest => header
+                .map(|h| {
+                    Digest::parse(h.trim())
+                        .map(Verifier::new)
+                        .map_err(|_| ErrorKind::DigestUnsupported)
+                })
+                .transpose(),
+        }
+    }
+}
+
 /// A successful fetch.
 #[derive(Clone, Debug)]
 pub struct Fetched {
@@ -120,20 +138,12 @@ async fn fetch_inner(
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    let mut verifier = match expect {
-        Expect::Digest(d) => Some(Verifier::new(d.clone())),
-        Expect::Nothing => None,
-        Expect::HeaderDigest => match resp.headers().get("docker-content-digest") {
-            None => None,
-            Some(v) => {
-                let parsed = v.to_str().ok().and_then(|s| Digest::parse(s.trim()).ok());
-                match parsed {
-                    Some(d) => Some(Verifier::new(d)),
-                    None => return Err(ErrorKind::DigestUnsupported),
-                }
-            }
-        },
-    };
+    // A header that is not text cannot be a digest either.
+    let header = resp
+        .headers()
+        .get("docker-content-digest")
+        .map(|v| v.to_str().unwrap_or(""));
+    let mut verifier = expect.verifier(header)?;
     sample.verified = verifier.is_some();
     let mut body = keep_body.then(BytesMut::new);
     let mut ttfb = None;
