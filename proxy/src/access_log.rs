@@ -9,6 +9,8 @@
 
 use std::cell::RefCell;
 use std::io::Write;
+use std::os::fd::AsFd;
+use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// One request, as the access log records it.
@@ -57,8 +59,24 @@ impl AccessLog {
             format_line(&mut line, SystemTime::now(), e);
             // One write of the whole line, so that lines from other threads never
             // interleave with it. A failed write to stderr has nowhere to be reported.
-            let _ = std::io::stderr().write_all(&line);
+            let _ = write_stderr(&line);
         });
+    }
+}
+
+/// Writes `line` to standard error without `std::io::Stderr`'s lock, which every thread
+/// took for every line: under load the threads queued on it, one futex call for every
+/// tenth request. A line is one `write(2)` of a whole buffer, so it needs no lock of ours
+/// to stay whole. If the descriptor cannot be duplicated, the locked handle is used.
+fn write_stderr(line: &[u8]) -> std::io::Result<()> {
+    static FILE: OnceLock<Option<std::fs::File>> = OnceLock::new();
+    let file = FILE.get_or_init(|| {
+        let fd = std::io::stderr().as_fd().try_clone_to_owned().ok()?;
+        Some(std::fs::File::from(fd))
+    });
+    match file {
+        Some(file) => (&*file).write_all(line),
+        None => std::io::stderr().write_all(line),
     }
 }
 
