@@ -293,10 +293,16 @@ impl BlobSource {
     }
 }
 
+/// An in-memory map looked up on every request, hashed with foldhash (randomly seeded per
+/// map, as std's SipHash is) rather than SipHash: the keys are repository paths, tags
+/// and digests, and hashing them was a tenth of a cached manifest's cost.
+type Hot<K, V> = moka::future::Cache<K, V, foldhash::quality::RandomState>;
+
 /// The pull-through cache over all configured upstreams.
 pub struct Cache {
     store: Arc<Store>,
-    upstreams: HashMap<String, Arc<UpstreamClient>>,
+    /// Looked up twice per request, hence foldhash (see [`Hot`]).
+    upstreams: HashMap<String, Arc<UpstreamClient>, foldhash::quality::RandomState>,
     blob_fills: BlobFills,
     /// Keyed by repository and digest: a fetch for one repository is never handed to
     /// another.
@@ -304,10 +310,10 @@ pub struct Cache {
     /// Upstream confirmations that a repository has a digest, coalesced.
     confirm_lock: FillLock<String, ()>,
     /// Cache links recently read or written (see [`link_key`]).
-    hot_links: moka::future::Cache<String, ()>,
+    hot_links: Hot<String, ()>,
     tag_lock: FillLock<TagKey, (Arc<Manifest>, Outcome)>,
-    hot_tags: moka::future::Cache<TagKey, TagRecord>,
-    hot_manifests: moka::future::Cache<Digest, Arc<HotManifest>>,
+    hot_tags: Hot<TagKey, TagRecord>,
+    hot_manifests: Hot<Digest, Arc<HotManifest>>,
     /// When (by [`Cache::clock`], in ms) a tag's revalidation last failed (kept for
     /// [`tags::REVALIDATION_BACKOFF`]).
     failed_revalidations: moka::future::Cache<TagKey, u64>,
@@ -391,7 +397,7 @@ impl Cache {
         metrics: CacheMetrics,
         clock: Clock,
     ) -> Result<Arc<Cache>, String> {
-        let mut upstreams = HashMap::new();
+        let mut upstreams = HashMap::with_hasher(foldhash::quality::RandomState::default());
         for u in &config.upstreams {
             upstreams.insert(
                 u.namespace.clone(),
@@ -408,15 +414,19 @@ impl Cache {
             blob_fills: BlobFills::default(),
             manifest_lock: FillLock::default(),
             confirm_lock: FillLock::default(),
-            hot_links: moka::future::Cache::builder().max_capacity(200_000).build(),
+            hot_links: moka::future::Cache::builder()
+                .max_capacity(200_000)
+                .build_with_hasher(Default::default()),
             tag_lock: FillLock::default(),
-            hot_tags: moka::future::Cache::builder().max_capacity(100_000).build(),
+            hot_tags: moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .build_with_hasher(Default::default()),
             hot_manifests: moka::future::Cache::builder()
                 .weigher(|_, m: &Arc<HotManifest>| {
                     m.manifest.body.len().try_into().unwrap_or(u32::MAX)
                 })
                 .max_capacity(16 * 1024 * 1024)
-                .build(),
+                .build_with_hasher(Default::default()),
             failed_revalidations: moka::future::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_live(tags::REVALIDATION_BACKOFF)
