@@ -97,19 +97,25 @@ impl Request {
             }
             all
         });
+        let has_body = !matches!(h.method, http::Method::GET | http::Method::HEAD);
         Request {
             method: h.method.as_str().to_owned(),
             path: h.uri.path().to_owned(),
             query: h.uri.query().map(str::to_owned),
             accept,
-            range: header_value(h, "range"),
-            content_type: header_value(h, "content-type"),
-            content_range: header_value(h, "content-range"),
-            authorization: header_value(h, "authorization"),
+            range: header_value(h, http::header::RANGE),
+            // Only requests with a body (uploads and pushes) read these two.
+            content_type: has_body
+                .then(|| header_value(h, http::header::CONTENT_TYPE))
+                .flatten(),
+            content_range: has_body
+                .then(|| header_value(h, http::header::CONTENT_RANGE))
+                .flatten(),
+            authorization: header_value(h, http::header::AUTHORIZATION),
             local: session.server_addr().and_then(|a| a.as_inet()).copied(),
             draining: false,
             cookie: crate::login::reads_cookies(h.uri.path())
-                .then(|| header_value(h, "cookie"))
+                .then(|| header_value(h, http::header::COOKIE))
                 .flatten(),
             client_ip: session
                 .client_addr()
@@ -128,7 +134,8 @@ impl Request {
     }
 }
 
-fn header_value(h: &pingora::http::RequestHeader, name: &str) -> Option<String> {
+/// Looked up by a [`HeaderName`] constant: a `&str` name is parsed again on every call.
+fn header_value(h: &pingora::http::RequestHeader, name: HeaderName) -> Option<String> {
     h.headers
         .get(name)
         .and_then(|v| v.to_str().ok())
