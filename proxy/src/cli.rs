@@ -417,9 +417,13 @@ fn serve(args: ServeArgs) -> i32 {
         );
     }
 
-    let threads = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2);
+    let threads = match worker_threads() {
+        Ok(n) => n,
+        Err(e) => {
+            eprintln!("berth: {e}");
+            return 2;
+        }
+    };
     let mut conf = ServerConf {
         threads,
         // Requests in flight get the drain time (see drain.rs, which exits as soon as
@@ -513,4 +517,23 @@ fn serve(args: ServeArgs) -> i32 {
         "budget", budget,
     ));
     server.run_forever()
+}
+
+/// The environment variable that sets the number of worker threads.
+pub const THREADS_ENV: &str = "BERTH_THREADS";
+
+/// The worker threads: `BERTH_THREADS` if set, else the CPUs berth may run on (its
+/// affinity and cgroup quota included).
+fn worker_threads() -> Result<usize, String> {
+    match std::env::var(THREADS_ENV) {
+        Ok(v) => match v.trim().parse::<usize>() {
+            Ok(n @ 1..=1024) => Ok(n),
+            _ => Err(format!(
+                "{THREADS_ENV}={v:?} is not a number of worker threads from 1 to 1024"
+            )),
+        },
+        Err(_) => Ok(std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)),
+    }
 }
