@@ -298,6 +298,20 @@ impl BlobSource {
 /// and digests, and hashing them was a tenth of a cached manifest's cost.
 type Hot<K, V> = moka::future::Cache<K, V, foldhash::quality::RandomState>;
 
+static NEXT_CACHE_ID: AtomicU64 = AtomicU64::new(0);
+
+/// How long a hit [`Cache::manifest_answer`] gave stays the answer to the same request:
+/// until anything in memory changes (a tag confirmed, moved or removed, a manifest
+/// stored or evicted; [`Cache::still_valid`]), and for a tag, until it is no longer
+/// fresh. A server may keep a ready answer for as long as this holds.
+#[derive(Clone, Copy, Debug)]
+pub struct HitValidity {
+    cache: u64,
+    generation: u64,
+    /// For a tag: when it was confirmed (ms) and its TTL.
+    tag: Option<(u64, Duration)>,
+}
+
 /// The pull-through cache over all configured upstreams.
 pub struct Cache {
     store: Arc<Store>,
@@ -325,6 +339,12 @@ pub struct Cache {
     /// `[cache]`: the disk budget.
     budget: CacheConfig,
     metrics: CacheMetrics,
+    /// This cache among the caches of the process (tests run several), for [`HitValidity`].
+    id: u64,
+    /// Counts the changes to the in-memory tags and manifests (see [`HitValidity`]):
+    /// bumped after each one, so that an answer read before a change is not taken for one
+    /// read after it.
+    generation: AtomicU64,
     /// The store's usage as the last eviction pass measured it, kept current.
     measured: Measured,
     /// One eviction pass at a time.
@@ -444,6 +464,8 @@ impl Cache {
             stuck: AtomicBool::new(false),
             write_failure_logged: AtomicU64::new(0),
             scrubbing: tokio::sync::Mutex::new(()),
+            id: NEXT_CACHE_ID.fetch_add(1, Ordering::Relaxed),
+            generation: AtomicU64::new(0),
         }))
     }
 
@@ -491,6 +513,7 @@ impl Cache {
         let hot = Arc::new(HotManifest::new(Arc::new(m)));
         hot.touch(&self.store.access, self.clock.now_ms());
         self.hot_manifests.insert(digest.clone(), hot.clone()).await;
+        self.changed();
         Ok(Some(hot))
     }
 
@@ -502,6 +525,7 @@ impl Cache {
         let rec = self.on_store(move |s| s.meta.get_tag(&k)).await?;
         if let Some(r) = &rec {
             self.hot_tags.insert(key.clone(), r.clone()).await;
+            self.changed();
         }
         Ok(rec)
     }
@@ -602,6 +626,7 @@ impl Cache {
             self.write_failed("a tag", &e);
         }
         self.hot_tags.insert(key.clone(), rec).await;
+        self.changed();
         Ok(())
     }
 
@@ -614,6 +639,23 @@ impl Cache {
         reference: &Reference,
         accept: Option<&str>,
     ) -> Result<(Arc<Manifest>, Outcome), CacheError> {
+        let (m, outcome, _) = self
+            .manifest_answer(namespace, repo, reference, accept)
+            .await?;
+        Ok((m, outcome))
+    }
+
+    /// [`Cache::manifest`], and for a hit answered from memory, how long the same request
+    /// gets the same answer (see [`HitValidity`]).
+    pub async fn manifest_answer(
+        self: &Arc<Self>,
+        namespace: &str,
+        repo: &str,
+        reference: &Reference,
+        accept: Option<&str>,
+    ) -> Result<(Arc<Manifest>, Outcome, Option<HitValidity>), CacheError> {
+        // Read before the lookup: a change made during it makes the answer invalid.
+        let generation = self.generation.load(Ordering::Acquire);
         let client = self.client(namespace)?;
         let accept = accept
             .filter(|a| !a.trim().is_empty() && *a != "*/*")
@@ -626,11 +668,14 @@ impl Cache {
                 let hot = self.hot_manifest(digest).await?;
                 if let Some(hot) = &hot {
                     if hot.served_for(namespace, repo) {
-                        return Ok((hot.manifest.clone(), Outcome::Hit));
+                        let valid = self.validity(generation, None);
+                        return Ok((hot.manifest.clone(), Outcome::Hit, Some(valid)));
                     }
                 }
-                Box::pin(self.manifest_by_digest(client, namespace, repo, digest, hot, accept))
-                    .await
+                let (m, outcome) =
+                    Box::pin(self.manifest_by_digest(client, namespace, repo, digest, hot, accept))
+                        .await?;
+                Ok((m, outcome, None))
             }
             Reference::Tag(tag) => {
                 let key = TagKey {
@@ -639,21 +684,50 @@ impl Cache {
                     tag: tag.clone(),
                     variant: berth_store::oci::accept_variant(accept),
                 };
+                let ttl = client.config.tag_ttl;
+                let mut confirmed_at_ms = 0;
                 let cached = match self.tag_record(&key).await? {
-                    Some(rec) => self.stored_manifest(&rec.digest).await?.map(|m| {
-                        (
-                            m,
-                            tags::freshness(&rec, self.clock.now_ms(), client.config.tag_ttl),
-                        )
-                    }),
+                    Some(rec) => {
+                        confirmed_at_ms = rec.confirmed_at_ms;
+                        self.stored_manifest(&rec.digest)
+                            .await?
+                            .map(|m| (m, tags::freshness(&rec, self.clock.now_ms(), ttl)))
+                    }
                     None => None,
                 };
                 if let Some((m, Freshness::Fresh)) = cached {
-                    return Ok((m, Outcome::Hit));
+                    let valid = self.validity(generation, Some((confirmed_at_ms, ttl)));
+                    return Ok((m, Outcome::Hit, Some(valid)));
                 }
-                Box::pin(self.manifest_by_tag(client, key, cached, accept)).await
+                let (m, outcome) =
+                    Box::pin(self.manifest_by_tag(client, key, cached, accept)).await?;
+                Ok((m, outcome, None))
             }
         }
+    }
+
+    fn validity(&self, generation: u64, tag: Option<(u64, Duration)>) -> HitValidity {
+        HitValidity {
+            cache: self.id,
+            generation,
+            tag,
+        }
+    }
+
+    /// Whether a hit this cache answered is still the answer: nothing in memory has
+    /// changed since, and a tag is still fresh.
+    pub fn still_valid(&self, v: &HitValidity) -> bool {
+        v.cache == self.id
+            && v.generation == self.generation.load(Ordering::Acquire)
+            && v.tag.is_none_or(|(confirmed_at_ms, ttl)| {
+                let rec = tags::Confirmed(confirmed_at_ms);
+                rec.freshness(self.clock.now_ms(), ttl) == Freshness::Fresh
+            })
+    }
+
+    /// Called after every change to the in-memory tags, manifests or links.
+    fn changed(&self) {
+        self.generation.fetch_add(1, Ordering::Release);
     }
 
     /// [`Cache::manifest`] by digest, past a hit: a manifest in memory that this
@@ -812,6 +886,7 @@ impl Cache {
                     self.write_failed("a tag's removal", &e);
                 }
                 self.hot_tags.invalidate(key).await;
+                self.changed();
                 return Err(CacheError::NotFound);
             }
             Err(e) => e,
@@ -889,6 +964,7 @@ impl Cache {
         hot.remember(registry, repo);
         hot.touch(&self.store.access, self.clock.now_ms());
         self.hot_manifests.insert(digest, Arc::new(hot)).await;
+        self.changed();
         Ok(m)
     }
 
@@ -1347,6 +1423,7 @@ impl Cache {
                 self.hot_tags.invalidate(k).await;
             }
             self.hot_links.invalidate_all();
+            self.changed();
         }
         let _ = tokio::task::spawn_blocking(evict::test_hold).await;
         let links = Arc::new(evict::blob_links(&plan));

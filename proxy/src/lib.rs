@@ -21,6 +21,7 @@ pub mod cli;
 mod drain;
 pub mod errors;
 pub mod login;
+mod memo;
 pub mod metrics;
 pub mod node_config;
 pub mod oidc;

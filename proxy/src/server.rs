@@ -179,6 +179,22 @@ impl HttpServerApp for App {
         // being sent) forever.
         session.set_write_timeout(Some(CLIENT_WRITE_TIMEOUT));
         let started = Instant::now();
+        if let Some(hit) = crate::memo::lookup(&session, &self.cache) {
+            let head = session.req_header().method == http::Method::HEAD;
+            let body = hit.manifest.body.clone();
+            let resp = manifest_header(&hit.manifest, hit.ns_header.clone(), Outcome::Hit);
+            let served = write_response(&mut session, resp, body, head, Some(Outcome::Hit)).await;
+            return self
+                .done(
+                    session,
+                    started,
+                    "manifest",
+                    Some(&hit.upstream),
+                    "-",
+                    served,
+                )
+                .await;
+        }
         let mut req = Request::from_session(&session);
         req.draining = *shutdown.borrow();
         let route = route::parse(&req.path, req.query.as_deref(), &self.config);
@@ -188,6 +204,24 @@ impl HttpServerApp for App {
             Ok(r) => (route_kind(r), route_upstream(r)),
             Err(_) => ("invalid", None),
         };
+        let user = who.as_ref().map(Identity::name).unwrap_or("(refused)");
+        self.done(session, started, kind, upstream, user, served)
+            .await
+    }
+}
+
+impl App {
+    /// After a response: the counters, the access log line, and the connection kept for
+    /// the next request or closed.
+    async fn done(
+        &self,
+        session: ServerSession,
+        started: Instant,
+        kind: &'static str,
+        upstream: Option<&str>,
+        user: &str,
+        served: Served,
+    ) -> Option<ReusedHttpStream> {
         let elapsed = started.elapsed();
         if let Some(upstream) = upstream {
             let body = if (200..300).contains(&served.status) {
@@ -205,14 +239,12 @@ impl HttpServerApp for App {
             served.bytes,
             elapsed,
         );
-        let ns = req
-            .query
-            .as_deref()
-            .and_then(|q| route::query_param(q, "ns"));
+        let h = session.req_header();
+        let ns = h.uri.query().and_then(|q| route::query_param(q, "ns"));
         self.access_log.write(&crate::access_log::Entry {
-            method: &req.method,
-            user: who.as_ref().map(Identity::name).unwrap_or("(refused)"),
-            path: &req.path,
+            method: h.method.as_str(),
+            user,
+            path: h.uri.path(),
             ns: ns.as_deref().unwrap_or(""),
             status: served.status,
             bytes: served.bytes,
@@ -295,6 +327,31 @@ fn response_header(status: u16, mut headers: HeaderMap, length: u64) -> Box<Resp
 /// Room for the headers berth and Pingora add to every response (API version, length,
 /// date, connection).
 const ADDED_HEADERS: usize = 4;
+
+/// The response header of a manifest: its media type, digest and ETag, `OCI-Namespace`
+/// for the `?ns=` form, and a warning when it is served stale.
+fn manifest_header(
+    m: &berth_cache::Manifest,
+    ns_header: Option<HeaderValue>,
+    outcome: Outcome,
+) -> Box<ResponseHeader> {
+    let mut headers = HeaderMap::with_capacity(5 + ADDED_HEADERS);
+    if let Some(v) = &m.headers.content_type {
+        headers.insert(http::header::CONTENT_TYPE, v.clone());
+    }
+    headers.insert(DOCKER_CONTENT_DIGEST, m.headers.digest.clone());
+    headers.insert(http::header::ETAG, m.headers.etag.clone());
+    if let Some(v) = ns_header {
+        headers.insert(OCI_NAMESPACE, v);
+    }
+    if outcome == Outcome::Stale {
+        headers.insert(
+            http::header::WARNING,
+            HeaderValue::from_static(STALE_WARNING),
+        );
+    }
+    response_header(200, headers, m.body.len() as u64)
+}
 
 fn header(status: u16, headers: &Headers, length: u64) -> Box<ResponseHeader> {
     let mut map = HeaderMap::with_capacity(headers.len() + ADDED_HEADERS);
@@ -470,7 +527,8 @@ impl App {
                 .await)
             }
             Route::Manifest { target, reference } => {
-                self.manifest(session, req, target, reference).await
+                let memo = *who == Identity::Anonymous && req.authorization.is_none();
+                self.manifest(session, req, target, reference, memo).await
             }
             Route::Blob { target, digest } => {
                 Box::pin(self.blob(session, req, target, digest)).await
@@ -605,16 +663,19 @@ impl App {
         }
     }
 
+    /// `memo`: the answer may be remembered for the next identical request (see
+    /// `memo.rs`): the request has no credentials and the policies let anyone read it.
     async fn manifest(
         &self,
         session: &mut ServerSession,
         req: &Request,
         target: &Target,
         reference: &Reference,
+        memo: bool,
     ) -> Result<Served, ApiError> {
-        let (m, outcome) = self
+        let (m, outcome, valid) = self
             .cache
-            .manifest(
+            .manifest_answer(
                 &target.upstream,
                 &target.repo,
                 reference,
@@ -628,25 +689,26 @@ impl App {
                     &format!("manifest {}/{}:{reference}", target.upstream, target.repo),
                 )
             })?;
-        let mut headers = HeaderMap::with_capacity(5 + ADDED_HEADERS);
-        if let Some(v) = &m.headers.content_type {
-            headers.insert(http::header::CONTENT_TYPE, v.clone());
-        }
-        headers.insert(DOCKER_CONTENT_DIGEST, m.headers.digest.clone());
-        headers.insert(http::header::ETAG, m.headers.etag.clone());
-        if target.form == Form::Ns {
-            if let Ok(v) = HeaderValue::from_str(&target.upstream) {
-                headers.insert(OCI_NAMESPACE, v);
-            }
-        }
-        if outcome == Outcome::Stale {
-            headers.insert(
-                http::header::WARNING,
-                HeaderValue::from_static(STALE_WARNING),
+        let ns_header = (target.form == Form::Ns)
+            .then(|| HeaderValue::from_str(&target.upstream).ok())
+            .flatten();
+        let resp = manifest_header(&m, ns_header.clone(), outcome);
+        let body = m.body.clone();
+        if let (true, Some(valid)) = (memo, valid) {
+            let hit = crate::memo::Hit {
+                manifest: m,
+                ns_header,
+                upstream: target.upstream.as_str().into(),
+            };
+            crate::memo::remember(
+                &req.path,
+                req.query.as_deref(),
+                req.accept.as_deref(),
+                hit,
+                valid,
             );
         }
-        let resp = response_header(200, headers, m.body.len() as u64);
-        Ok(write_response(session, resp, m.body.clone(), req.is_head(), Some(outcome)).await)
+        Ok(write_response(session, resp, body, req.is_head(), Some(outcome)).await)
     }
 
     async fn blob(

@@ -1033,3 +1033,114 @@ async fn narrow_accept_clients_do_not_change_what_others_get() {
     )
     .await;
 }
+
+/// berth keeps, per worker thread, the answers to repeated anonymous manifest requests
+/// (`memo.rs`). With one worker thread every request reads that memo, so an answer kept
+/// past its tag's TTL, or one a user's request left for anonymous clients, would show.
+#[tokio::test(flavor = "multi_thread")]
+async fn kept_answers_end_with_the_ttl_and_never_reach_other_clients() {
+    within(
+        180,
+        "kept_answers_end_with_the_ttl_and_never_reach_other_clients",
+        async {
+            let reg = Registry::start().await;
+            let old = make_single(21, 10_000);
+            let new = make_single(22, 12_000);
+            let push = reg.pusher(None);
+            push.image("library/kept", Some("v1"), &old).await;
+            push.image("library/secret", Some("v1"), &old).await;
+
+            let dir = tempdir();
+            let htpasswd = dir.path().join("htpasswd");
+            std::fs::write(
+                &htpasswd,
+                format!("alice:{}\n", bcrypt::hash("pw-alice", 4).unwrap()),
+            )
+            .unwrap();
+            let config = format!(
+                r#"[auth]
+htpasswd = {htpasswd:?}
+
+[access]
+[[access.repository]]
+pattern = "docker.io/library/kept"
+anonymous = ["read"]
+[[access.repository]]
+pattern = "**"
+policies = [{{ users = ["alice"], actions = ["read"] }}]
+
+{}"#,
+                berth_config(&[
+                    Upstream::new("docker.io", &reg.url(), &["library/**"]).tag_ttl("1h")
+                ])
+            );
+            let berth = Berth::start_with_config(&config, &[("BERTH_THREADS", "1")]).await;
+
+            // The same request, many times, in both forms: the same bytes and headers.
+            for path in [
+                "/v2/docker.io/library/kept/manifests/v1",
+                "/v2/library/kept/manifests/v1?ns=docker.io",
+            ] {
+                for i in 0..4 {
+                    let (status, h, body) = berth.fetch(path, &ACCEPT).await;
+                    assert_eq!(status, 200, "GET {path} (#{i})");
+                    assert_eq!(body, old.manifest, "GET {path} (#{i}): bytes");
+                    assert_eq!(
+                        header_str(&h, "docker-content-digest"),
+                        Some(old.digest.as_str()),
+                        "GET {path} (#{i})"
+                    );
+                    let ns = header_str(&h, "oci-namespace");
+                    if path.contains("?ns=") {
+                        assert_eq!(ns, Some("docker.io"), "GET {path} (#{i}): {h:?}");
+                    } else {
+                        assert_eq!(ns, None, "GET {path} (#{i}): {h:?}");
+                    }
+                }
+            }
+
+            // The tag moves upstream. Within the TTL the old answer stands; past it, the new.
+            push.image("library/kept", Some("v1"), &new).await;
+            let path = "/v2/docker.io/library/kept/manifests/v1";
+            let (_, h, _) = berth.fetch(path, &ACCEPT).await;
+            assert_eq!(
+                header_str(&h, "docker-content-digest"),
+                Some(old.digest.as_str())
+            );
+            berth.advance_clock(Duration::from_secs(61 * 60)).await;
+            for i in 0..3 {
+                let (status, h, body) = berth.fetch(path, &ACCEPT).await;
+                assert_eq!(status, 200, "GET {path} past the TTL (#{i})");
+                assert_eq!(
+                    header_str(&h, "docker-content-digest"),
+                    Some(new.digest.as_str()),
+                    "GET {path} past the TTL (#{i}): the answer kept from before the TTL ended \
+                 was served"
+                );
+                assert_eq!(body, new.manifest, "GET {path} past the TTL (#{i}): bytes");
+            }
+
+            // alice may read library/secret, anonymous clients may not: what alice was
+            // answered is never given to a request without her credentials.
+            let secret = "/v2/docker.io/library/secret/manifests/v1";
+            let auth = basic_auth("alice", "pw-alice");
+            for i in 0..3 {
+                let (status, _, body) = berth
+                    .fetch(secret, &[("Accept", ACCEPT_ALL), ("Authorization", &auth)])
+                    .await;
+                assert_eq!(status, 200, "alice GET {secret} (#{i})");
+                assert_eq!(body, old.manifest, "alice GET {secret} (#{i}): bytes");
+            }
+            for i in 0..3 {
+                let (status, _, body) = berth.fetch(secret, &ACCEPT).await;
+                assert_eq!(
+                    status,
+                    401,
+                    "anonymous GET {secret} after alice's (#{i}): {}",
+                    String::from_utf8_lossy(&body)
+                );
+            }
+        },
+    )
+    .await;
+}
