@@ -304,12 +304,14 @@ static NEXT_CACHE_ID: AtomicU64 = AtomicU64::new(0);
 /// until anything in memory changes (a tag confirmed, moved or removed, a manifest
 /// stored or evicted; [`Cache::still_valid`]), and for a tag, until it is no longer
 /// fresh. A server may keep a ready answer for as long as this holds.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone)]
 pub struct HitValidity {
     cache: u64,
     generation: u64,
     /// For a tag: when it was confirmed (ms) and its TTL.
     tag: Option<(u64, Duration)>,
+    /// The manifest in memory, whose every use eviction must hear of.
+    hot: Arc<HotManifest>,
 }
 
 /// The pull-through cache over all configured upstreams.
@@ -668,7 +670,7 @@ impl Cache {
                 let hot = self.hot_manifest(digest).await?;
                 if let Some(hot) = &hot {
                     if hot.served_for(namespace, repo) {
-                        let valid = self.validity(generation, None);
+                        let valid = self.validity(generation, None, hot.clone());
                         return Ok((hot.manifest.clone(), Outcome::Hit, Some(valid)));
                     }
                 }
@@ -686,18 +688,21 @@ impl Cache {
                 };
                 let ttl = client.config.tag_ttl;
                 let mut confirmed_at_ms = 0;
+                let mut hot = None;
                 let cached = match self.tag_record(&key).await? {
                     Some(rec) => {
                         confirmed_at_ms = rec.confirmed_at_ms;
-                        self.stored_manifest(&rec.digest)
-                            .await?
-                            .map(|m| (m, tags::freshness(&rec, self.clock.now_ms(), ttl)))
+                        hot = self.hot_manifest(&rec.digest).await?;
+                        hot.as_ref().map(|h| {
+                            let fresh = tags::freshness(&rec, self.clock.now_ms(), ttl);
+                            (h.manifest.clone(), fresh)
+                        })
                     }
                     None => None,
                 };
-                if let Some((m, Freshness::Fresh)) = cached {
-                    let valid = self.validity(generation, Some((confirmed_at_ms, ttl)));
-                    return Ok((m, Outcome::Hit, Some(valid)));
+                if let (Some((m, Freshness::Fresh)), Some(hot)) = (&cached, hot) {
+                    let valid = self.validity(generation, Some((confirmed_at_ms, ttl)), hot);
+                    return Ok((m.clone(), Outcome::Hit, Some(valid)));
                 }
                 let (m, outcome) =
                     Box::pin(self.manifest_by_tag(client, key, cached, accept)).await?;
@@ -706,23 +711,34 @@ impl Cache {
         }
     }
 
-    fn validity(&self, generation: u64, tag: Option<(u64, Duration)>) -> HitValidity {
+    fn validity(
+        &self,
+        generation: u64,
+        tag: Option<(u64, Duration)>,
+        hot: Arc<HotManifest>,
+    ) -> HitValidity {
         HitValidity {
             cache: self.id,
             generation,
             tag,
+            hot,
         }
     }
 
     /// Whether a hit this cache answered is still the answer: nothing in memory has
-    /// changed since, and a tag is still fresh.
+    /// changed since, and a tag is still fresh. If so, the manifest is used again, and
+    /// that use is recorded as a hit's is (eviction goes least recently used first).
     pub fn still_valid(&self, v: &HitValidity) -> bool {
-        v.cache == self.id
+        let now = self.clock.now_ms();
+        let valid = v.cache == self.id
             && v.generation == self.generation.load(Ordering::Acquire)
             && v.tag.is_none_or(|(confirmed_at_ms, ttl)| {
-                let rec = tags::Confirmed(confirmed_at_ms);
-                rec.freshness(self.clock.now_ms(), ttl) == Freshness::Fresh
-            })
+                tags::Confirmed(confirmed_at_ms).freshness(now, ttl) == Freshness::Fresh
+            });
+        if valid {
+            v.hot.touch(&self.store.access, now);
+        }
+        valid
     }
 
     /// Called after every change to the in-memory tags, manifests or links.

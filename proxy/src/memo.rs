@@ -2,8 +2,9 @@
 //!
 //! A node's pulls ask for the same few manifests over and over. Answering one from the
 //! cache meant copying the request's headers, routing its path (with the allowlist's
-//! globs), checking access, and two lookups in the cache's shared maps: about 7,000
-//! instructions, a fifth of the request. Here a worker thread remembers, for the exact
+//! globs), checking access, and two lookups in the cache's shared maps: most of the
+//! 14,000 instructions berth spent per request beyond Pingora's own (see
+//! `loadtests/RESULTS.md`). Here a worker thread remembers, for the exact
 //! path, query and `Accept` of a request that the cache answered from memory, the
 //! manifest it got and the one header that depended on the path; the next identical
 //! request is answered from that, with the same headers and body.
@@ -14,7 +15,9 @@
 //! header never reads this memo, so what a user may or may not see is decided as before.
 //! An answer is used only while the cache says it still holds
 //! ([`Cache::still_valid`]): nothing in the cache's memory has changed since, and a tag
-//! is still within its TTL. Anything else goes the whole way.
+//! is still within its TTL. Each answer given from here is recorded as a use of the
+//! manifest, as a hit is, so eviction never takes an image a node keeps asking for.
+//! Anything else goes the whole way.
 
 use std::cell::RefCell;
 use std::collections::HashMap;

@@ -165,6 +165,49 @@ async fn wait_for(what: &str, secs: u64, mut check: impl AsyncFnMut() -> bool) {
     }
 }
 
+/// `n` images of 3 MiB (seeds from `seed`) pushed as library/img<i>:v1, and a berth with
+/// a 12 MiB store budget (marks 90 % and 60 %, `keep_recent` 1 s) pulling through `reg`.
+async fn budget_berth(
+    reg: &Registry,
+    n: u64,
+    seed: u64,
+    env: &[(&str, &str)],
+) -> (Vec<Image>, Berth) {
+    let push = reg.pusher(None);
+    let images: Vec<Image> = (0..n).map(|i| make_single(seed + i, 3 * MIB)).collect();
+    for (i, img) in images.iter().enumerate() {
+        push.image(&format!("library/img{i}"), Some("v1"), img)
+            .await;
+    }
+    let config = format!(
+        "{}\n[cache]\nmax_size = \"12MiB\"\nhigh_watermark = \"90%\"\nlow_watermark = \"60%\"\n\
+         keep_recent = \"1s\"\neviction_interval = \"1s\"\nmetadata_reserve = \"1MiB\"\n\
+         min_free = \"1MiB\"\n",
+        upstream(reg)
+    );
+    (images, Berth::start_with_config(&config, env).await)
+}
+
+/// Pulls image 3, which takes the 12 MiB store past its 90 % mark, waits for eviction to
+/// bring it to 60 %, and checks that images 0 and 3 stayed and 1 and 2 went (`why`).
+async fn evict_for_image_3(berth: &Berth, images: &[Image], why: &str) {
+    pull(berth, "library/img3", "v1", &images[3]).await.unwrap();
+    let limit = (12 * MIB) as u64 * 6 / 10;
+    wait_for("eviction to the low mark", 30, async || {
+        store_usage(berth).await["total_bytes"].as_u64().unwrap() <= limit
+    })
+    .await;
+    let store = berth.store_dir();
+    for (i, kept) in [(0, true), (1, false), (2, false), (3, true)] {
+        let layer = &images[i].layers[0].blob.digest;
+        assert_eq!(
+            has_blob_file(&store, layer),
+            kept,
+            "image {i}'s layer: kept {kept} expected ({why})"
+        );
+    }
+}
+
 /// 1. Over `max_size`, the least recently used images go, whole, and the store settles
 ///    within the budget; pulls running meanwhile all succeed with the right bytes, and
 ///    the index agrees with the files on disk.
@@ -172,19 +215,7 @@ async fn wait_for(what: &str, secs: u64, mut check: impl AsyncFnMut() -> bool) {
 async fn the_budget_evicts_least_recently_used_images_and_no_pull_fails() {
     within(300, "the_budget_evicts_least_recently_used_images", async {
         let reg = Registry::start().await;
-        let push = reg.pusher(None);
-        let images: Vec<Image> = (0..8).map(|i| make_single(700 + i, 3 * MIB)).collect();
-        for (i, img) in images.iter().enumerate() {
-            push.image(&format!("library/img{i}"), Some("v1"), img)
-                .await;
-        }
-        let config = format!(
-            "{}\n[cache]\nmax_size = \"12MiB\"\nhigh_watermark = \"90%\"\nlow_watermark = \"60%\"\n\
-             keep_recent = \"1s\"\neviction_interval = \"1s\"\nmetadata_reserve = \"1MiB\"\n\
-             min_free = \"1MiB\"\n",
-            upstream(&reg)
-        );
-        let berth = Berth::start_with_config(&config, &[]).await;
+        let (images, berth) = budget_berth(&reg, 8, 700, &[]).await;
 
         // Images 0, 1 and 2 (9 MiB: within the high mark), then image 0 is used again.
         for (i, image) in images.iter().enumerate().take(3) {
@@ -198,23 +229,7 @@ async fn the_budget_evicts_least_recently_used_images_and_no_pull_fails() {
             .unwrap();
         tokio::time::sleep(Duration::from_millis(1500)).await;
         // Image 3 takes the store past 90 % of 12 MiB: eviction brings it to 60 %.
-        pull(&berth, "library/img3", "v1", &images[3])
-            .await
-            .unwrap();
-        let limit = (12 * MIB) as u64 * 6 / 10;
-        wait_for("eviction to the low mark", 30, async || {
-            store_usage(&berth).await["total_bytes"].as_u64().unwrap() <= limit
-        })
-        .await;
-        let store = berth.store_dir();
-        for (i, kept) in [(0, true), (1, false), (2, false), (3, true)] {
-            let layer = &images[i].layers[0].blob.digest;
-            assert_eq!(
-                has_blob_file(&store, layer),
-                kept,
-                "image {i}'s layer: kept {kept} expected (0 was used again, 3 is new)"
-            );
-        }
+        evict_for_image_3(&berth, &images, "0 was used again, 3 is new").await;
         // Evicted images come back from the upstream; kept ones cost it nothing.
         let before = reg.requests().await.len();
         pull(&berth, "library/img0", "v1", &images[0])
@@ -288,6 +303,45 @@ async fn the_budget_evicts_least_recently_used_images_and_no_pull_fails() {
             metrics.contains("berth_store_bytes{kind=\"cached\"}"),
             "{metrics}"
         );
+    })
+    .await;
+}
+
+/// 1b. A manifest answered from a worker's memo of answers (`memo.rs`) counts as a use,
+///     as any hit does: an image whose tag a node only resolves again (no blob read) is
+///     not the least recently used. One worker thread, so that the memo answers.
+#[tokio::test(flavor = "multi_thread")]
+async fn memo_answers_count_as_uses() {
+    within(300, "memo_answers_count_as_uses", async {
+        let reg = Registry::start().await;
+        let (images, berth) = budget_berth(&reg, 4, 760, &[("BERTH_THREADS", "1")]).await;
+        let manifest = |i: usize| format!("/v2/docker.io/library/img{i}/manifests/v1");
+        // Images 0, 1 and 2 cached, and each tag asked for once more: a hit from memory,
+        // which the memo keeps.
+        for (i, image) in images.iter().enumerate().take(3) {
+            pull(&berth, &format!("library/img{i}"), "v1", image)
+                .await
+                .unwrap();
+        }
+        for i in 0..3 {
+            let (status, _, _) = berth.fetch(&manifest(i), &[("Accept", ACCEPT_ALL)]).await;
+            assert_eq!(status, 200);
+        }
+        // Images 1 and 2 pulled again; then only image 0's tag resolved again, from the
+        // memo (nothing has changed in memory since).
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        for (i, image) in images.iter().enumerate().take(3).skip(1) {
+            pull(&berth, &format!("library/img{i}"), "v1", image)
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let (status, _, body) = berth.fetch(&manifest(0), &[("Accept", ACCEPT_ALL)]).await;
+        assert_eq!((status, &body[..]), (200, &images[0].manifest[..]));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // Image 3 takes the store past 90 %: two images go, the least recently used.
+        let why = "image 0's tag was resolved last, from the memo; 3 is new";
+        evict_for_image_3(&berth, &images, why).await;
     })
     .await;
 }
