@@ -308,8 +308,8 @@ static NEXT_CACHE_ID: AtomicU64 = AtomicU64::new(0);
 pub struct HitValidity {
     cache: u64,
     generation: u64,
-    /// For a tag: when it was confirmed (ms) and its TTL.
-    tag: Option<(u64, Duration)>,
+    /// For a tag: its record as the hit read it, and its TTL.
+    tag: Option<(TagRecord, Duration)>,
     /// The manifest in memory, whose every use eviction must hear of.
     hot: Arc<HotManifest>,
 }
@@ -687,23 +687,22 @@ impl Cache {
                     variant: berth_store::oci::accept_variant(accept),
                 };
                 let ttl = client.config.tag_ttl;
-                let mut confirmed_at_ms = 0;
-                let mut hot = None;
-                let cached = match self.tag_record(&key).await? {
-                    Some(rec) => {
-                        confirmed_at_ms = rec.confirmed_at_ms;
-                        hot = self.hot_manifest(&rec.digest).await?;
-                        hot.as_ref().map(|h| {
-                            let fresh = tags::freshness(&rec, self.clock.now_ms(), ttl);
-                            (h.manifest.clone(), fresh)
-                        })
+                let found = match self.tag_record(&key).await? {
+                    Some(rec) => self.hot_manifest(&rec.digest).await?.map(|hot| (rec, hot)),
+                    None => None,
+                };
+                let cached = match found {
+                    Some((rec, hot)) => {
+                        let fresh = tags::freshness(&rec, self.clock.now_ms(), ttl);
+                        if fresh == Freshness::Fresh {
+                            let m = hot.manifest.clone();
+                            let valid = self.validity(generation, Some((rec, ttl)), hot);
+                            return Ok((m, Outcome::Hit, Some(valid)));
+                        }
+                        Some((hot.manifest.clone(), fresh))
                     }
                     None => None,
                 };
-                if let (Some((m, Freshness::Fresh)), Some(hot)) = (&cached, hot) {
-                    let valid = self.validity(generation, Some((confirmed_at_ms, ttl)), hot);
-                    return Ok((m.clone(), Outcome::Hit, Some(valid)));
-                }
                 let (m, outcome) =
                     Box::pin(self.manifest_by_tag(client, key, cached, accept)).await?;
                 Ok((m, outcome, None))
@@ -714,7 +713,7 @@ impl Cache {
     fn validity(
         &self,
         generation: u64,
-        tag: Option<(u64, Duration)>,
+        tag: Option<(TagRecord, Duration)>,
         hot: Arc<HotManifest>,
     ) -> HitValidity {
         HitValidity {
@@ -732,16 +731,17 @@ impl Cache {
         let now = self.clock.now_ms();
         let valid = v.cache == self.id
             && v.generation == self.generation.load(Ordering::Acquire)
-            && v.tag.is_none_or(|(confirmed_at_ms, ttl)| {
-                tags::Confirmed(confirmed_at_ms).freshness(now, ttl) == Freshness::Fresh
-            });
+            && v.tag
+                .as_ref()
+                .is_none_or(|(rec, ttl)| tags::freshness(rec, now, *ttl) == Freshness::Fresh);
         if valid {
             v.hot.touch(&self.store.access, now);
         }
         valid
     }
 
-    /// Called after every change to the in-memory tags, manifests or links.
+    /// Called after every insert or removal of an in-memory tag or manifest, and after an
+    /// eviction pass removed any.
     fn changed(&self) {
         self.generation.fetch_add(1, Ordering::Release);
     }

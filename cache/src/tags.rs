@@ -31,24 +31,15 @@ pub enum Freshness {
 
 /// Decides whether `record` may be served without asking the upstream at `now_ms`.
 pub fn freshness(record: &TagRecord, now_ms: u64, ttl: Duration) -> Freshness {
-    Confirmed(record.confirmed_at_ms).freshness(now_ms, ttl)
-}
-
-/// When a tag was confirmed (ms since the Unix epoch), all [`freshness`] looks at.
-pub(crate) struct Confirmed(pub u64);
-
-impl Confirmed {
-    pub(crate) fn freshness(&self, now_ms: u64, ttl: Duration) -> Freshness {
-        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
-        if self.0 > now_ms.saturating_add(ttl_ms) {
-            return Freshness::Revalidate;
-        }
-        let age = now_ms.saturating_sub(self.0);
-        if age < ttl_ms {
-            Freshness::Fresh
-        } else {
-            Freshness::Revalidate
-        }
+    let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+    if record.confirmed_at_ms > now_ms.saturating_add(ttl_ms) {
+        return Freshness::Revalidate;
+    }
+    let age = now_ms.saturating_sub(record.confirmed_at_ms);
+    if age < ttl_ms {
+        Freshness::Fresh
+    } else {
+        Freshness::Revalidate
     }
 }
 
