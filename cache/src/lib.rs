@@ -250,7 +250,11 @@ impl HotManifest {
     /// swap.
     fn touch(&self, log: &berth_store::AccessLog, now_ms: u64) {
         let s = now_ms / 1000;
-        if self.touched_s.swap(s, Ordering::Relaxed) != s {
+        // Read first: a write every time would take the line away from the other cores,
+        // and most uses fall in the second already recorded.
+        if self.touched_s.load(Ordering::Relaxed) != s
+            && self.touched_s.swap(s, Ordering::Relaxed) != s
+        {
             log.touch(&self.manifest.digest, now_ms);
         }
     }

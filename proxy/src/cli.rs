@@ -486,7 +486,10 @@ fn serve(args: ServeArgs) -> i32 {
         scrub_rate: app.config.cache.scrub_rate,
     };
     let tls = app.config.server.tls.clone();
-    let mut service = Service::new("berth".to_owned(), app);
+    let mut service = Service::new(
+        "berth".to_owned(),
+        crate::front::Front { app: Arc::new(app) },
+    );
     match &tls {
         // Plain HTTP reads go straight into the request's header buffer. Pingora's
         // default 64 KiB read buffer per connection saves no read(2) here (a request

@@ -19,12 +19,12 @@ use pingora::services::background::BackgroundService;
 pub struct InFlight(Arc<AtomicUsize>);
 
 /// Held while a request is served.
-pub struct Serving(Arc<AtomicUsize>);
+pub struct Serving<'a>(&'a AtomicUsize);
 
 impl InFlight {
-    pub fn enter(&self) -> Serving {
+    pub fn enter(&self) -> Serving<'_> {
         self.0.fetch_add(1, Ordering::SeqCst);
-        Serving(self.0.clone())
+        Serving(&self.0)
     }
 
     pub fn count(&self) -> usize {
@@ -32,7 +32,7 @@ impl InFlight {
     }
 }
 
-impl Drop for Serving {
+impl Drop for Serving<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::SeqCst);
     }

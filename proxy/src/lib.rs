@@ -20,6 +20,7 @@ pub mod auth;
 pub mod cli;
 mod drain;
 pub mod errors;
+mod front;
 pub mod login;
 mod memo;
 pub mod metrics;

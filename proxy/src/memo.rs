@@ -25,6 +25,7 @@ use std::sync::Arc;
 
 use berth_cache::{Cache, HitValidity, Manifest};
 use http::HeaderValue;
+use pingora::http::ResponseHeader;
 use pingora::protocols::http::ServerSession;
 
 /// Answers kept per thread; when full, the memo starts again.
@@ -41,12 +42,22 @@ pub(crate) struct Hit {
     /// `OCI-Namespace`, for a request in the `?ns=` form.
     pub ns_header: Option<HeaderValue>,
     /// The upstream's namespace, for the metrics.
-    pub upstream: Arc<str>,
+    pub upstream: &'static str,
 }
 
 struct Entry {
     hit: Hit,
     valid: HitValidity,
+    /// The response head as Pingora writes it for this answer, from the status line to
+    /// `Content-Length`: [`crate::front`] adds `Date` and `Connection`.
+    head: Box<[u8]>,
+}
+
+/// What [`answer`] wrote.
+pub(crate) struct Answered {
+    /// The manifest's length, whether or not the body was written (a `HEAD`).
+    pub length: u64,
+    pub upstream: &'static str,
 }
 
 #[derive(Default)]
@@ -92,21 +103,61 @@ pub(crate) fn lookup(session: &ServerSession, cache: &Cache) -> Option<Hit> {
     {
         return None;
     }
+    let accepts = h
+        .headers
+        .get_all(http::header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok());
+    with_entry(cache, h.uri.path(), h.uri.query(), accepts, |e| {
+        e.hit.clone()
+    })
+}
+
+/// Writes the remembered answer to a `GET` (or, with `head_only`, a `HEAD`) of `path`
+/// and `query` with these `Accept` values into `out`, if there is one and it still holds:
+/// the head up to `Content-Length`, what `tail` adds (the rest of the head), and the body
+/// unless `head_only`. The caller has checked that the request carries no credentials.
+pub(crate) fn answer<'a>(
+    cache: &Cache,
+    path: &str,
+    query: Option<&str>,
+    accepts: impl Iterator<Item = &'a str>,
+    head_only: bool,
+    out: &mut Vec<u8>,
+    tail: impl FnOnce(&mut Vec<u8>),
+) -> Option<Answered> {
+    with_entry(cache, path, query, accepts, |e| {
+        out.extend_from_slice(&e.head);
+        tail(out);
+        let body = &e.hit.manifest.body;
+        if !head_only {
+            out.extend_from_slice(body);
+        }
+        Answered {
+            length: body.len() as u64,
+            upstream: e.hit.upstream,
+        }
+    })
+}
+
+/// Runs `f` on the entry for this request if it still holds, and forgets it if not.
+fn with_entry<'a, R>(
+    cache: &Cache,
+    path: &str,
+    query: Option<&str>,
+    accepts: impl Iterator<Item = &'a str>,
+    f: impl FnOnce(&Entry) -> R,
+) -> Option<R> {
     MEMO.with(|memo| {
         let mut memo = memo.try_borrow_mut().ok()?;
         let Memo { key: k, entries } = &mut *memo;
         if entries.is_empty() {
             return None;
         }
-        let accepts = h
-            .headers
-            .get_all(http::header::ACCEPT)
-            .iter()
-            .filter_map(|v| v.to_str().ok());
-        key(k, h.uri.path(), h.uri.query(), accepts);
+        key(k, path, query, accepts);
         let entry = entries.get(k.as_str())?;
         if cache.still_valid(&entry.valid) {
-            Some(entry.hit.clone())
+            Some(f(entry))
         } else {
             entries.remove(k.as_str());
             None
@@ -116,16 +167,21 @@ pub(crate) fn lookup(session: &ServerSession, cache: &Cache) -> Option<Hit> {
 
 /// Remembers the answer to a request that may be answered from the memo (see the
 /// module documentation for which): `path`, `query` and `accept` as the request had them.
+/// `resp` is the response head the answer was written with.
 pub(crate) fn remember(
     path: &str,
     query: Option<&str>,
     accept: Option<&str>,
     hit: Hit,
     valid: HitValidity,
+    resp: &ResponseHeader,
 ) {
-    if hit.manifest.body.len() > MAX_BODY {
+    if hit.manifest.body.len() > MAX_BODY || resp.status != http::StatusCode::OK {
         return;
     }
+    let mut head = Vec::with_capacity(256);
+    head.extend_from_slice(b"HTTP/1.1 200 OK\r\n");
+    resp.header_to_h1_wire(&mut head);
     MEMO.with(|memo| {
         let Ok(mut memo) = memo.try_borrow_mut() else {
             return;
@@ -135,8 +191,23 @@ pub(crate) fn remember(
         if entries.len() >= MAX_ENTRIES && !entries.contains_key(k.as_str()) {
             entries.clear();
         }
-        entries.insert(k.as_str().into(), Entry { hit, valid });
+        let head = head.into_boxed_slice();
+        entries.insert(k.as_str().into(), Entry { hit, valid, head });
     })
+}
+
+/// The one `&'static str` for an upstream's namespace, so that an answer from the memo
+/// names its upstream without touching a reference count shared with other threads.
+/// Namespaces come from the configuration, so there are few, and each is kept once.
+pub(crate) fn intern(namespace: &str) -> &'static str {
+    static NAMES: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let mut names = NAMES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(n) = names.iter().find(|n| **n == namespace) {
+        return n;
+    }
+    let n: &'static str = Box::leak(namespace.into());
+    names.push(n);
+    n
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 use pingora::apps::{HttpPersistentSettings, HttpServerApp, ReusedHttpStream};
 use pingora::http::ResponseHeader;
-use pingora::protocols::http::ServerSession;
+use pingora::protocols::http::{ReusableHttpStream, ServerSession};
 use pingora::server::ShutdownWatch;
 
 use berth_cache::fill::BlobFill;
@@ -37,7 +37,7 @@ const SERVE_CHUNK: u64 = 1024 * 1024;
 const SENDFILE_MIN: u64 = 256 * 1024;
 
 /// How long one write to a client may block.
-const CLIENT_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+pub(crate) const CLIENT_WRITE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// berth's HTTP application.
 pub struct App {
@@ -144,11 +144,11 @@ fn header_value(h: &pingora::http::RequestHeader, name: HeaderName) -> Option<St
 
 /// What happened, for the access log and metrics.
 pub(crate) struct Served {
-    status: u16,
-    bytes: u64,
-    outcome: Option<Outcome>,
+    pub status: u16,
+    pub bytes: u64,
+    pub outcome: Option<Outcome>,
     /// The response was written completely; otherwise the connection must be dropped.
-    complete: bool,
+    pub complete: bool,
 }
 
 impl Served {
@@ -166,9 +166,21 @@ impl Served {
 impl HttpServerApp for App {
     async fn process_new_http(
         self: &Arc<Self>,
-        mut session: ServerSession,
+        session: ServerSession,
         shutdown: &ShutdownWatch,
     ) -> Option<ReusedHttpStream> {
+        let (stream, settings) = self.serve_session(session, shutdown).await?;
+        Some(ReusedHttpStream::from_reusable_stream(stream, settings))
+    }
+}
+
+impl App {
+    /// One request on a Pingora session, and the connection back if it may be kept.
+    pub(crate) async fn serve_session(
+        self: &Arc<Self>,
+        mut session: ServerSession,
+        shutdown: &ShutdownWatch,
+    ) -> Option<(ReusableHttpStream, HttpPersistentSettings)> {
         match session.read_request().await {
             Ok(true) => {}
             _ => return None,
@@ -189,7 +201,7 @@ impl HttpServerApp for App {
                     session,
                     started,
                     "manifest",
-                    Some(&hit.upstream),
+                    Some(hit.upstream),
                     "-",
                     served,
                 )
@@ -208,9 +220,7 @@ impl HttpServerApp for App {
         self.done(session, started, kind, upstream, user, served)
             .await
     }
-}
 
-impl App {
     /// After a response: the counters, the access log line, and the connection kept for
     /// the next request or closed.
     async fn done(
@@ -221,7 +231,38 @@ impl App {
         upstream: Option<&str>,
         user: &str,
         served: Served,
-    ) -> Option<ReusedHttpStream> {
+    ) -> Option<(ReusableHttpStream, HttpPersistentSettings)> {
+        let h = session.req_header();
+        let complete = served.complete;
+        self.record(
+            started,
+            kind,
+            upstream,
+            user,
+            served,
+            (h.method.as_str(), h.uri.path(), h.uri.query()),
+        );
+        if !complete {
+            return None;
+        }
+        let settings = HttpPersistentSettings::for_session(&session);
+        match session.finish().await {
+            Ok(Some(stream)) => Some((stream, settings)),
+            _ => None,
+        }
+    }
+
+    /// The counters and the access log line for one request: `request` is its method,
+    /// path and query.
+    pub(crate) fn record(
+        &self,
+        started: Instant,
+        kind: &'static str,
+        upstream: Option<&str>,
+        user: &str,
+        served: Served,
+        request: (&str, &str, Option<&str>),
+    ) {
         let elapsed = started.elapsed();
         if let Some(upstream) = upstream {
             let body = if (200..300).contains(&served.status) {
@@ -239,12 +280,12 @@ impl App {
             served.bytes,
             elapsed,
         );
-        let h = session.req_header();
-        let ns = h.uri.query().and_then(|q| route::query_param(q, "ns"));
+        let (method, path, query) = request;
+        let ns = query.and_then(|q| route::query_param(q, "ns"));
         self.access_log.write(&crate::access_log::Entry {
-            method: h.method.as_str(),
+            method,
             user,
-            path: h.uri.path(),
+            path,
             ns: ns.as_deref().unwrap_or(""),
             status: served.status,
             bytes: served.bytes,
@@ -252,14 +293,6 @@ impl App {
             complete: served.complete,
             ms: elapsed.as_millis() as u64,
         });
-        if !served.complete {
-            return None;
-        }
-        let settings = HttpPersistentSettings::for_session(&session);
-        match session.finish().await {
-            Ok(Some(stream)) => Some(ReusedHttpStream::from_reusable_stream(stream, settings)),
-            _ => None,
-        }
     }
 }
 
@@ -698,7 +731,7 @@ impl App {
             let hit = crate::memo::Hit {
                 manifest: m,
                 ns_header,
-                upstream: target.upstream.as_str().into(),
+                upstream: crate::memo::intern(&target.upstream),
             };
             crate::memo::remember(
                 &req.path,
@@ -706,6 +739,7 @@ impl App {
                 req.accept.as_deref(),
                 hit,
                 valid,
+                &resp,
             );
         }
         Ok(write_response(session, resp, body, req.is_head(), Some(outcome)).await)

@@ -340,46 +340,9 @@ async fn range_requests_on_cached_and_uncached_blobs() {
 /// Reads one response from a kept-alive connection: the head, then exactly
 /// Content-Length body bytes (none after a HEAD).
 async fn read_response(sock: &mut tokio::net::TcpStream, head_request: bool) -> (String, Vec<u8>) {
-    use tokio::io::AsyncReadExt;
-    let mut buf = Vec::new();
-    let mut chunk = vec![0u8; 256 * 1024];
-    let head_end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        let n = sock
-            .read(&mut chunk)
-            .await
-            .expect("reading a response head");
-        assert!(
-            n > 0,
-            "the connection closed before a response head: {buf:?}"
-        );
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-    let len: usize = if head_request {
-        0
-    } else {
-        raw_header(&head, "content-length")
-            .unwrap_or_else(|| panic!("no Content-Length: {head}"))
-            .parse()
-            .unwrap()
-    };
-    let mut body = buf.split_off(head_end);
-    while body.len() < len {
-        let n = sock
-            .read(&mut chunk)
-            .await
-            .expect("reading a response body");
-        assert!(
-            n > 0,
-            "the connection closed after {} of {len} body bytes",
-            body.len()
-        );
-        body.extend_from_slice(&chunk[..n]);
-    }
-    assert_eq!(body.len(), len, "more bytes than Content-Length: {head}");
+    let mut pending = Vec::new();
+    let (head, body) = read_next(sock, &mut pending, head_request).await;
+    assert!(pending.is_empty(), "more bytes than Content-Length: {head}");
     (head, body)
 }
 
@@ -1028,6 +991,230 @@ async fn narrow_accept_clients_do_not_change_what_others_get() {
             assert_eq!(
                 header_str(&h, "docker-content-digest"),
                 Some(multi.digest.as_str())
+            );
+        },
+    )
+    .await;
+}
+
+/// Reads one response as [`read_response`] does, keeping in `pending` the bytes read past
+/// it (the start of the next response to requests sent together).
+async fn read_next(
+    sock: &mut tokio::net::TcpStream,
+    pending: &mut Vec<u8>,
+    head_request: bool,
+) -> (String, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut chunk = vec![0u8; 64 * 1024];
+    let head_end = loop {
+        if let Some(i) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = sock
+            .read(&mut chunk)
+            .await
+            .expect("reading a response head");
+        assert!(
+            n > 0,
+            "the connection closed before a response head: {pending:?}"
+        );
+        pending.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&pending[..head_end]).into_owned();
+    let len: usize = if head_request {
+        0
+    } else {
+        raw_header(&head, "content-length")
+            .unwrap_or_else(|| panic!("no Content-Length: {head}"))
+            .parse()
+            .unwrap()
+    };
+    while pending.len() < head_end + len {
+        let n = sock
+            .read(&mut chunk)
+            .await
+            .expect("reading a response body");
+        assert!(n > 0, "the connection closed in a response body: {head}");
+        pending.extend_from_slice(&chunk[..n]);
+    }
+    let body = pending[head_end..head_end + len].to_vec();
+    pending.drain(..head_end + len);
+    (head, body)
+}
+
+/// The response heads of `head` without `Date`, as lowercase name and value pairs.
+fn head_fields(head: &str) -> Vec<(String, String)> {
+    let mut fields: Vec<(String, String)> = head
+        .split("\r\n")
+        .skip(1)
+        .filter_map(|l| l.split_once(": "))
+        .map(|(k, v)| (k.to_ascii_lowercase(), v.to_owned()))
+        .filter(|(k, _)| k != "date")
+        .collect();
+    fields.sort();
+    fields
+}
+
+/// berth's front (`front.rs`) answers repeated manifest requests from the memo itself and
+/// hands every other request to Pingora on the same connection. One kept-alive
+/// connection goes back and forth between them: the answers are the same bytes and
+/// headers whichever side gave them, requests sent together (pipelined) are all answered
+/// in order, a head that arrives in pieces is read whole, and `Connection: close` closes.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_connection_moves_between_the_memo_and_pingora() {
+    within(
+        180,
+        "one_connection_moves_between_the_memo_and_pingora",
+        async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let reg = Registry::start().await;
+            let image = make_single(23, 10_000);
+            reg.pusher(None)
+                .image("library/front", Some("v1"), &image)
+                .await;
+            let berth = Berth::start_with_env(
+                &[Upstream::new("docker.io", &reg.url(), &["library/**"]).tag_ttl("1h")],
+                &[("BERTH_THREADS", "1")],
+            )
+            .await;
+            let host = berth.host();
+            let manifest = "/v2/docker.io/library/front/manifests/v1";
+            let ns_form = "/v2/library/front/manifests/v1?ns=docker.io";
+            let blob = format!("/v2/docker.io/library/front/blobs/{}", image.config.digest);
+            let req = |method: &str, path: &str, extra: &str| {
+                format!(
+                    "{method} {path} HTTP/1.1\r\nHost: {host}\r\nAccept: {ACCEPT_ALL}\r\n{extra}\r\n"
+                )
+            };
+            let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", berth.port()))
+                .await
+                .unwrap();
+            let mut pending = Vec::new();
+
+            // The first answer is the cache's, through Pingora; it is what the memo keeps.
+            sock.write_all(req("GET", manifest, "").as_bytes())
+                .await
+                .unwrap();
+            let (first, body) = read_next(&mut sock, &mut pending, false).await;
+            assert!(first.starts_with("HTTP/1.1 200"), "{first}");
+            assert_eq!(body, image.manifest);
+            let want = head_fields(&first);
+            assert!(
+                want.contains(&("connection".into(), "keep-alive".into())),
+                "{first}"
+            );
+            assert!(
+                want.contains(&("docker-content-digest".into(), image.digest.clone())),
+                "{first}"
+            );
+
+            // Alternating: the memo's answers, and requests only Pingora's side answers.
+            let steps: Vec<(String, &str, u16)> = vec![
+                (req("GET", manifest, ""), "GET", 200),
+                (req("HEAD", manifest, ""), "HEAD", 200),
+                (req("GET", "/v2/", ""), "GET", 200),
+                (req("GET", manifest, ""), "GET", 200),
+                (req("GET", &blob, ""), "GET", 200),
+                (req("GET", ns_form, ""), "GET", 200),
+                (req("GET", ns_form, ""), "GET", 200),
+                (req("GET", manifest, "Connection: keep-alive\r\n"), "GET", 200),
+            ];
+            for (i, (request, method, status)) in steps.iter().enumerate() {
+                sock.write_all(request.as_bytes()).await.unwrap();
+                let (head, body) = read_next(&mut sock, &mut pending, *method == "HEAD").await;
+                let what = format!("request {i}: {}", request.lines().next().unwrap());
+                assert!(
+                    head.starts_with(&format!("HTTP/1.1 {status}")),
+                    "{what}: {head}"
+                );
+                assert_eq!(
+                    raw_header(&head, "connection"),
+                    Some("keep-alive"),
+                    "{what}: {head}"
+                );
+                if request.contains("/manifests/") {
+                    let mut fields = head_fields(&head);
+                    if request.contains("?ns=") {
+                        let ns = ("oci-namespace".to_owned(), "docker.io".to_owned());
+                        assert!(fields.contains(&ns), "{what}: {head}");
+                        fields.retain(|f| *f != ns);
+                    }
+                    assert_eq!(fields, want, "{what}: not the headers of the first answer");
+                    if *method == "GET" {
+                        assert_eq!(body, image.manifest, "{what}: bytes");
+                    }
+                } else if request.contains("/blobs/") {
+                    assert_eq!(body, image.config.bytes, "{what}: bytes");
+                }
+            }
+
+            // Four requests in one write: each is answered, in order, on this connection.
+            let batch = [
+                req("GET", manifest, ""),
+                req("GET", "/v2/", ""),
+                req("HEAD", manifest, ""),
+                req("GET", manifest, ""),
+            ]
+            .concat();
+            sock.write_all(batch.as_bytes()).await.unwrap();
+            for (i, head_only) in [false, false, true, false].into_iter().enumerate() {
+                let (head, body) = read_next(&mut sock, &mut pending, head_only).await;
+                assert!(head.starts_with("HTTP/1.1 200"), "pipelined {i}: {head}");
+                assert_eq!(
+                    raw_header(&head, "connection"),
+                    Some("keep-alive"),
+                    "pipelined {i}: {head}"
+                );
+                if i != 1 {
+                    assert_eq!(head_fields(&head), want, "pipelined {i}");
+                }
+                if i == 3 {
+                    assert_eq!(body, image.manifest, "pipelined {i}: bytes");
+                }
+            }
+
+            // A head that arrives in pieces is read whole.
+            let request = req("GET", manifest, "");
+            for piece in request.as_bytes().chunks(17) {
+                sock.write_all(piece).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let (head, body) = read_next(&mut sock, &mut pending, false).await;
+            assert_eq!(head_fields(&head), want, "a head in pieces");
+            assert_eq!(body, image.manifest, "a head in pieces: bytes");
+
+            // A client that asks for the connection to close gets its answer, then the close.
+            sock.write_all(req("GET", manifest, "Connection: close\r\n").as_bytes())
+                .await
+                .unwrap();
+            let (head, body) = read_next(&mut sock, &mut pending, false).await;
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            assert_eq!(raw_header(&head, "connection"), Some("close"), "{head}");
+            assert_eq!(body, image.manifest);
+            let mut rest = Vec::new();
+            let n = tokio::time::timeout(Duration::from_secs(10), sock.read_to_end(&mut rest))
+                .await
+                .expect("berth should close the connection after Connection: close")
+                .unwrap();
+            assert_eq!(
+                (n, pending.len()),
+                (0, 0),
+                "bytes after the last answer: {rest:?}"
+            );
+
+            // Each answer is logged once: the first as the miss it was, the rest as hits.
+            let log = berth.log();
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("berth::access") && l.contains(&format!("path={manifest} ")))
+                .collect();
+            assert_eq!(lines.len(), 10, "access log lines for {manifest}:\n{log}");
+            let hits = lines.iter().filter(|l| l.contains("outcome=hit")).count();
+            assert_eq!(hits, 9, "access log lines for {manifest}:\n{log}");
+            assert_eq!(
+                reg.count("GET", "/v2/library/front/manifests/v1").await,
+                1,
+                "the manifest should have been fetched upstream once"
             );
         },
     )
