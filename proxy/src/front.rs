@@ -12,17 +12,15 @@
 //! Only a request the memo would answer on Pingora's path is answered here, and only one
 //! whose meaning is plain: an HTTP/1.1 `GET` or `HEAD` under `/v2/`, with no
 //! `Authorization`, no body (no `Content-Length` or `Transfer-Encoding`), no `Expect` or
-//! `Upgrade`, no `Connection` other than `keep-alive`, and not while berth is draining.
+//! `Upgrade`, no `Connection` other than `keep-alive`, at most one `Host` (without user
+//! information), and not while berth is draining.
 //! Anything else, a head this cannot parse, and every answer the memo does not have go to
 //! Pingora's HTTP session with the bytes already read, exactly as Pingora would have read
 //! them. The connection comes back here after Pingora's answer if it is kept. HTTP/2
 //! connections go to Pingora whole.
 
-use std::future::Future;
 use std::ops::Range;
-use std::pin::pin;
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -78,11 +76,16 @@ impl ServerApp for Front {
                     }
                 }
                 Parsed::Incomplete if conn.buf.len() < HEAD_MAX => {
+                    if conn.buf.is_empty() {
+                        // Between requests an idle connection holds no answer's buffer.
+                        conn.out = Vec::new();
+                    }
                     if conn.buf.capacity() - conn.buf.len() < READ_ROOM / 4 {
                         conn.buf.reserve(READ_ROOM);
                     }
-                    match within(KEEPALIVE, conn.stream.read_buf(&mut conn.buf)).await {
-                        Some(Ok(n)) if n > 0 => {}
+                    let read = conn.stream.read_buf(&mut conn.buf);
+                    match pingora::time::timeout(KEEPALIVE, read).await {
+                        Ok(Ok(n)) if n > 0 => {}
                         // Closed, failed, or idle past the keep-alive time.
                         _ => return None,
                     }
@@ -142,12 +145,12 @@ impl Front {
         let _serving = self.app.in_flight.enter();
         let out = &conn.out;
         let stream = &mut conn.stream;
-        let written = within(CLIENT_WRITE_TIMEOUT, async move {
+        let written = pingora::time::timeout(CLIENT_WRITE_TIMEOUT, async move {
             stream.write_all(out).await?;
             stream.flush().await
         })
         .await;
-        let complete = matches!(written, Some(Ok(())));
+        let complete = matches!(written, Ok(Ok(())));
         conn.out.clear();
         let served = Served {
             status: 200,
@@ -197,12 +200,10 @@ impl Front {
         }
         let (reusable, _) = self.app.serve_session(session, shutdown).await?;
         let (stream, overread) = reusable.into_parts();
-        if let Some(overread) = overread.filter(|o| !o.is_empty()) {
-            // Pingora read past its request (it only does with pipelining on); those
-            // bytes come before anything kept here.
-            let mut all = overread;
-            all.extend_from_slice(&buf);
-            buf = all;
+        if let Some(overread) = overread {
+            // Bytes Pingora read past its request (it only keeps them with pipelining
+            // on): it read them from the connection after the front read `buf`.
+            buf.extend_from_slice(&overread);
         }
         Some(Conn { stream, buf, out })
     }
@@ -226,6 +227,7 @@ fn parse(app: &App, buf: &[u8], out: &mut Vec<u8>, draining: bool) -> Parsed {
     let mut plain = true;
     let mut accepts: [&str; 4] = [""; 4];
     let mut n_accepts = 0;
+    let mut hosts = 0;
     for h in req.headers.iter() {
         let name = h.name;
         if name.eq_ignore_ascii_case("content-length")
@@ -240,6 +242,10 @@ fn parse(app: &App, buf: &[u8], out: &mut Vec<u8>, draining: bool) -> Parsed {
                 }
                 _ => plain = false,
             }
+        } else if name.eq_ignore_ascii_case("host") {
+            // Pingora refuses a second Host, and user information in one.
+            hosts += 1;
+            plain &= hosts == 1 && !h.value.contains(&b'@');
         } else if name.eq_ignore_ascii_case("connection") {
             plain &= h.value.eq_ignore_ascii_case(b"keep-alive");
         } else if name.eq_ignore_ascii_case("authorization")
@@ -309,16 +315,6 @@ fn header_text(v: &[u8]) -> Option<&str> {
         .all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
         .then(|| std::str::from_utf8(v).ok())
         .flatten()
-}
-
-/// `f`, given at most `limit`; no timer is armed when it is ready at once.
-async fn within<F: Future>(limit: Duration, f: F) -> Option<F::Output> {
-    let mut f = pin!(f);
-    let first = std::future::poll_fn(|cx| Poll::Ready(f.as_mut().poll(cx))).await;
-    match first {
-        Poll::Ready(v) => Some(v),
-        Poll::Pending => pingora::time::timeout(limit, f).await.ok(),
-    }
 }
 
 #[cfg(test)]

@@ -186,7 +186,11 @@ impl App {
             _ => return None,
         }
         let _serving = self.in_flight.enter();
-        session.set_keepalive(if *shutdown.borrow() { None } else { Some(60) });
+        // Kept for 60 s unless berth is draining, or the request did not ask for it
+        // (`Connection: close`, or HTTP/1.0 without `Connection: keep-alive`), as Pingora
+        // read it.
+        let keep = !*shutdown.borrow() && session.get_keepalive().is_some();
+        session.set_keepalive(keep.then_some(60));
         // A client that stops reading does not hold its connection (and the blob it was
         // being sent) forever.
         session.set_write_timeout(Some(CLIENT_WRITE_TIMEOUT));

@@ -1059,7 +1059,8 @@ fn head_fields(head: &str) -> Vec<(String, String)> {
 /// hands every other request to Pingora on the same connection. One kept-alive
 /// connection goes back and forth between them: the answers are the same bytes and
 /// headers whichever side gave them, requests sent together (pipelined) are all answered
-/// in order, a head that arrives in pieces is read whole, and `Connection: close` closes.
+/// in order, a head that arrives in pieces is read whole, `Connection: close` and
+/// HTTP/1.0 close, and a head Pingora would refuse is refused.
 #[tokio::test(flavor = "multi_thread")]
 async fn one_connection_moves_between_the_memo_and_pingora() {
     within(
@@ -1215,6 +1216,46 @@ async fn one_connection_moves_between_the_memo_and_pingora() {
                 reg.count("GET", "/v2/library/front/manifests/v1").await,
                 1,
                 "the manifest should have been fetched upstream once"
+            );
+
+            // HTTP/1.0 without keep-alive: the answer says close, and closes; a request
+            // sent after it is not answered.
+            let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", berth.port()))
+                .await
+                .unwrap();
+            let batch = format!("GET {manifest} HTTP/1.0\r\nAccept: {ACCEPT_ALL}\r\n\r\n")
+                + &req("GET", manifest, "");
+            sock.write_all(batch.as_bytes()).await.unwrap();
+            let (head, body) = read_next(&mut sock, &mut pending, false).await;
+            assert!(head.starts_with("HTTP/1.1 200"), "HTTP/1.0: {head}");
+            assert_eq!(raw_header(&head, "connection"), Some("close"), "HTTP/1.0: {head}");
+            assert_eq!(body, image.manifest, "HTTP/1.0: bytes");
+            let mut rest = Vec::new();
+            tokio::time::timeout(Duration::from_secs(10), sock.read_to_end(&mut rest))
+                .await
+                .expect("berth should close an HTTP/1.0 connection after its answer")
+                .unwrap();
+            assert!(
+                rest.is_empty() && pending.is_empty(),
+                "the request after HTTP/1.0 was answered: {}",
+                String::from_utf8_lossy(&rest)
+            );
+
+            // Two Host headers: Pingora refuses such a head, and so does the front.
+            let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", berth.port()))
+                .await
+                .unwrap();
+            sock.write_all(req("GET", manifest, "Host: elsewhere\r\n").as_bytes())
+                .await
+                .unwrap();
+            let mut rest = Vec::new();
+            let _ = tokio::time::timeout(Duration::from_secs(10), sock.read_to_end(&mut rest))
+                .await
+                .expect("berth should close the connection of a head with two Host headers");
+            assert!(
+                !rest.starts_with(b"HTTP/1.1 200"),
+                "a head with two Host headers got the manifest: {}",
+                String::from_utf8_lossy(&rest)
             );
         },
     )
