@@ -43,8 +43,9 @@ const HEAD_MAX: usize = 8 << 10;
 /// Headers parsed here; a request with more is left to Pingora.
 const HEADERS_MAX: usize = 32;
 
-/// Room asked for before each read: a request head is read whole in one.
-const READ_ROOM: usize = 4 << 10;
+/// Room asked for before each read, and what an idle connection holds: most request heads
+/// are read whole in one read (one with a long bearer token may take two).
+const READ_ROOM: usize = 2 << 10;
 
 /// The berth application behind its HTTP/1.1 front.
 pub(crate) struct Front {
@@ -90,20 +91,17 @@ impl ServerApp for Front {
                         _ => return None,
                     }
                 }
-                Parsed::Incomplete => {
-                    let prefix = conn.buf.split();
-                    conn = self.to_pingora(conn, prefix, shutdown).await?;
-                }
-                Parsed::Other {
-                    bodyless: Some(len),
-                } => {
-                    // Only this request goes to Pingora: what follows it stays here.
-                    let prefix = conn.buf.split_to(len);
-                    conn = self.to_pingora(conn, prefix, shutdown).await?;
-                }
-                Parsed::Other { bodyless: None } => {
-                    let prefix = conn.buf.split();
-                    conn = self.to_pingora(conn, prefix, shutdown).await?;
+                parsed => {
+                    let prefix = match parsed {
+                        // Only this request goes to Pingora: what follows it stays here.
+                        Parsed::Other {
+                            bodyless: Some(len),
+                        } => conn.buf.split_to(len),
+                        _ => conn.buf.split(),
+                    };
+                    // Boxed: Pingora's session and berth's handlers are a large future,
+                    // which a connection waiting here for its next request should not hold.
+                    conn = Box::pin(self.to_pingora(conn, prefix, shutdown)).await?;
                 }
             }
         }
