@@ -309,7 +309,8 @@ async fn the_budget_evicts_least_recently_used_images_and_no_pull_fails() {
 
 /// 1b. A manifest answered from a worker's memo of answers (`memo.rs`) counts as a use,
 ///     as any hit does: an image whose tag a node only resolves again (no blob read) is
-///     not the least recently used. One worker thread, so that the memo answers.
+///     not the least recently used. And an evicted image's answer leaves the memo. One
+///     worker thread, so that the memo answers.
 #[tokio::test(flavor = "multi_thread")]
 async fn memo_answers_count_as_uses() {
     within(300, "memo_answers_count_as_uses", async {
@@ -342,6 +343,17 @@ async fn memo_answers_count_as_uses() {
         // Image 3 takes the store past 90 %: two images go, the least recently used.
         let why = "image 0's tag was resolved last, from the memo; 3 is new";
         evict_for_image_3(&berth, &images, why).await;
+        // The memo held image 1's answer; eviction took the image, so the memo must not
+        // answer for it: the tag is fetched from the upstream again, with the same bytes.
+        let upstream_gets = || reg.count("GET", "/v2/library/img1/manifests/v1");
+        let before = upstream_gets().await;
+        let (status, _, body) = berth.fetch(&manifest(1), &[("Accept", ACCEPT_ALL)]).await;
+        assert_eq!((status, &body[..]), (200, &images[1].manifest[..]));
+        assert_eq!(
+            upstream_gets().await,
+            before + 1,
+            "image 1 was evicted, yet its manifest was answered without the upstream"
+        );
     })
     .await;
 }
