@@ -6,8 +6,8 @@
 //! 14,000 instructions berth spent per request beyond Pingora's own (see
 //! `loadtests/RESULTS.md`). Here a worker thread remembers, for the exact
 //! path, query and `Accept` of a request that the cache answered from memory, the
-//! manifest it got and the one header that depended on the path; the next identical
-//! request is answered from that, with the same headers and body.
+//! response head and manifest it was answered with; the front (`front.rs`) answers the
+//! next identical request from that, with the same headers and body.
 //!
 //! Only requests that any client gets the same answer to are remembered: `GET` and
 //! `HEAD` of a pull-through manifest, without credentials, answered as a fresh hit to an
@@ -21,12 +21,10 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::Arc;
 
-use berth_cache::{Cache, HitValidity, Manifest};
-use http::HeaderValue;
+use berth_cache::{Cache, HitValidity};
+use bytes::Bytes;
 use pingora::http::ResponseHeader;
-use pingora::protocols::http::ServerSession;
 
 /// Answers kept per thread; when full, the memo starts again.
 const MAX_ENTRIES: usize = 256;
@@ -35,18 +33,11 @@ const MAX_ENTRIES: usize = 256;
 /// manifests a node asks for again and again are small.
 const MAX_BODY: usize = 64 << 10;
 
-/// A remembered answer.
-#[derive(Clone)]
-pub(crate) struct Hit {
-    pub manifest: Arc<Manifest>,
-    /// `OCI-Namespace`, for a request in the `?ns=` form.
-    pub ns_header: Option<HeaderValue>,
-    /// The upstream's namespace, for the metrics.
-    pub upstream: &'static str,
-}
-
 struct Entry {
-    hit: Hit,
+    /// The manifest's bytes.
+    body: Bytes,
+    /// The upstream's namespace, for the metrics.
+    upstream: &'static str,
     valid: HitValidity,
     /// The response head as Pingora writes it for this answer, from the status line to
     /// `Content-Length`: [`crate::front`] adds `Date` and `Connection`.
@@ -94,25 +85,6 @@ fn key<'a>(
     }
 }
 
-/// The remembered answer to the session's request, if there is one and it still holds.
-pub(crate) fn lookup(session: &ServerSession, cache: &Cache) -> Option<Hit> {
-    let h = session.req_header();
-    if !matches!(h.method, http::Method::GET | http::Method::HEAD)
-        || h.headers.contains_key(http::header::AUTHORIZATION)
-        || !h.uri.path().starts_with("/v2/")
-    {
-        return None;
-    }
-    let accepts = h
-        .headers
-        .get_all(http::header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok());
-    with_entry(cache, h.uri.path(), h.uri.query(), accepts, |e| {
-        e.hit.clone()
-    })
-}
-
 /// Writes the remembered answer to a `GET` (or, with `head_only`, a `HEAD`) of `path`
 /// and `query` with these `Accept` values into `out`, if there is one and it still holds:
 /// the head up to `Content-Length`, what `tail` adds (the rest of the head), and the body
@@ -126,28 +98,6 @@ pub(crate) fn answer<'a>(
     out: &mut Vec<u8>,
     tail: impl FnOnce(&mut Vec<u8>),
 ) -> Option<Answered> {
-    with_entry(cache, path, query, accepts, |e| {
-        out.extend_from_slice(&e.head);
-        tail(out);
-        let body = &e.hit.manifest.body;
-        if !head_only {
-            out.extend_from_slice(body);
-        }
-        Answered {
-            length: body.len() as u64,
-            upstream: e.hit.upstream,
-        }
-    })
-}
-
-/// Runs `f` on the entry for this request if it still holds, and forgets it if not.
-fn with_entry<'a, R>(
-    cache: &Cache,
-    path: &str,
-    query: Option<&str>,
-    accepts: impl Iterator<Item = &'a str>,
-    f: impl FnOnce(&Entry) -> R,
-) -> Option<R> {
     MEMO.with(|memo| {
         let mut memo = memo.try_borrow_mut().ok()?;
         let Memo { key: k, entries } = &mut *memo;
@@ -155,9 +105,17 @@ fn with_entry<'a, R>(
             return None;
         }
         key(k, path, query, accepts);
-        let entry = entries.get(k.as_str())?;
-        if cache.still_valid(&entry.valid) {
-            Some(f(entry))
+        let e = entries.get(k.as_str())?;
+        if cache.still_valid(&e.valid) {
+            out.extend_from_slice(&e.head);
+            tail(out);
+            if !head_only {
+                out.extend_from_slice(&e.body);
+            }
+            Some(Answered {
+                length: e.body.len() as u64,
+                upstream: e.upstream,
+            })
         } else {
             entries.remove(k.as_str());
             None
@@ -167,16 +125,16 @@ fn with_entry<'a, R>(
 
 /// Remembers the answer to a request that may be answered from the memo (see the
 /// module documentation for which): `path`, `query` and `accept` as the request had them.
-/// `resp` is the response head the answer was written with.
+/// `resp` is the response head the answer was written with, `body` its manifest.
 pub(crate) fn remember(
     path: &str,
     query: Option<&str>,
     accept: Option<&str>,
-    hit: Hit,
+    (body, upstream): (&Bytes, &'static str),
     valid: HitValidity,
     resp: &ResponseHeader,
 ) {
-    if hit.manifest.body.len() > MAX_BODY || resp.status != http::StatusCode::OK {
+    if body.len() > MAX_BODY || resp.status != http::StatusCode::OK {
         return;
     }
     let mut head = Vec::with_capacity(256);
@@ -192,7 +150,13 @@ pub(crate) fn remember(
             entries.clear();
         }
         let head = head.into_boxed_slice();
-        entries.insert(k.as_str().into(), Entry { hit, valid, head });
+        let entry = Entry {
+            body: body.clone(),
+            upstream,
+            valid,
+            head,
+        };
+        entries.insert(k.as_str().into(), entry);
     })
 }
 

@@ -195,22 +195,6 @@ impl App {
         // being sent) forever.
         session.set_write_timeout(Some(CLIENT_WRITE_TIMEOUT));
         let started = Instant::now();
-        if let Some(hit) = crate::memo::lookup(&session, &self.cache) {
-            let head = session.req_header().method == http::Method::HEAD;
-            let body = hit.manifest.body.clone();
-            let resp = manifest_header(&hit.manifest, hit.ns_header.clone(), Outcome::Hit);
-            let served = write_response(&mut session, resp, body, head, Some(Outcome::Hit)).await;
-            return self
-                .done(
-                    session,
-                    started,
-                    "manifest",
-                    Some(hit.upstream),
-                    "-",
-                    served,
-                )
-                .await;
-        }
         let mut req = Request::from_session(&session);
         req.draining = *shutdown.borrow();
         let route = route::parse(&req.path, req.query.as_deref(), &self.config);
@@ -729,19 +713,14 @@ impl App {
         let ns_header = (target.form == Form::Ns)
             .then(|| HeaderValue::from_str(&target.upstream).ok())
             .flatten();
-        let resp = manifest_header(&m, ns_header.clone(), outcome);
+        let resp = manifest_header(&m, ns_header, outcome);
         let body = m.body.clone();
         if let (true, Some(valid)) = (memo, valid) {
-            let hit = crate::memo::Hit {
-                manifest: m,
-                ns_header,
-                upstream: crate::memo::intern(&target.upstream),
-            };
             crate::memo::remember(
                 &req.path,
                 req.query.as_deref(),
                 req.accept.as_deref(),
-                hit,
+                (&body, crate::memo::intern(&target.upstream)),
                 valid,
                 &resp,
             );
