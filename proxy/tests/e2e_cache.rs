@@ -1042,6 +1042,21 @@ async fn read_next(
     (head, body)
 }
 
+/// Reads from `sock` until berth closes it, for at most 10 s (past that the test fails,
+/// saying that berth should have closed it `what`): the bytes read, and how the read
+/// ended.
+async fn read_until_closed(
+    sock: &mut tokio::net::TcpStream,
+    what: &str,
+) -> (Vec<u8>, std::io::Result<usize>) {
+    use tokio::io::AsyncReadExt;
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(Duration::from_secs(10), sock.read_to_end(&mut rest))
+        .await
+        .unwrap_or_else(|_| panic!("berth should close the connection {what}"));
+    (rest, ended)
+}
+
 /// The response heads of `head` without `Date`, as lowercase name and value pairs.
 fn head_fields(head: &str) -> Vec<(String, String)> {
     let mut fields: Vec<(String, String)> = head
@@ -1067,7 +1082,7 @@ async fn one_connection_moves_between_the_memo_and_pingora() {
         180,
         "one_connection_moves_between_the_memo_and_pingora",
         async {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            use tokio::io::AsyncWriteExt;
             let reg = Registry::start().await;
             let image = make_single(23, 10_000);
             reg.pusher(None)
@@ -1087,9 +1102,12 @@ async fn one_connection_moves_between_the_memo_and_pingora() {
                     "{method} {path} HTTP/1.1\r\nHost: {host}\r\nAccept: {ACCEPT_ALL}\r\n{extra}\r\n"
                 )
             };
-            let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", berth.port()))
-                .await
-                .unwrap();
+            let connect = async || {
+                tokio::net::TcpStream::connect(("127.0.0.1", berth.port()))
+                    .await
+                    .unwrap()
+            };
+            let mut sock = connect().await;
             let mut pending = Vec::new();
 
             // The first answer is the cache's, through Pingora; it is what the memo keeps.
@@ -1192,13 +1210,9 @@ async fn one_connection_moves_between_the_memo_and_pingora() {
             assert!(head.starts_with("HTTP/1.1 200"), "{head}");
             assert_eq!(raw_header(&head, "connection"), Some("close"), "{head}");
             assert_eq!(body, image.manifest);
-            let mut rest = Vec::new();
-            let n = tokio::time::timeout(Duration::from_secs(10), sock.read_to_end(&mut rest))
-                .await
-                .expect("berth should close the connection after Connection: close")
-                .unwrap();
+            let (rest, ended) = read_until_closed(&mut sock, "after Connection: close").await;
             assert_eq!(
-                (n, pending.len()),
+                (ended.unwrap(), pending.len()),
                 (0, 0),
                 "bytes after the last answer: {rest:?}"
             );
@@ -1220,9 +1234,7 @@ async fn one_connection_moves_between_the_memo_and_pingora() {
 
             // HTTP/1.0 without keep-alive: the answer says close, and closes; a request
             // sent after it is not answered.
-            let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", berth.port()))
-                .await
-                .unwrap();
+            let mut sock = connect().await;
             let batch = format!("GET {manifest} HTTP/1.0\r\nAccept: {ACCEPT_ALL}\r\n\r\n")
                 + &req("GET", manifest, "");
             sock.write_all(batch.as_bytes()).await.unwrap();
@@ -1230,11 +1242,9 @@ async fn one_connection_moves_between_the_memo_and_pingora() {
             assert!(head.starts_with("HTTP/1.1 200"), "HTTP/1.0: {head}");
             assert_eq!(raw_header(&head, "connection"), Some("close"), "HTTP/1.0: {head}");
             assert_eq!(body, image.manifest, "HTTP/1.0: bytes");
-            let mut rest = Vec::new();
-            tokio::time::timeout(Duration::from_secs(10), sock.read_to_end(&mut rest))
-                .await
-                .expect("berth should close an HTTP/1.0 connection after its answer")
-                .unwrap();
+            let (rest, ended) =
+                read_until_closed(&mut sock, "of HTTP/1.0 after its answer").await;
+            ended.unwrap();
             assert!(
                 rest.is_empty() && pending.is_empty(),
                 "the request after HTTP/1.0 was answered: {}",
@@ -1242,16 +1252,11 @@ async fn one_connection_moves_between_the_memo_and_pingora() {
             );
 
             // Two Host headers: Pingora refuses such a head, and so does the front.
-            let mut sock = tokio::net::TcpStream::connect(("127.0.0.1", berth.port()))
-                .await
-                .unwrap();
+            let mut sock = connect().await;
             sock.write_all(req("GET", manifest, "Host: elsewhere\r\n").as_bytes())
                 .await
                 .unwrap();
-            let mut rest = Vec::new();
-            let _ = tokio::time::timeout(Duration::from_secs(10), sock.read_to_end(&mut rest))
-                .await
-                .expect("berth should close the connection of a head with two Host headers");
+            let (rest, _) = read_until_closed(&mut sock, "of a head with two Host headers").await;
             assert!(
                 !rest.starts_with(b"HTTP/1.1 200"),
                 "a head with two Host headers got the manifest: {}",
