@@ -9,8 +9,7 @@
 //! the request head itself (with `httparse`, as Pingora does) and, when the memo has the
 //! answer, writes the remembered head and body in one write.
 //!
-//! Only a request the memo would answer on Pingora's path is answered here, and only one
-//! whose meaning is plain: an HTTP/1.1 `GET` or `HEAD` under `/v2/`, with no
+//! This is the only place the memo answers, and only a request whose meaning is plain: an HTTP/1.1 `GET` or `HEAD` under `/v2/`, with no
 //! `Authorization`, no body (no `Content-Length` or `Transfer-Encoding`), no `Expect` or
 //! `Upgrade`, no `Connection` other than `keep-alive`, at most one `Host` (without user
 //! information), and not while berth is draining.
