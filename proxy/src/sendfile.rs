@@ -17,6 +17,7 @@ use std::time::Duration;
 use pingora::protocols::http::ServerSession;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
+use tokio::time::Instant;
 
 /// The most one `sendfile` call is asked to send, so that one connection does not hold
 /// its thread for long.
@@ -36,9 +37,9 @@ impl Socket {
         register_duplicate(stream.id(), stream).ok().map(Socket)
     }
 
-    /// Sends bytes `start..end` of `file`, waiting at most `timeout` each time the socket
-    /// is full. Returns how many bytes were sent; an error leaves the response cut short
-    /// and the connection must be closed.
+    /// Sends bytes `start..end` of `file`, failing if the client takes nothing for
+    /// `timeout` while the socket is full. Returns how many bytes were sent; an error
+    /// leaves the response cut short and the connection must be closed.
     pub async fn send_file(
         &self,
         file: &File,
@@ -49,16 +50,30 @@ impl Socket {
     ) -> io::Result<()> {
         let mut offset = i64::try_from(start).map_err(io::Error::other)?;
         let end = i64::try_from(end).map_err(io::Error::other)?;
+        // One timer for the whole body. It is pushed back only when it fires, to the
+        // last progress plus `timeout`; a timer per wait would be set and cancelled once
+        // per socket buffer.
+        let mut progress = Instant::now();
+        let deadline = tokio::time::sleep_until(progress + timeout);
+        tokio::pin!(deadline);
         while offset < end {
             let count = ((end - offset) as usize).min(MAX_PER_CALL);
-            let mut ready = tokio::time::timeout(timeout, self.0.writable())
-                .await
-                .map_err(|_| {
-                    io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("the client read nothing for {timeout:?}"),
-                    )
-                })??;
+            let mut ready = loop {
+                tokio::select! {
+                    biased;
+                    ready = self.0.writable() => break ready?,
+                    () = &mut deadline => {
+                        let due = progress + timeout;
+                        if Instant::now() >= due {
+                            return Err(io::Error::new(
+                                io::ErrorKind::TimedOut,
+                                format!("the client read nothing for {timeout:?}"),
+                            ));
+                        }
+                        deadline.as_mut().reset(due);
+                    }
+                }
+            };
             let before = offset;
             match ready.try_io(|fd| {
                 nix::sys::sendfile::sendfile(fd.get_ref(), file, Some(&mut offset), count)
@@ -70,7 +85,16 @@ impl Socket {
                         "the blob file is shorter than its recorded size",
                     ))
                 }
-                Ok(Ok(_)) => *sent += (offset - before) as u64,
+                Ok(Ok(_)) => {
+                    let n = offset - before;
+                    *sent += n as u64;
+                    progress = Instant::now();
+                    // A short send means the socket buffer is full: wait for room
+                    // rather than make a call that can only fail with EAGAIN.
+                    if (n as usize) < count {
+                        ready.clear_ready();
+                    }
+                }
                 Ok(Err(e)) => return Err(e),
                 // Not writable after all: readiness was cleared; wait again.
                 Err(_) => {}
@@ -91,4 +115,80 @@ fn register_duplicate<T: ?Sized>(fd: i32, owner: &T) -> io::Result<AsyncFd<Owned
     // SAFETY: `duplicate` owns a valid descriptor, and it is neither replaced nor closed
     // while the `AsyncFd` owns it.
     Ok(unsafe { AsyncFd::register_with_interest(duplicate, Interest::WRITABLE) }?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use tokio::io::AsyncReadExt;
+    use tokio::net::{TcpSocket, TcpStream};
+
+    const SIZE: usize = 1 << 20;
+
+    /// A blob file, a connected pair whose buffers are small, and the server end wrapped
+    /// as `send_file` sees it.
+    async fn pair() -> (File, Vec<u8>, Socket, TcpStream, TcpStream) {
+        let content: Vec<u8> = (0..SIZE).map(|i| (i * 7 % 251) as u8).collect();
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&content).unwrap();
+        let listener = TcpSocket::new_v4().unwrap();
+        listener.set_send_buffer_size(16 << 10).unwrap();
+        listener.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = listener.listen(1).unwrap();
+        let client = TcpSocket::new_v4().unwrap();
+        client.set_recv_buffer_size(16 << 10).unwrap();
+        let client = client
+            .connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let socket = Socket(register_duplicate(server.as_raw_fd(), &server).unwrap());
+        (file, content, socket, server, client)
+    }
+
+    #[tokio::test]
+    async fn a_slow_reader_gets_the_whole_body_though_it_outlasts_the_timeout() {
+        let (file, content, socket, _server, mut client) = pair().await;
+        let timeout = Duration::from_millis(1000);
+        let reader = tokio::spawn(async move {
+            // Small reads with pauses: each pause is well inside the timeout, the whole
+            // read is longer than it.
+            let mut got = Vec::new();
+            let mut piece = vec![0; 32 << 10];
+            while got.len() < SIZE {
+                let n = client.read(&mut piece).await.unwrap();
+                assert_ne!(n, 0, "the connection closed early");
+                got.extend_from_slice(&piece[..n]);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            got
+        });
+        let started = Instant::now();
+        let mut sent = 0;
+        socket
+            .send_file(&file, 0, SIZE as u64, timeout, &mut sent)
+            .await
+            .expect("a reader that keeps reading is not cut off");
+        let got = reader.await.unwrap();
+        assert!(
+            started.elapsed() > timeout,
+            "the read must outlast the timeout for this test to mean anything"
+        );
+        assert_eq!(sent, SIZE as u64);
+        assert!(got == content, "the bytes arrived changed");
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_stops_is_cut_off() {
+        let (file, _, socket, _server, _client) = pair().await;
+        let mut sent = 0;
+        let err = socket
+            .send_file(&file, 0, SIZE as u64, Duration::from_millis(200), &mut sent)
+            .await
+            .expect_err("a client that reads nothing must not hold the send forever");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        assert!(sent > 0 && sent < SIZE as u64, "sent {sent}");
+    }
 }
