@@ -21,7 +21,8 @@
 # servers' memory (about 15 s a round).
 # tls: warm blobs and manifests over HTTPS, berth (rustls) against nginx (OpenSSL).
 # serve also runs the manifest loads from wrk, and every run records the server's CPU time
-# (user + system, /proc/<pid>/stat): CPU per request and per GiB are in the tables.
+# (user + system, /proc/<pid>/stat) and the whole machine's (/proc/stat): CPU per request
+# and per GiB are in the tables.
 # Whatever the list's order, the workloads run in the script's order (resilience last).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -240,26 +241,34 @@ cpu_ticks() { # pids... -> user + system CPU time in clock ticks (of every threa
     awk '{t += $14 + $15} END {print t + 0}' "${f[@]}" 2>/dev/null || echo 0
 }
 export CLK_TCK; CLK_TCK=$(getconf CLK_TCK)
+# The whole machine's busy time (user, nice, system, irq, softirq of every core), in clock
+# ticks. On loopback the kernel does a transfer's TCP work in whichever of the sender and
+# the receiver happens to run it, so the server's share moves with the timing; the sum
+# over the machine (server, client and kernel) does not.
+machine_ticks() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
 
-# Each run also writes the target's CPU time during it (ticks) to $OUT/<name>.<target>.<round>.cpu.
+# Each run also writes the target's CPU time during it (ticks) to $OUT/<name>.<target>.<round>.cpu,
+# and the machine's to .sys.
 run() { # name target round args...
-    local name=$1 t=$2 r=$3 pids c0; shift 3
+    local name=$1 t=$2 r=$3 pids c0 m0; shift 3
     log "round $r: $name on $t"
-    pids=$(server_pids "$t"); c0=$(cpu_ticks $pids)
+    pids=$(server_pids "$t"); c0=$(cpu_ticks $pids); m0=$(machine_ticks)
     "$LOAD" "$@" --registry "$(target_url "$t")" --json "$OUT/$name.$t.$r.json" >"$OUT/$name.$t.$r.txt" 2>&1 \
         || { echo "FAILED: $name on $t (round $r):"; cat "$OUT/$name.$t.$r.txt"; } >&2
     echo $(( $(cpu_ticks $pids) - c0 )) > "$OUT/$name.$t.$r.cpu"
+    echo $(( $(machine_ticks) - m0 )) > "$OUT/$name.$t.$r.sys"
 }
 # The same load from wrk, an independent load generator (2 threads, 32 connections, 5 s):
 # its output goes to $OUT/<name>.<target>.<round>.wrk, the target's CPU time to .cpu.
 run_wrk() { # name target round path
-    local name=$1 t=$2 r=$3 path=$4 pids c0
+    local name=$1 t=$2 r=$3 path=$4 pids c0 m0
     log "round $r: $name (wrk) on $t"
-    pids=$(server_pids "$t"); c0=$(cpu_ticks $pids)
+    pids=$(server_pids "$t"); c0=$(cpu_ticks $pids); m0=$(machine_ticks)
     wrk -t2 -c32 -d5s --latency -H "Accept: application/vnd.oci.image.index.v1+json" \
         "$(target_url "$t")$path" >"$OUT/$name.$t.$r.wrk" 2>&1 \
         || { echo "FAILED: $name (wrk) on $t (round $r):"; cat "$OUT/$name.$t.$r.wrk"; } >&2
     echo $(( $(cpu_ticks $pids) - c0 )) > "$OUT/$name.$t.$r.cpu"
+    echo $(( $(machine_ticks) - m0 )) > "$OUT/$name.$t.$r.sys"
 }
 
 # --- workloads ------------------------------------------------------------------------
@@ -342,6 +351,8 @@ ctd_time() { # way fetch|pull ref remote-options... -> a line of $OUT/containerd
     local args=(content fetch) ms=null up0 t0 log=$OUT/containerd.${link%% *}.$way.$mode.$r.log
     [ "$mode" = pull ] && args=(images pull --snapshotter native)
     ctd_start
+    # The last pull's writes reach the disk before this one is timed, not during it.
+    sync
     log "round $r: containerd $mode, $way, upstream on $link"
     up0=$(wc -l < "$UPLOG"); t0=$(date +%s%N)
     if timeout 600 ctr --address "$CTD/c.sock" -n bench "${args[@]}" --platform linux/amd64 "$@" "$ref" </dev/null >"$log" 2>&1; then

@@ -129,12 +129,14 @@ class Cpu:
 
     def __init__(self, out, runs):
         self.ticks = load_side(out, "cpu")
+        # The whole machine's busy time during each run: server, client and kernel.
+        self.machine = load_side(out, "sys")
         self.wrk = load_side(out, "wrk")
         self.runs = runs
         self.hz = float(os.environ.get("CLK_TCK", "100"))
 
-    def cpu_s(self, name, target, rnd):
-        text = self.ticks.get((name, target), {}).get(rnd)
+    def cpu_s(self, name, target, rnd, side=None):
+        text = (self.ticks if side is None else side).get((name, target), {}).get(rnd)
         return None if text is None else int(text.strip() or 0) / self.hz
 
     def rounds(self, name, target):
@@ -150,21 +152,22 @@ class Cpu:
         text = self.wrk.get((name, target), {}).get(rnd)
         return None if text is None else parse_wrk(text)
 
-    def per_request_us(self, name, target):
-        """Median over rounds of CPU per request, for a wrk or a berth-load run."""
+    def per_request_us(self, name, target, machine=False):
+        """Median over rounds of CPU per request, for a wrk or a berth-load run: the
+        server's, or with `machine` the whole machine's."""
         vals = []
         for rnd in self.rounds(name, target):
-            cpu = self.cpu_s(name, target, rnd)
+            cpu = self.cpu_s(name, target, rnd, self.machine if machine else None)
             w = self.wrk_run(name, target, rnd)
             n = w["requests"] if w else ((self.report(name, target, rnd) or {}).get("units") or {}).get("ok")
             if cpu is not None and n:
                 vals.append(cpu / n * 1e6)
         return median(vals)
 
-    def per_gib_s(self, name, target):
+    def per_gib_s(self, name, target, machine=False):
         vals = []
         for rnd in self.rounds(name, target):
-            cpu = self.cpu_s(name, target, rnd)
+            cpu = self.cpu_s(name, target, rnd, self.machine if machine else None)
             b = (self.report(name, target, rnd) or {}).get("bytes")
             if cpu is not None and b:
                 vals.append(cpu / (b / (1 << 30)))
@@ -188,11 +191,17 @@ def cpu_section(cpu, lines, m):
         ("manifests by digest: server CPU per request (us)", lambda t: cpu.per_request_us("wdigest32", t)),
         ("warm blob, 1 stream: server CPU per GiB (s)", lambda t: cpu.per_gib_s("blob1", t)),
         ("warm blob, 32 clients: server CPU per GiB (s)", lambda t: cpu.per_gib_s("blob32", t)),
+        ("manifests by tag, wrk: machine CPU per request (us)", lambda t: cpu.per_request_us("wtag32", t, True)),
+        ("warm blob, 1 stream: machine CPU per GiB (s)", lambda t: cpu.per_gib_s("blob1", t, True)),
+        ("warm blob, 32 clients: machine CPU per GiB (s)", lambda t: cpu.per_gib_s("blob32", t, True)),
     ]
     lines.append("\n## Server CPU per unit of work (user + system time of the server's processes)\n")
     lines.append(
         "Manifest rows are from `wrk -t2 -c32 -d5s --latency`; blob rows from the berth-load "
-        "runs above. Both servers write an access log line per request.\n"
+        "runs above. Both servers write an access log line per request. The machine rows "
+        "are the busy time of every core during the run (server, client and kernel, from "
+        "/proc/stat): on loopback the kernel does a transfer's TCP work in whichever of "
+        "sender and receiver runs it, so the server's own share moves with the timing.\n"
     )
     lines.append("| workload | berth | peer (distribution proxy) | nginx (limit) | berth/peer | berth/limit |")
     lines.append("|---|---|---|---|---|---|")
