@@ -318,7 +318,8 @@ done
 # berth store) and through berth warm (cached by the cold pull). Each way twice: `ctr
 # content fetch` (every blob into the content store, verified) and `ctr images pull` with
 # the native snapshotter (the same, then the layers unpacked). Timed from the start of ctr
-# to its end; containerd's start-up is not. containerd reaches berth through a hosts.toml
+# to its end, after a sync; containerd's start-up is not. The direct pull comes first in
+# odd rounds and last in even ones. containerd reaches berth through a hosts.toml
 # mirror for docker.io (the mirror form: /v2/library/bench/...?ns=docker.io) whose
 # fallback server is a port nothing listens on, so a failing berth fails the pull.
 CTD=$WORK/ctd
@@ -382,10 +383,13 @@ if wants containerd; then
         for link in loopback "link $LINK_RTT_MS ms, $LINK_MIBPS MiB/s"; do
             up=$UP_PORT; [ "$link" = loopback ] || up=$LINK_PORT
             for mode in fetch pull; do
-                ctd_time direct $mode "127.0.0.1:$up/library/bench:v1" --plain-http
+                # The direct pull goes first in odd rounds and last in even ones, so that
+                # neither way always follows the other.
+                if [ $((r % 2)) = 1 ]; then ctd_time direct $mode "127.0.0.1:$up/library/bench:v1" --plain-http; fi
                 [ -n "${BERTH_PID:-}" ] && stop_pid "$BERTH_PID"; start_berth "" "$up"
                 ctd_time cold $mode docker.io/library/bench:v1 --hosts-dir "$HOSTS"
                 ctd_time warm $mode docker.io/library/bench:v1 --hosts-dir "$HOSTS"
+                if [ $((r % 2)) = 0 ]; then ctd_time direct $mode "127.0.0.1:$up/library/bench:v1" --plain-http; fi
             done
         done
     done
