@@ -246,6 +246,11 @@ export CLK_TCK; CLK_TCK=$(getconf CLK_TCK)
 # the receiver happens to run it, so the server's share moves with the timing; the sum
 # over the machine (server, client and kernel) does not.
 machine_ticks() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8}' /proc/stat; }
+cpu_record() { # prefix c0 m0 pids... -> the target's ticks since c0 to prefix.cpu, the machine's since m0 to prefix.sys
+    local prefix=$1 c0=$2 m0=$3; shift 3
+    echo $(( $(cpu_ticks "$@") - c0 )) > "$prefix.cpu"
+    echo $(( $(machine_ticks) - m0 )) > "$prefix.sys"
+}
 
 # Each run also writes the target's CPU time during it (ticks) to $OUT/<name>.<target>.<round>.cpu,
 # and the machine's to .sys.
@@ -255,11 +260,10 @@ run() { # name target round args...
     pids=$(server_pids "$t"); c0=$(cpu_ticks $pids); m0=$(machine_ticks)
     "$LOAD" "$@" --registry "$(target_url "$t")" --json "$OUT/$name.$t.$r.json" >"$OUT/$name.$t.$r.txt" 2>&1 \
         || { echo "FAILED: $name on $t (round $r):"; cat "$OUT/$name.$t.$r.txt"; } >&2
-    echo $(( $(cpu_ticks $pids) - c0 )) > "$OUT/$name.$t.$r.cpu"
-    echo $(( $(machine_ticks) - m0 )) > "$OUT/$name.$t.$r.sys"
+    cpu_record "$OUT/$name.$t.$r" "$c0" "$m0" $pids
 }
 # The same load from wrk, an independent load generator (2 threads, 32 connections, 5 s):
-# its output goes to $OUT/<name>.<target>.<round>.wrk, the target's CPU time to .cpu.
+# its output goes to $OUT/<name>.<target>.<round>.wrk, the CPU times to .cpu and .sys.
 run_wrk() { # name target round path
     local name=$1 t=$2 r=$3 path=$4 pids c0 m0
     log "round $r: $name (wrk) on $t"
@@ -267,8 +271,7 @@ run_wrk() { # name target round path
     wrk -t2 -c32 -d5s --latency -H "Accept: application/vnd.oci.image.index.v1+json" \
         "$(target_url "$t")$path" >"$OUT/$name.$t.$r.wrk" 2>&1 \
         || { echo "FAILED: $name (wrk) on $t (round $r):"; cat "$OUT/$name.$t.$r.wrk"; } >&2
-    echo $(( $(cpu_ticks $pids) - c0 )) > "$OUT/$name.$t.$r.cpu"
-    echo $(( $(machine_ticks) - m0 )) > "$OUT/$name.$t.$r.sys"
+    cpu_record "$OUT/$name.$t.$r" "$c0" "$m0" $pids
 }
 
 # --- workloads ------------------------------------------------------------------------
@@ -366,6 +369,7 @@ ctd_time() { # way fetch|pull ref remote-options... -> a line of $OUT/containerd
     printf '{"round": %d, "link": "%s", "mode": "%s", "way": "%s", "ms": %s, "upstream_requests": %d}\n' \
         "$r" "$link" "$mode" "$way" "$ms" $(( $(wc -l < "$UPLOG") - up0 )) >> "$OUT/containerd.extra"
 }
+ctd_direct() { ctd_time direct "$mode" "127.0.0.1:$up/library/bench:v1" --plain-http; } # this $mode from this $up
 if wants containerd; then
     for t in containerd ctr; do command -v $t >/dev/null || { echo "compare.sh: $t is missing (scripts/setup installs it)" >&2; exit 1; }; done
     HOSTS=$WORK/ctd-hosts; mkdir -p "$HOSTS/docker.io"
@@ -385,11 +389,11 @@ if wants containerd; then
             for mode in fetch pull; do
                 # The direct pull goes first in odd rounds and last in even ones, so that
                 # neither way always follows the other.
-                if [ $((r % 2)) = 1 ]; then ctd_time direct $mode "127.0.0.1:$up/library/bench:v1" --plain-http; fi
+                if [ $((r % 2)) = 1 ]; then ctd_direct; fi
                 [ -n "${BERTH_PID:-}" ] && stop_pid "$BERTH_PID"; start_berth "" "$up"
                 ctd_time cold $mode docker.io/library/bench:v1 --hosts-dir "$HOSTS"
                 ctd_time warm $mode docker.io/library/bench:v1 --hosts-dir "$HOSTS"
-                if [ $((r % 2)) = 0 ]; then ctd_time direct $mode "127.0.0.1:$up/library/bench:v1" --plain-http; fi
+                if [ $((r % 2)) = 0 ]; then ctd_direct; fi
             done
         done
     done

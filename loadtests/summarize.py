@@ -135,8 +135,9 @@ class Cpu:
         self.runs = runs
         self.hz = float(os.environ.get("CLK_TCK", "100"))
 
-    def cpu_s(self, name, target, rnd, side=None):
-        text = (self.ticks if side is None else side).get((name, target), {}).get(rnd)
+    def cpu_s(self, name, target, rnd, machine=False):
+        """CPU seconds of one run: the server's, or with `machine` the whole machine's."""
+        text = (self.machine if machine else self.ticks).get((name, target), {}).get(rnd)
         return None if text is None else int(text.strip() or 0) / self.hz
 
     def rounds(self, name, target):
@@ -157,7 +158,7 @@ class Cpu:
         server's, or with `machine` the whole machine's."""
         vals = []
         for rnd in self.rounds(name, target):
-            cpu = self.cpu_s(name, target, rnd, self.machine if machine else None)
+            cpu = self.cpu_s(name, target, rnd, machine)
             w = self.wrk_run(name, target, rnd)
             n = w["requests"] if w else ((self.report(name, target, rnd) or {}).get("units") or {}).get("ok")
             if cpu is not None and n:
@@ -167,7 +168,7 @@ class Cpu:
     def per_gib_s(self, name, target, machine=False):
         vals = []
         for rnd in self.rounds(name, target):
-            cpu = self.cpu_s(name, target, rnd, self.machine if machine else None)
+            cpu = self.cpu_s(name, target, rnd, machine)
             b = (self.report(name, target, rnd) or {}).get("bytes")
             if cpu is not None and b:
                 vals.append(cpu / (b / (1 << 30)))

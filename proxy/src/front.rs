@@ -9,10 +9,11 @@
 //! the request head itself (with `httparse`, as Pingora does) and, when the memo has the
 //! answer, writes the remembered head and body in one write.
 //!
-//! This is the only place the memo answers, and only a request whose meaning is plain: an HTTP/1.1 `GET` or `HEAD` under `/v2/`, with no
-//! `Authorization`, no body (no `Content-Length` or `Transfer-Encoding`), no `Expect` or
-//! `Upgrade`, no `Connection` other than `keep-alive`, at most one `Host` (without user
-//! information), and not while berth is draining.
+//! This is the only place the memo answers, and only a request whose meaning is plain:
+//! an HTTP/1.1 `GET` or `HEAD` under `/v2/`, with no `Authorization`, no body (no
+//! `Content-Length` or `Transfer-Encoding`), no `Expect` or `Upgrade`, no `Connection`
+//! other than `keep-alive`, at most one `Host` (without user information), and not while
+//! berth is draining.
 //! Anything else, a head this cannot parse, and every answer the memo does not have go to
 //! Pingora's HTTP session with the bytes already read, exactly as Pingora would have read
 //! them. The connection comes back here after Pingora's answer if it is kept. HTTP/2
