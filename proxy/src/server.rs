@@ -205,22 +205,22 @@ impl App {
             Err(_) => ("invalid", None),
         };
         let user = who.as_ref().map(Identity::name).unwrap_or("(refused)");
-        self.done(session, started, kind, upstream, user, served)
+        self.done(session, &req, started, (kind, upstream), user, served)
             .await
     }
 
     /// After a response: the counters, the access log line, and the connection kept for
-    /// the next request or closed.
+    /// the next request or closed. The line names the request as the client sent it: a
+    /// blob sent with `sendfile` has turned the session's method into HEAD by now.
     async fn done(
         &self,
         session: ServerSession,
+        req: &Request,
         started: Instant,
-        kind: &'static str,
-        upstream: Option<&str>,
+        (kind, upstream): (&'static str, Option<&str>),
         user: &str,
         served: Served,
     ) -> Option<(ReusableHttpStream, HttpPersistentSettings)> {
-        let h = session.req_header();
         let complete = served.complete;
         self.record(
             started,
@@ -228,7 +228,7 @@ impl App {
             upstream,
             user,
             served,
-            (h.method.as_str(), h.uri.path(), h.uri.query()),
+            (&req.method, &req.path, req.query.as_deref()),
         );
         if !complete {
             return None;

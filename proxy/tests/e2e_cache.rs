@@ -1377,3 +1377,52 @@ policies = [{{ users = ["alice"], actions = ["read"] }}]
     )
     .await;
 }
+
+/// The access log names the method the client sent. A blob large enough for `sendfile`
+/// (a fill in progress, then one from the store) is written past Pingora, which is told
+/// the request was a HEAD; its line still says GET.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_access_log_names_the_client_s_method_for_blobs_sent_with_sendfile() {
+    within(
+        120,
+        "the_access_log_names_the_client_s_method_for_blobs_sent_with_sendfile",
+        async {
+            let reg = Registry::start().await;
+            let img = make_single(41, 600_000);
+            reg.pusher(None)
+                .image("library/logged", Some("v1"), &img)
+                .await;
+            let berth =
+                Berth::start(&[Upstream::new("docker.io", &reg.url(), &["library/**"])]).await;
+            let layer = &img.layers[0].blob;
+            assert!(
+                layer.bytes.len() > 256 << 10,
+                "the layer is too small for sendfile"
+            );
+            let path = format!("/v2/docker.io/library/logged/blobs/{}", layer.digest);
+            // A miss, a hit, then a HEAD.
+            for _ in 0..2 {
+                let (status, _, body) = berth.fetch(&path, &[]).await;
+                assert_eq!(status, 200, "GET {path}");
+                assert!(body == layer.bytes, "GET {path}: not the layer's bytes");
+            }
+            assert_eq!(berth.head(&path, &[]).await.status().as_u16(), 200);
+            let wanted = ["method=GET", "method=GET", "method=HEAD"];
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let log = berth.log();
+                let methods: Vec<&str> = log
+                    .lines()
+                    .filter(|l| l.contains("berth::access") && l.contains(&format!("path={path} ")))
+                    .filter_map(|l| l.split_whitespace().find(|w| w.starts_with("method=")))
+                    .collect();
+                if methods.len() >= wanted.len() || Instant::now() > deadline {
+                    assert_eq!(methods, wanted, "access log lines for {path}:\n{log}");
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        },
+    )
+    .await;
+}
