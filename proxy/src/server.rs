@@ -850,6 +850,11 @@ impl App {
             // expect no body, exactly as for a HEAD request.
             session.req_header_mut().set_method(http::Method::HEAD);
         }
+        if let Body::SendFile(socket, _) = &body {
+            // A stored body's first bytes are ready at once: the header waits for them.
+            // (A fill's may not be, and its header goes at once.)
+            socket.hold_header();
+        }
         if session
             .write_response_header(header(status, &headers, end - start))
             .await

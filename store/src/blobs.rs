@@ -121,17 +121,43 @@ impl BlobStore {
     /// Opens a published blob for reading.
     pub fn open_blob(&self, digest: &Digest) -> Result<Option<StoredBlob>, StoreError> {
         match File::open(self.path(digest)) {
-            Ok(file) => {
-                let size = file.metadata()?.len();
-                Ok(Some(StoredBlob {
-                    file,
-                    size,
-                    _pin: Pin::new(&self.pins, digest),
-                }))
-            }
+            Ok(file) => self.opened(file, digest).map(Some),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// [`BlobStore::open_blob`] without waiting for the disk: `None` when the kernel
+    /// would have to read a directory to find the file (or cannot tell: no `openat2`),
+    /// and the caller should call `open_blob` where blocking is allowed. A blob read
+    /// moments ago is found from the kernel's cache of names, as an async worker may.
+    pub fn open_blob_if_cached(
+        &self,
+        digest: &Digest,
+    ) -> Option<Result<Option<StoredBlob>, StoreError>> {
+        use rustix::fs::{openat2, Mode, OFlags, ResolveFlags, CWD};
+        let flags = OFlags::RDONLY | OFlags::CLOEXEC;
+        match openat2(
+            CWD,
+            self.path(digest),
+            flags,
+            Mode::empty(),
+            ResolveFlags::CACHED,
+        ) {
+            Ok(fd) => Some(self.opened(File::from(fd), digest).map(Some)),
+            Err(rustix::io::Errno::NOENT) => Some(Ok(None)),
+            Err(_) => None,
+        }
+    }
+
+    /// An opened blob file (its size from the open file, so no path lookup again).
+    fn opened(&self, file: File, digest: &Digest) -> Result<StoredBlob, StoreError> {
+        let size = file.metadata()?.len();
+        Ok(StoredBlob {
+            file,
+            size,
+            _pin: Pin::new(&self.pins, digest),
+        })
     }
 
     /// Starts writing the blob `expected`. The bytes become visible under the digest only
@@ -706,6 +732,33 @@ mod tests {
 
     fn tmp_is_empty(dir: &Path) -> bool {
         fs::read_dir(dir.join("tmp")).unwrap().next().is_none()
+    }
+
+    /// Right after a blob is written its name is in the kernel's cache, so it opens
+    /// without the blocking pool, with the same size and bytes as `open_blob` gives; a
+    /// blob never stored is not found, by either way.
+    #[test]
+    fn a_blob_just_written_opens_without_blocking() {
+        let (_dir, s) = store();
+        let d = Digest::sha256_of(b"hello world");
+        let mut w = s.writer(&d).unwrap();
+        w.write(b"hello world").unwrap();
+        w.commit(Some(11)).unwrap();
+        let blob = s
+            .open_blob_if_cached(&d)
+            .expect("the name just written is cached (Linux 5.12 or later)")
+            .unwrap()
+            .expect("the blob is stored");
+        assert_eq!(blob.size(), 11);
+        let mut buf = vec![0; 11];
+        blob.file().read_exact_at(&mut buf, 0).unwrap();
+        assert_eq!(buf, b"hello world");
+        let missing = Digest::sha256_of(b"never stored");
+        assert!(s.open_blob(&missing).unwrap().is_none());
+        assert!(
+            !matches!(s.open_blob_if_cached(&missing), Some(Ok(Some(_)))),
+            "a blob never stored was found"
+        );
     }
 
     #[test]
