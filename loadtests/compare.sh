@@ -15,7 +15,8 @@
 #   BERTH_BIN_DIR=DIR                    # take berth, berth-load, berth-seed-index from DIR, no build
 #
 # containerd: a real containerd (Debian's 1.6) pulls the image's linux/amd64 platform direct
-# from the upstream, through berth cold and through berth warm (about 20 s a round).
+# from the upstream, through berth cold and through berth warm, with ctr and through the
+# CRI image service as the kubelet does (about 70 s a round).
 # idle: 1,000 idle keep-alive connections (loadtests/idle.py; IDLE_CONNS to change it) held
 # open while 32 busy ones GET the manifest by tag for 5 s, on berth and on nginx, with the
 # servers' memory (about 15 s a round).
@@ -318,28 +319,52 @@ done
 # --- containerd: whole pulls by a real containerd (Debian's 1.6) -------------------------
 # The image's linux/amd64 platform, three ways, each into an empty content store (a fresh
 # containerd root): direct from the upstream (--plain-http), through berth cold (a fresh
-# berth store) and through berth warm (cached by the cold pull). Each way twice: `ctr
-# content fetch` (every blob into the content store, verified) and `ctr images pull` with
-# the native snapshotter (the same, then the layers unpacked). Timed from the start of ctr
-# to its end, after a sync; containerd's start-up is not. The direct pull comes first in
-# odd rounds and last in even ones. containerd reaches berth through a hosts.toml
+# berth store) and through berth warm (cached by the cold pull). Each way three times: `ctr
+# content fetch` (every blob into the content store, verified), `ctr images pull` with
+# the native snapshotter (the same, then the layers unpacked), both of which move every
+# byte through the ctr process and over gRPC into the daemon; then the CRI image service's
+# PullImage, which is what the kubelet calls: the daemon fetches and unpacks by itself.
+# Timed from the start of ctr (or of the PullImage call) to its end, after a sync;
+# containerd's start-up is not. The direct pull comes first in odd rounds and last in
+# even ones. containerd reaches berth through a hosts.toml
 # mirror for docker.io (the mirror form: /v2/library/bench/...?ns=docker.io) whose
 # fallback server is a port nothing listens on, so a failing berth fails the pull.
 CTD=$WORK/ctd
-ctd_start() { # a containerd with an empty root and state
+ctd_start() { # [cri]: a containerd with an empty root and state; with cri, its CRI plugin on
     [ -n "${CTD_PID:-}" ] && stop_pid "$CTD_PID"
     rm -rf "$CTD"; mkdir -p "$CTD"
+    local cri='"io.containerd.grpc.v1.cri", '
+    [ "${1:-}" = cri ] && cri=""
     cat > "$CTD/config.toml" <<EOF
 version = 2
 root = "$CTD/root"
 state = "$CTD/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt",
+disabled_plugins = [${cri}"io.containerd.internal.v1.opt",
   "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.btrfs",
   "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.zfs"]
 [grpc]
   address = "$CTD/c.sock"
 [ttrpc]
   address = "$CTD/c.sock.ttrpc"
+EOF
+    # The CRI image service as a node runs it, on the native snapshotter (no overlayfs
+    # needed), its registry hosts from $HOSTS: docker.io through berth, the upstream's
+    # own address over plain HTTP.
+    [ -n "$cri" ] || cat >> "$CTD/config.toml" <<EOF
+[plugins."io.containerd.grpc.v1.cri"]
+  disable_tcp_service = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  disable_cgroup = true
+  disable_apparmor = true
+  restrict_oom_score_adj = true
+[plugins."io.containerd.grpc.v1.cri".containerd]
+  snapshotter = "native"
+[plugins."io.containerd.grpc.v1.cri".cni]
+  bin_dir = "$CTD/cni-bin"
+  conf_dir = "$CTD/cni-conf"
+[plugins."io.containerd.grpc.v1.cri".registry]
+  config_path = "$HOSTS"
 EOF
     containerd --config "$CTD/config.toml" </dev/null >"$CTD/err.log" 2>&1 &
     CTD_PID=$!; PIDS+=($CTD_PID)
@@ -350,18 +375,31 @@ EOF
     done
     echo "containerd did not start" >&2; tail -n 20 "$CTD/err.log" >&2; return 1
 }
-ctd_time() { # way fetch|pull ref remote-options... -> a line of $OUT/containerd.extra
+cri_pull() { # ref log: the CRI image service's PullImage(ref), one gRPC call made with curl
+    # A gRPC frame of PullImageRequest{image: ImageSpec{image: ref}}, encoded by hand.
+    python3 -c 'import sys; i = sys.argv[1].encode(); assert len(i) < 126
+m = b"\n" + bytes([len(i) + 2]) + b"\n" + bytes([len(i)]) + i
+sys.stdout.buffer.write(b"\0" + len(m).to_bytes(4, "big") + m)' "$1" > "$CTD/pull.req"
+    timeout 600 curl -sS --http2-prior-knowledge --unix-socket "$CTD/c.sock" \
+        -H 'content-type: application/grpc' -H 'te: trailers' --data-binary "@$CTD/pull.req" \
+        -o "$CTD/pull.resp" -D "$2" http://localhost/runtime.v1.ImageService/PullImage </dev/null 2>>"$2" &&
+        grep -q '^grpc-status: 0' "$2"
+}
+ctd_time() { # way fetch|pull|cri ref remote-options... -> a line of $OUT/containerd.extra
     local way=$1 mode=$2 ref=$3; shift 3
-    local args=(content fetch) ms=null up0 t0 log=$OUT/containerd.${link%% *}.$way.$mode.$r.log
+    local args=(content fetch) ms=null up0 t0 ok ns=bench log=$OUT/containerd.${link%% *}.$way.$mode.$r.log
     [ "$mode" = pull ] && args=(images pull --snapshotter native)
-    ctd_start
+    if [ "$mode" = cri ]; then ctd_start cri; ns=k8s.io; else ctd_start; fi
     # The last pull's writes reach the disk before this one is timed, not during it.
     sync
     log "round $r: containerd $mode, $way, upstream on $link"
     up0=$(wc -l < "$UPLOG"); t0=$(date +%s%N)
-    if timeout 600 ctr --address "$CTD/c.sock" -n bench "${args[@]}" --platform linux/amd64 "$@" "$ref" </dev/null >"$log" 2>&1; then
+    if [ "$mode" = cri ]; then cri_pull "$ref" "$log"
+    else timeout 600 ctr --address "$CTD/c.sock" -n bench "${args[@]}" --platform linux/amd64 "$@" "$ref" </dev/null >"$log" 2>&1
+    fi && ok=1 || ok=0
+    if [ $ok = 1 ]; then
         ms=$(( ($(date +%s%N) - t0) / 1000000 ))
-        timeout 60 ctr --address "$CTD/c.sock" -n bench content ls </dev/null >"$log.ls" 2>&1 || true
+        timeout 60 ctr --address "$CTD/c.sock" -n "$ns" content ls </dev/null >"$log.ls" 2>&1 || true
         grep -q "$BIG" "$log.ls" || ms=null # the layer is in the content store
     fi
     [ "$ms" = null ] && { echo "FAILED: containerd $mode, $way (round $r):"; tail -n 20 "$log"; } >&2
@@ -383,10 +421,15 @@ if wants containerd; then
     python3 loadtests/slowlink.py "$LINK_PORT" "$UP_PORT" "$LINK_RTT_MS" "$LINK_MIBPS" >"$WORK/slowlink.log" 2>&1 &
     PIDS+=($!)
     for _ in $(seq 1 100); do grep -q ready "$WORK/slowlink.log" && break; sleep 0.05; done
+    # The CRI image service takes plain HTTP for a registry from its hosts.toml alone.
+    for port in "$UP_PORT" "$LINK_PORT"; do
+        mkdir -p "$HOSTS/127.0.0.1:$port"
+        printf 'server = "http://127.0.0.1:%s"\n' "$port" > "$HOSTS/127.0.0.1:$port/hosts.toml"
+    done
     for r in $(seq 1 "$ROUNDS"); do
         for link in loopback "link $LINK_RTT_MS ms, $LINK_MIBPS MiB/s"; do
             up=$UP_PORT; [ "$link" = loopback ] || up=$LINK_PORT
-            for mode in fetch pull; do
+            for mode in fetch pull cri; do
                 # The direct pull goes first in odd rounds and last in even ones, so that
                 # neither way always follows the other.
                 if [ $((r % 2)) = 1 ]; then ctd_direct; fi

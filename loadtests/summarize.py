@@ -276,16 +276,20 @@ def containerd_section(out, lines):
         "Debian's containerd 1.6, each pull into an empty content store (a fresh containerd "
         "root). *fetch* is `ctr content fetch` (every blob into the content store, verified); "
         "*pull* is `ctr images pull --snapshotter native` (the same, then the layers "
-        "unpacked). *direct*: from the upstream docker-registry with `--plain-http`; "
+        "unpacked); both move every byte through the ctr process and over gRPC into the "
+        "daemon. *CRI* is the CRI image service's `PullImage`, the call the kubelet makes: the "
+        "daemon fetches and unpacks (native snapshotter) by itself. *direct*: from the "
+        "upstream docker-registry (`--plain-http`, or a `hosts.toml` saying `http://`); "
         "*berth cold*: through berth (a `hosts.toml` mirror for docker.io) with an empty "
-        "store; *berth warm*: through berth with the image cached. Wall-clock time of `ctr`, "
+        "store; *berth warm*: through berth with the image cached. Wall-clock time of `ctr` "
+        "or of the `PullImage` call, "
         "median over the rounds. Targets (issue 13): cold/direct ≤ 1.1x, warm/direct < 1.0x. "
         "*loopback*: the upstream on loopback, the best case for a direct pull; *link*: the "
         "upstream behind `loadtests/slowlink.py`, which delays and paces each connection as "
         "a network between a node and a registry does (direct pulls and berth's fills both "
         "cross it).\n"
     )
-    lines.append("| upstream | ctr | direct (ms) | berth cold (ms) | berth warm (ms) | cold/direct | warm/direct "
+    lines.append("| upstream | client | direct (ms) | berth cold (ms) | berth warm (ms) | cold/direct | warm/direct "
                  "| upstream requests: direct / cold / warm | failed runs |")
     lines.append("|---|---|---|---|---|---|---|---|---|")
     links = []
@@ -295,7 +299,11 @@ def containerd_section(out, lines):
     for link, mode, label in (
         (link, mode, label)
         for link in links
-        for mode, label in (("fetch", "fetch (`ctr content fetch`)"), ("pull", "pull incl. unpack (`ctr images pull`)"))
+        for mode, label in (
+            ("fetch", "fetch (`ctr content fetch`)"),
+            ("pull", "pull incl. unpack (`ctr images pull`)"),
+            ("cri", "pull incl. unpack (CRI `PullImage`, as the kubelet)"),
+        )
     ):
         sel = {
             w: [r for r in recs if r.get("link", "loopback") == link and r["mode"] == mode and r["way"] == w]
