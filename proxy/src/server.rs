@@ -853,7 +853,7 @@ impl App {
         if let Body::SendFile(socket, _) = &body {
             // A stored body's first bytes are ready at once: the header waits for them.
             // (A fill's may not be, and its header goes at once.)
-            socket.hold_header();
+            socket.cork();
         }
         if session
             .write_response_header(header(status, &headers, end - start))
@@ -890,6 +890,8 @@ impl App {
                 loop {
                     match reader.next_span().await {
                         Ok(Some((file, offset, len))) => {
+                            // Full segments within the span; its end goes at once.
+                            socket.cork();
                             let sent = socket
                                 .send_file(
                                     &file,
