@@ -479,8 +479,12 @@ if wants idle; then
             sleep 0.5
             read -r rss1 anon1 < <(mem_kib $pids)
             echo "$rss1 $anon1" > "$WORK/idle-peak"
+            # Each sample replaces the file whole (a rename): killed between truncating
+            # the file and writing it, the sampler left it empty, and the read below
+            # ended the whole run.
             ( pr=$rss1; pa=$anon1; while :; do read -r vr va < <(mem_kib $pids)
-                [ "$vr" -gt "$pr" ] && pr=$vr; [ "$va" -gt "$pa" ] && pa=$va; echo "$pr $pa" > "$WORK/idle-peak"; sleep 0.1; done ) &
+                [ "$vr" -gt "$pr" ] && pr=$vr; [ "$va" -gt "$pa" ] && pa=$va
+                echo "$pr $pa" > "$WORK/idle-peak.new" && mv -f "$WORK/idle-peak.new" "$WORK/idle-peak"; sleep 0.1; done ) &
             sampler=$!
             run idle32 $t "$r" manifests --repo "$(target_repo $t)" --reference v1 --concurrency 32 --duration 5s --requests 100000000
             stop_pid "$sampler"; read -r rss2 anon2 < "$WORK/idle-peak"
