@@ -24,9 +24,9 @@ use tokio::time::Instant;
 /// its thread for long.
 const MAX_PER_CALL: usize = 4 << 20;
 
-/// The most the first `sendfile` after a held header is asked to send. On loopback the
-/// client is often woken on the sending core and runs only once the call returns: after a
-/// first call of `MAX_PER_CALL` it would read its first byte as late as its four-millionth.
+/// The most the first `sendfile` of a response is asked to send. On loopback the client is
+/// often woken on the sending core and runs only once the call returns: after a first call
+/// of `MAX_PER_CALL` it would read its first byte as late as its four-millionth.
 const FIRST_CALL: usize = 128 << 10;
 
 /// A duplicate of a client's socket descriptor, registered for write readiness.
@@ -96,11 +96,8 @@ impl Socket {
         let mut progress = Instant::now();
         let deadline = tokio::time::sleep_until(progress + timeout);
         tokio::pin!(deadline);
-        let mut most = if self.corked.load(Ordering::Relaxed) {
-            FIRST_CALL
-        } else {
-            MAX_PER_CALL
-        };
+        // `sent` counts the whole response: a fill's later spans are not its start.
+        let mut most = if *sent == 0 { FIRST_CALL } else { MAX_PER_CALL };
         while offset < end {
             let count = ((end - offset) as usize).min(most);
             most = MAX_PER_CALL;
@@ -259,8 +256,7 @@ mod tests {
     }
 
     /// The cork stays on while the body is being sent, not only for its first call:
-    /// released early, the rest of the body goes in segments cut at every round of
-    /// `sendfile`'s pipe.
+    /// released early, the rest of the body goes in segments short of the MSS.
     #[tokio::test]
     async fn the_cork_is_held_until_the_whole_body_is_sent() {
         let (file, content, socket, server, mut client) = pair().await;
