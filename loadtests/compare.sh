@@ -13,6 +13,7 @@
 #   loadtests/compare.sh                 # ROUNDS=3 LAYER_MIB=200 by default
 #   WORKLOADS=cold,serve,pull,resilience,containerd,idle,tls # the default; name a subset to run only those
 #   BERTH_BIN_DIR=DIR                    # take berth, berth-load, berth-seed-index from DIR, no build
+#   RAW=DIR                              # keep every run's own output (per round) in DIR
 #
 # containerd: a real containerd (Debian's 1.6) pulls the image's linux/amd64 platform direct
 # from the upstream, through berth cold and through berth warm, with ctr and through the
@@ -59,6 +60,8 @@ PIDS=()
 cleanup() {
     for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
     wait 2>/dev/null || true
+    # RAW=DIR: the per-round figures behind the medians, for a later look.
+    if [ -n "${RAW:-}" ]; then mkdir -p "$RAW" && cp -r "$WORK/out/." "$RAW/" 2>/dev/null || true; fi
     rm -rf "$WORK"
 }
 trap cleanup EXIT
